@@ -1,0 +1,328 @@
+//! An immutable longest-prefix-match table over IP prefixes.
+//!
+//! The prefixes are flattened at build time into sorted, disjoint address
+//! intervals, each carrying the value of the most specific prefix covering it.
+//! A lookup is one binary search over the interval starts: O(log n), no
+//! allocation, no lock, and the memory is three flat arrays.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// An address width the table can index (`u32` for IPv4, `u128` for IPv6).
+pub trait AddrKey: Copy + Ord {
+    /// The successor of `self`, or `None` at the top of the address space.
+    fn next(self) -> Option<Self>;
+    /// The predecessor of `self`, or `None` at zero.
+    fn prev(self) -> Option<Self>;
+}
+
+impl AddrKey for u32 {
+    fn next(self) -> Option<Self> {
+        self.checked_add(1)
+    }
+    fn prev(self) -> Option<Self> {
+        self.checked_sub(1)
+    }
+}
+
+impl AddrKey for u128 {
+    fn next(self) -> Option<Self> {
+        self.checked_add(1)
+    }
+    fn prev(self) -> Option<Self> {
+        self.checked_sub(1)
+    }
+}
+
+/// Sorted disjoint intervals `[starts[i], ends[i]]` carrying `values[i]`.
+#[derive(Debug, Clone)]
+pub struct IntervalTable<K, V> {
+    starts: Vec<K>,
+    ends: Vec<K>,
+    values: Vec<V>,
+}
+
+impl<K: AddrKey, V: Clone + PartialEq> IntervalTable<K, V> {
+    /// Builds the table from inclusive `(first, last, value)` prefix ranges.
+    /// Ranges must nest or be disjoint (true of CIDR prefixes). Where two
+    /// ranges are identical, the later one in `ranges` wins.
+    pub fn from_prefix_ranges(mut ranges: Vec<(K, K, V)>) -> Self {
+        // Containing prefixes sort before the prefixes they contain, so the
+        // sequence is a pre-order walk of the nesting tree. A stable sort keeps
+        // identical ranges in input order; the later one is kept below.
+        ranges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let mut deduped: Vec<(K, K, V)> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match deduped.last_mut() {
+                Some(last) if last.0 == range.0 && last.1 == range.1 => *last = range,
+                _ => deduped.push(range),
+            }
+        }
+        let mut builder = Builder::default();
+        for (first, last, value) in deduped {
+            builder.enter(first, last, value);
+        }
+        builder.finish()
+    }
+
+    /// The value of the most specific range covering `key`.
+    #[inline]
+    pub fn lookup(&self, key: K) -> Option<&V> {
+        let idx = self.starts.partition_point(|start| *start <= key);
+        let i = idx.checked_sub(1)?;
+        if key <= self.ends[i] {
+            Some(&self.values[i])
+        } else {
+            None
+        }
+    }
+
+    /// The number of disjoint intervals (at most twice the prefix count).
+    pub fn interval_count(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Approximate heap bytes held by the table.
+    pub fn heap_bytes(&self) -> usize {
+        self.starts.capacity() * std::mem::size_of::<K>() * 2
+            + self.values.capacity() * std::mem::size_of::<V>()
+    }
+}
+
+/// Emits the flattened intervals while walking nested ranges in pre-order.
+struct Builder<K, V> {
+    table: IntervalTable<K, V>,
+    /// Enclosing ranges, innermost last: (last address, value).
+    stack: Vec<(K, V)>,
+    /// The first address not yet emitted; `None` once the top of the address
+    /// space has been emitted.
+    cursor: Option<K>,
+}
+
+impl<K, V> Default for Builder<K, V> {
+    fn default() -> Self {
+        Builder {
+            table: IntervalTable { starts: Vec::new(), ends: Vec::new(), values: Vec::new() },
+            stack: Vec::new(),
+            cursor: None,
+        }
+    }
+}
+
+impl<K: AddrKey, V: Clone + PartialEq> Builder<K, V> {
+    fn enter(&mut self, first: K, last: K, value: V) {
+        while let Some((end, _)) = self.stack.last() {
+            if *end >= first {
+                break;
+            }
+            self.close_top();
+        }
+        if let (Some((_, outer)), Some(cursor)) = (self.stack.last(), self.cursor) {
+            if cursor < first {
+                let outer = outer.clone();
+                // `first > cursor >= 0`, so it has a predecessor.
+                let before = first.prev().expect("first > cursor implies first > 0");
+                self.emit(cursor, before, outer);
+            }
+        }
+        self.stack.push((last, value));
+        self.cursor = Some(first);
+    }
+
+    fn close_top(&mut self) {
+        let Some((end, value)) = self.stack.pop() else { return };
+        if let Some(cursor) = self.cursor {
+            if cursor <= end {
+                self.emit(cursor, end, value);
+                self.cursor = end.next();
+            }
+        }
+    }
+
+    fn emit(&mut self, first: K, last: K, value: V) {
+        let t = &mut self.table;
+        if let (Some(prev_end), Some(prev_value)) = (t.ends.last_mut(), t.values.last()) {
+            if prev_end.next() == Some(first) && *prev_value == value {
+                *prev_end = last;
+                return;
+            }
+        }
+        t.starts.push(first);
+        t.ends.push(last);
+        t.values.push(value);
+    }
+
+    fn finish(mut self) -> IntervalTable<K, V> {
+        while !self.stack.is_empty() {
+            self.close_top();
+        }
+        let mut table = self.table;
+        table.starts.shrink_to_fit();
+        table.ends.shrink_to_fit();
+        table.values.shrink_to_fit();
+        table
+    }
+}
+
+/// A longest-prefix-match table for both address families.
+#[derive(Debug, Clone)]
+pub struct CidrTable<V> {
+    v4: IntervalTable<u32, V>,
+    v6: IntervalTable<u128, V>,
+}
+
+impl<V: Clone + PartialEq> CidrTable<V> {
+    /// Builds a table; for identical prefixes the later entry wins.
+    pub fn new(entries: impl IntoIterator<Item = (IpNet, V)>) -> Self {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (net, value) in entries {
+            match net.trunc() {
+                IpNet::V4(n) => v4.push((u32::from(n.network()), u32::from(n.broadcast()), value)),
+                IpNet::V6(n) => v6.push((u128::from(n.network()), u128::from(n.broadcast()), value)),
+            }
+        }
+        CidrTable {
+            v4: IntervalTable::from_prefix_ranges(v4),
+            v6: IntervalTable::from_prefix_ranges(v6),
+        }
+    }
+
+    /// The value of the longest prefix covering `addr`.
+    #[inline]
+    pub fn lookup(&self, addr: IpAddr) -> Option<&V> {
+        match addr {
+            IpAddr::V4(a) => self.lookup_v4(a),
+            IpAddr::V6(a) => self.lookup_v6(a),
+        }
+    }
+
+    /// The value of the longest IPv4 prefix covering `addr`.
+    #[inline]
+    pub fn lookup_v4(&self, addr: Ipv4Addr) -> Option<&V> {
+        self.v4.lookup(u32::from(addr))
+    }
+
+    /// The value of the longest IPv6 prefix covering `addr`.
+    #[inline]
+    pub fn lookup_v6(&self, addr: Ipv6Addr) -> Option<&V> {
+        self.v6.lookup(u128::from(addr))
+    }
+
+    /// True when the table holds no prefix.
+    pub fn is_empty(&self) -> bool {
+        self.v4.interval_count() == 0 && self.v6.interval_count() == 0
+    }
+
+    /// Approximate heap bytes held by the table.
+    pub fn heap_bytes(&self) -> usize {
+        self.v4.heap_bytes() + self.v6.heap_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(&str, u32)]) -> CidrTable<u32> {
+        CidrTable::new(entries.iter().map(|(n, v)| (n.parse().unwrap(), *v)))
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table(&[
+            ("10.0.0.0/8", 1),
+            ("10.1.0.0/16", 2),
+            ("10.1.2.0/24", 3),
+            ("10.1.2.3/32", 4),
+            ("0.0.0.0/0", 0),
+            ("::/0", 10),
+            ("fd00::/8", 11),
+            ("fd00:ec2::254/128", 12),
+        ]);
+        let cases: &[(&str, Option<u32>)] = &[
+            ("10.0.0.1", Some(1)),
+            ("10.1.0.1", Some(2)),
+            ("10.1.2.2", Some(3)),
+            ("10.1.2.3", Some(4)),
+            ("10.1.2.4", Some(3)),
+            ("10.1.3.0", Some(2)),
+            ("10.2.0.0", Some(1)),
+            ("11.0.0.0", Some(0)),
+            ("255.255.255.255", Some(0)),
+            ("0.0.0.0", Some(0)),
+            ("fd00:ec2::254", Some(12)),
+            ("fd00:ec2::253", Some(11)),
+            ("fe00::", Some(10)),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", Some(10)),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(t.lookup(addr.parse().unwrap()).copied(), *want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn misses_and_edges() {
+        let t = table(&[("255.255.255.255/32", 1), ("0.0.0.0/32", 2), ("128.0.0.0/1", 3)]);
+        assert_eq!(t.lookup("255.255.255.255".parse().unwrap()), Some(&1));
+        assert_eq!(t.lookup("255.255.255.254".parse().unwrap()), Some(&3));
+        assert_eq!(t.lookup("0.0.0.0".parse().unwrap()), Some(&2));
+        assert_eq!(t.lookup("0.0.0.1".parse().unwrap()), None);
+        assert_eq!(t.lookup("127.255.255.255".parse().unwrap()), None);
+        assert_eq!(t.lookup("::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn identical_prefix_later_wins() {
+        let t = table(&[("10.0.0.0/8", 1), ("10.0.0.0/8", 2)]);
+        assert_eq!(t.lookup("10.9.9.9".parse().unwrap()), Some(&2));
+    }
+
+    /// A small deterministic generator so the property test needs no crate.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn linear_lookup(entries: &[(IpNet, u32)], addr: IpAddr) -> Option<u32> {
+        // Later identical prefixes win, as in the table.
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (net, _))| net.contains(&addr))
+            .max_by_key(|(i, (net, _))| (net.prefix_len(), *i))
+            .map(|(_, (_, v))| *v)
+    }
+
+    #[test]
+    fn matches_linear_scan_on_random_prefixes() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..20 {
+            let mut entries = Vec::new();
+            for i in 0..(50 + round * 20) {
+                // Few high bits so that prefixes nest often.
+                let bits = (rng.next() as u32) & 0xff0f_00ff;
+                let len = (rng.next() % 33) as u8;
+                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(bits), len).unwrap().trunc();
+                entries.push((IpNet::V4(net), i as u32));
+                let bits6 = ((rng.next() as u128) << 64) & (0xff0f_u128 << 112);
+                let len6 = (rng.next() % 129) as u8;
+                let net6 = ipnet::Ipv6Net::new(Ipv6Addr::from(bits6), len6).unwrap().trunc();
+                entries.push((IpNet::V6(net6), 10_000 + i as u32));
+            }
+            let t = CidrTable::new(entries.iter().cloned());
+            for _ in 0..2000 {
+                let a4 = IpAddr::V4(Ipv4Addr::from((rng.next() as u32) & 0xff0f_ffff));
+                assert_eq!(t.lookup(a4).copied(), linear_lookup(&entries, a4), "{a4}");
+                let a6 = IpAddr::V6(Ipv6Addr::from(((rng.next() as u128) << 64 | rng.next() as u128) & !(0x00f0_u128 << 112)));
+                assert_eq!(t.lookup(a6).copied(), linear_lookup(&entries, a6), "{a6}");
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+use super::*;
+use crate::target::Target;
+
+fn policy(mode: Mode, domains: &[&str], cidrs: &[&str], carve_outs: &[&str]) -> Policy {
+    let allow = AllowList::new(
+        domains.iter().map(|d| DomainPattern::parse(d).unwrap()),
+        cidrs.iter().map(|c| c.parse().unwrap()),
+        PortSet::new([80]),
+        PortSet::new([443]),
+    );
+    let carve: Vec<IpNet> = carve_outs.iter().map(|c| c.parse().unwrap()).collect();
+    Policy::new(vec![Role::new("default", mode, allow)], "default", &carve).unwrap()
+}
+
+#[test]
+fn every_denied_range_and_transition_form() {
+    use RangeKind::*;
+    let p = policy(Mode::Enforce, &[], &["0.0.0.0/0", "::/0"], &[]);
+    let cases: &[(&str, Option<RangeKind>)] = &[
+        ("0.0.0.0", Some(Special)),
+        ("0.255.255.255", Some(Special)),
+        ("10.0.0.1", Some(Private)),
+        ("10.255.255.255", Some(Private)),
+        ("100.64.0.1", Some(Private)),
+        ("100.127.255.255", Some(Private)),
+        ("100.100.100.200", Some(Metadata)),
+        ("100.128.0.0", None),
+        ("127.0.0.1", Some(Loopback)),
+        ("127.255.255.254", Some(Loopback)),
+        ("169.254.0.1", Some(LinkLocal)),
+        ("169.254.169.254", Some(Metadata)),
+        ("169.254.170.2", Some(Metadata)),
+        ("172.16.0.1", Some(Private)),
+        ("172.31.255.255", Some(Private)),
+        ("172.32.0.0", None),
+        ("192.0.0.1", Some(Special)),
+        ("192.0.0.192", Some(Metadata)),
+        ("192.0.2.1", Some(Special)),
+        ("192.88.99.1", Some(Special)),
+        ("192.168.1.1", Some(Private)),
+        ("198.18.0.1", Some(Special)),
+        ("198.19.255.255", Some(Special)),
+        ("198.51.100.7", Some(Special)),
+        ("203.0.113.9", Some(Special)),
+        ("224.0.0.1", Some(Special)),
+        ("239.255.255.255", Some(Special)),
+        ("240.0.0.1", Some(Special)),
+        ("255.255.255.255", Some(Special)),
+        ("168.63.129.16", Some(Metadata)),
+        ("168.63.129.17", None),
+        ("8.8.8.8", None),
+        ("1.1.1.1", None),
+        ("::", Some(Special)),
+        ("::1", Some(Loopback)),
+        ("fc00::1", Some(Private)),
+        ("fdff:ffff::1", Some(Private)),
+        ("fd00:ec2::254", Some(Metadata)),
+        ("fe80::1", Some(LinkLocal)),
+        ("febf::1", Some(LinkLocal)),
+        ("fec0::1", Some(Special)),
+        ("ff02::1", Some(Special)),
+        ("2001:db8::1", Some(Special)),
+        ("100::1", Some(Special)),
+        ("100:0:0:1::1", None),
+        ("2606:4700:4700::1111", None),
+        // Transition forms, judged by the IPv4 address they carry.
+        ("::ffff:169.254.169.254", Some(Metadata)),
+        ("::ffff:a9fe:a9fe", Some(Metadata)),
+        ("::ffff:10.0.0.1", Some(Private)),
+        ("::ffff:127.0.0.1", Some(Loopback)),
+        ("::ffff:8.8.8.8", None),
+        ("::ffff:0:a9fe:a9fe", Some(Metadata)),
+        ("::a9fe:a9fe", Some(Metadata)),
+        ("::127.0.0.1", Some(Loopback)),
+        ("::8.8.8.8", None),
+        ("64:ff9b::a9fe:a9fe", Some(Metadata)),
+        ("64:ff9b::192.168.0.1", Some(Private)),
+        ("64:ff9b::8.8.8.8", None),
+        ("64:ff9b:1::a00:1", Some(Private)),
+        ("2002:a9fe:a9fe::", Some(Metadata)),
+        ("2002:7f00:1::1", Some(Loopback)),
+        ("2002:0808:0808::1", None),
+        ("2001:0:4136:e378:8000:63bf:5601:5601", Some(Metadata)),
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", Some(Private)),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),
+    ];
+    for (addr, want) in cases {
+        let ip: IpAddr = addr.parse().unwrap();
+        assert_eq!(p.denied_range(ip), *want, "{addr}");
+        let target = Target { host: Host::Ip(ip), port: 80 };
+        let decision = p.decide(p.default_role(), RequestKind::Http, &target, &[ip]);
+        match want {
+            Some(kind) => assert_eq!(decision, Decision::Deny(DenyReason::DeniedRange(*kind)), "{addr}"),
+            None => assert!(matches!(decision, Decision::Allow(_)), "{addr}: {decision:?}"),
+        }
+    }
+}
+
+#[test]
+fn denied_names_before_resolution() {
+    let p = policy(Mode::Report, &["*.internal", "localhost"], &[], &[]);
+    let cases: &[(&str, RangeKind)] = &[
+        ("metadata.google.internal", RangeKind::Metadata),
+        ("METADATA.google.internal.", RangeKind::Metadata),
+        ("metadata", RangeKind::Metadata),
+        ("metadata.goog", RangeKind::Metadata),
+        ("instance-data", RangeKind::Metadata),
+        ("localhost", RangeKind::Loopback),
+        ("foo.localhost", RangeKind::Loopback),
+    ];
+    for (name, kind) in cases {
+        let target = Target::parse_authority(&format!("{name}:80")).unwrap();
+        let got = p.pre_resolution(p.default_role(), RequestKind::Http, &target);
+        assert_eq!(got, PreResolution::Decided(Decision::Deny(DenyReason::DeniedName(*kind))), "{name}");
+    }
+}
+
+#[test]
+fn one_denied_address_denies_the_name() {
+    let p = policy(Mode::Enforce, &["example.com"], &[], &[]);
+    let target = Target::parse_authority("example.com:443").unwrap();
+    let addrs: Vec<IpAddr> = vec!["93.184.216.34".parse().unwrap(), "169.254.169.254".parse().unwrap()];
+    assert_eq!(
+        p.decide(p.default_role(), RequestKind::Connect, &target, &addrs),
+        Decision::Deny(DenyReason::DeniedRange(RangeKind::Metadata))
+    );
+    let Decision::Allow(permit) = p.decide(p.default_role(), RequestKind::Connect, &target, &addrs[..1]) else {
+        panic!("public address of an allowed name must be allowed");
+    };
+    assert_eq!(permit.addrs(), &["93.184.216.34:443".parse::<SocketAddr>().unwrap()]);
+    assert_eq!(permit.rule(), AllowedBy::Domain);
+}
+
+#[test]
+fn allow_list_and_ports() {
+    let p = policy(Mode::Enforce, &["example.com", "*.github.com"], &["8.8.8.0/24"], &[]);
+    let role = p.default_role();
+    let public: IpAddr = "93.184.216.34".parse().unwrap();
+    let cases: &[(&str, RequestKind, &[IpAddr], Result<AllowedBy, DenyReason>)] = &[
+        ("example.com:80", RequestKind::Http, &[public], Ok(AllowedBy::Domain)),
+        ("example.com:443", RequestKind::Connect, &[public], Ok(AllowedBy::Domain)),
+        ("example.com:443", RequestKind::Http, &[public], Err(DenyReason::PortNotAllowed)),
+        ("example.com:22", RequestKind::Connect, &[public], Err(DenyReason::PortNotAllowed)),
+        ("api.github.com:443", RequestKind::Connect, &[public], Ok(AllowedBy::Domain)),
+        ("evil.com:443", RequestKind::Connect, &[public], Err(DenyReason::NotAllowListed)),
+        ("dns.example.net:443", RequestKind::Connect, &["8.8.8.8".parse().unwrap()], Ok(AllowedBy::Cidr)),
+        ("8.8.8.8:443", RequestKind::Connect, &["8.8.8.8".parse().unwrap()], Ok(AllowedBy::Cidr)),
+        ("[::ffff:8.8.8.8]:443", RequestKind::Connect, &["::ffff:8.8.8.8".parse().unwrap()], Ok(AllowedBy::Cidr)),
+        ("8.8.4.4:443", RequestKind::Connect, &["8.8.4.4".parse().unwrap()], Err(DenyReason::NotAllowListed)),
+    ];
+    for (authority, kind, addrs, want) in cases {
+        let target = Target::parse_authority(authority).unwrap();
+        let got = match p.decide(role, *kind, &target, addrs) {
+            Decision::Allow(permit) => Ok(permit.rule()),
+            Decision::Deny(reason) => Err(reason),
+        };
+        assert_eq!(got, *want, "{authority} {kind:?}");
+    }
+}
+
+#[test]
+fn mapped_addresses_are_dialed_as_ipv4() {
+    let p = policy(Mode::Enforce, &[], &["8.8.8.0/24"], &[]);
+    let target = Target::parse_authority("[::ffff:8.8.8.8]:443").unwrap();
+    let PreResolution::Decided(Decision::Allow(permit)) = p.pre_resolution(p.default_role(), RequestKind::Connect, &target) else {
+        panic!("allowed literal");
+    };
+    assert_eq!(permit.addrs(), &["8.8.8.8:443".parse::<SocketAddr>().unwrap()]);
+}
+
+#[test]
+fn pre_resolution_skips_dns_only_when_the_answer_cannot_matter() {
+    let enforce = policy(Mode::Enforce, &["example.com"], &[], &[]);
+    let with_cidrs = policy(Mode::Enforce, &["example.com"], &["8.8.8.0/24"], &[]);
+    let report = policy(Mode::Report, &["example.com"], &[], &[]);
+    let other = Target::parse_authority("other.com:443").unwrap();
+    let allowed = Target::parse_authority("example.com:443").unwrap();
+    let bad_port = Target::parse_authority("example.com:8443").unwrap();
+    let deny = |r| PreResolution::Decided(Decision::Deny(r));
+    let resolve = |t: &Target| match &t.host {
+        Host::Name(n) => format!("resolve {n}"),
+        Host::Ip(_) => unreachable!(),
+    };
+    let k = RequestKind::Connect;
+    assert_eq!(enforce.pre_resolution(enforce.default_role(), k, &other), deny(DenyReason::NotAllowListed));
+    assert_eq!(enforce.pre_resolution(enforce.default_role(), k, &bad_port), deny(DenyReason::PortNotAllowed));
+    let show = |r: PreResolution| match r {
+        PreResolution::Resolve(n) => format!("resolve {n}"),
+        PreResolution::Decided(d) => format!("{d:?}"),
+    };
+    assert_eq!(show(enforce.pre_resolution(enforce.default_role(), k, &allowed)), resolve(&allowed));
+    assert_eq!(show(with_cidrs.pre_resolution(with_cidrs.default_role(), k, &other)), resolve(&other));
+    assert_eq!(show(report.pre_resolution(report.default_role(), k, &other)), resolve(&other));
+}
+
+#[test]
+fn report_mode_allows_soft_denies_only() {
+    let p = policy(Mode::Report, &["example.com"], &[], &[]);
+    let role = p.default_role();
+    let target = Target::parse_authority("other.com:443").unwrap();
+    let Decision::Allow(permit) = p.decide(role, RequestKind::Connect, &target, &["93.184.216.34".parse().unwrap()]) else {
+        panic!("report mode allows");
+    };
+    assert_eq!(permit.would_deny(), Some(DenyReason::NotAllowListed));
+    assert_eq!(permit.rule(), AllowedBy::ReportOnly);
+    let meta = Target::parse_authority("169.254.169.254:80").unwrap();
+    assert_eq!(
+        p.decide(role, RequestKind::Http, &meta, &["169.254.169.254".parse().unwrap()]),
+        Decision::Deny(DenyReason::DeniedRange(RangeKind::Metadata))
+    );
+}
+
+#[test]
+fn carve_outs_apply_only_where_as_specific() {
+    let p = policy(Mode::Enforce, &[], &["127.0.0.1/32", "169.254.0.0/16"], &["127.0.0.1/32", "169.254.0.0/16"]);
+    assert_eq!(p.denied_range("127.0.0.1".parse().unwrap()), None);
+    assert_eq!(p.denied_range("127.0.0.2".parse().unwrap()), Some(RangeKind::Loopback));
+    assert_eq!(p.denied_range("::ffff:127.0.0.1".parse().unwrap()), None);
+    assert_eq!(p.denied_range("169.254.1.1".parse().unwrap()), None);
+    // The /32 metadata entry is more specific than the /16 carve-out.
+    assert_eq!(p.denied_range("169.254.169.254".parse().unwrap()), Some(RangeKind::Metadata));
+    let unrelated = policy(Mode::Enforce, &[], &[], &[]);
+    assert_eq!(unrelated.denied_range("127.0.0.1".parse().unwrap()), Some(RangeKind::Loopback));
+}
+
+#[test]
+fn carve_out_overlap_check() {
+    for (net, want) in [("127.0.0.1/32", true), ("8.8.8.0/24", false), ("0.0.0.0/0", true), ("2001:4860::/32", false), ("fd00::/8", true)] {
+        assert_eq!(overlaps_denied_range(&net.parse().unwrap()), want, "{net}");
+    }
+}
+
+#[test]
+fn missing_default_role_is_an_error() {
+    let allow = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
+    let err = Policy::new(vec![Role::new("team-a", Mode::Enforce, allow)], "default", &[]).unwrap_err();
+    assert_eq!(err, PolicyError::MissingRole("default".into()));
+}
+
+#[test]
+fn reason_codes_are_distinct() {
+    use std::collections::HashSet;
+    let kinds = [RangeKind::Metadata, RangeKind::LinkLocal, RangeKind::Loopback, RangeKind::Private, RangeKind::Special];
+    let mut all: Vec<DenyReason> = kinds.iter().flat_map(|k| [DenyReason::DeniedRange(*k), DenyReason::DeniedName(*k)]).collect();
+    all.extend([DenyReason::NotAllowListed, DenyReason::PortNotAllowed, DenyReason::InvalidTarget]);
+    let codes: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
+    assert_eq!(codes.len(), all.len());
+}
