@@ -2,8 +2,13 @@
 //!
 //! The request path, one module per stage: [`target`] parses the destination,
 //! [`dns`] resolves names once, [`policy`] decides on every resolved address
-//! and issues the [`policy::Permit`] that [`proxy`] needs to dial.
+//! and issues the [`policy::Permit`] that [`proxy`] needs to dial, and
+//! [`access_log`] writes one decision line per request.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod config;
+pub mod dns;
 pub mod policy;
+pub mod proxy;
 pub mod target;

@@ -1,0 +1,109 @@
+//! The decision log: exactly one structured line per request, written when
+//! the request is finished (for tunnels and streamed bodies, when the last
+//! byte has been relayed), so it can carry byte counts and duration.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::policy::{DenyReason, Mode, RequestKind};
+
+/// How a request ended, as far as policy is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not decided yet (the record is still being filled in).
+    Pending,
+    /// Allowed by the allow-list.
+    Allow,
+    /// Allowed only because the role is in report mode.
+    WouldDeny(DenyReason),
+    /// Denied by policy or refused as malformed.
+    Deny(DenyReason),
+    /// Allowed, but the proxy could not complete it (code as in `X-Portcullis-Error`).
+    Error(&'static str),
+}
+
+impl Outcome {
+    /// The `decision` field.
+    pub const fn decision(self) -> &'static str {
+        match self {
+            Outcome::Pending => "pending",
+            Outcome::Allow => "allow",
+            Outcome::WouldDeny(_) => "would_deny",
+            Outcome::Deny(_) => "deny",
+            Outcome::Error(_) => "error",
+        }
+    }
+
+    /// The `reason` field.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Outcome::Pending | Outcome::Allow => "",
+            Outcome::WouldDeny(r) | Outcome::Deny(r) => r.as_str(),
+            Outcome::Error(code) => code,
+        }
+    }
+}
+
+/// One request's log record, filled in along the request path.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    pub client: SocketAddr,
+    pub method: http::Method,
+    pub kind: Option<RequestKind>,
+    /// The target host as parsed, or the raw request target when it did not parse.
+    pub host: String,
+    pub port: u16,
+    pub dialed: Option<SocketAddr>,
+    pub outcome: Outcome,
+    pub role: String,
+    pub mode: Mode,
+    pub status: u16,
+    /// Bytes from the client to the destination (request body, tunnel upstream).
+    pub bytes_in: u64,
+    /// Bytes from the destination to the client (response body, tunnel downstream).
+    pub bytes_out: u64,
+    pub started: Instant,
+}
+
+impl AccessRecord {
+    /// Starts a record for a request that just arrived.
+    pub fn new(client: SocketAddr, method: http::Method) -> Self {
+        AccessRecord {
+            client,
+            method,
+            kind: None,
+            host: String::new(),
+            port: 0,
+            dialed: None,
+            outcome: Outcome::Pending,
+            role: String::new(),
+            mode: Mode::Enforce,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Writes the log line.
+    pub fn emit(&self) {
+        let dialed = self.dialed.map(|a| a.to_string());
+        tracing::info!(
+            target: "portcullis::access",
+            client = %self.client,
+            method = %self.method,
+            kind = self.kind.map_or("", RequestKind::as_str),
+            host = %self.host,
+            port = self.port,
+            dialed = dialed.as_deref().unwrap_or(""),
+            decision = self.outcome.decision(),
+            reason = self.outcome.reason(),
+            role = %self.role,
+            mode = self.mode.as_str(),
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! Dialing a permitted address, and CONNECT tunnels.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::error::{ProxyError, UpstreamError};
+use super::Snapshot;
+use crate::access_log::AccessRecord;
+use crate::policy::Permit;
+
+/// Relay buffer per direction.
+const RELAY_BUF: usize = 16 * 1024;
+
+/// Opens a TCP connection to the first reachable address of `permit`,
+/// trying them in order within one overall `timeout`. The permit is the only
+/// way to name an address here: nothing unchecked can be dialed.
+pub async fn dial(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = UpstreamError::ConnectTimeout;
+    for addr in permit.addrs() {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(*addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, *addr));
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => last = UpstreamError::Refused,
+            Ok(Err(e)) => last = UpstreamError::Unreachable(e),
+            Err(_) => return Err(UpstreamError::ConnectTimeout),
+        }
+    }
+    Err(last)
+}
+
+/// Dials the permitted destination, answers 200 only once the upstream
+/// connection is up, and relays bytes until both sides are done or the
+/// tunnel is idle for too long. The log line is written when it closes.
+pub async fn tunnel(
+    snapshot: &Snapshot,
+    permit: Permit,
+    req: Request<Incoming>,
+    mut record: AccessRecord,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0).await?;
+    record.dialed = Some(addr);
+    record.status = 200;
+    let idle = snapshot.timeouts.tunnel_idle.0;
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let (up, down) = relay(TokioIo::new(upgraded), upstream, idle).await;
+                record.bytes_in = up;
+                record.bytes_out = down;
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+        record.emit();
+    });
+    Ok(Response::new(ProxyBody::empty()))
+}
+
+/// Copies both directions until each has seen EOF (propagating half-close)
+/// or no byte has moved for `idle`. Returns (client→upstream, upstream→client) bytes.
+pub async fn relay<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut up_read, mut up_write) = upstream.into_split();
+    let activity = Activity::new();
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let both = async {
+        tokio::join!(
+            copy_half(&mut client_read, &mut up_write, &sent, &activity),
+            copy_half(&mut up_read, &mut client_write, &received, &activity),
+        )
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = activity.idle_for(idle) => tracing::debug!("tunnel idle timeout"),
+    }
+    (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed))
+}
+
+async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUF];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        activity.touch();
+        if writer.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // EOF from this side: pass the half-close on so the peer sees it while
+    // the other direction keeps flowing.
+    let _ = writer.shutdown().await;
+}
+
+/// The time of the last byte moved, shared by both directions of a tunnel.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = last + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A client that shuts its write side still gets the whole answer.
+    #[tokio::test]
+    async fn half_close_propagates() {
+        let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = origin.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = origin.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        });
+        let (client, proxy_side) = tokio::io::duplex(1024);
+        let upstream = TcpStream::connect(origin_addr).await.unwrap();
+        let relay = tokio::spawn(relay(proxy_side, upstream, Duration::from_secs(5)));
+        let (mut r, mut w) = tokio::io::split(client);
+        w.write_all(b"hello").await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut answer = String::new();
+        r.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer, "got 5 bytes");
+        assert_eq!(relay.await.unwrap(), (5, 11));
+    }
+
+    #[tokio::test]
+    async fn idle_tunnel_is_closed() {
+        let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = origin.local_addr().unwrap();
+        let _keep = tokio::spawn(async move {
+            let (s, _) = origin.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let (_client, proxy_side) = tokio::io::duplex(1024);
+        let upstream = TcpStream::connect(origin_addr).await.unwrap();
+        let started = Instant::now();
+        let counts = tokio::time::timeout(Duration::from_secs(10), relay(proxy_side, upstream, Duration::from_millis(200)))
+            .await
+            .expect("idle timeout must end the relay");
+        assert_eq!(counts, (0, 0));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,125 @@
+//! Everything that can stop a request, grouped by who caused it, and the one
+//! place that maps it to an HTTP response.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::access_log::Outcome;
+use crate::dns::ResolveError;
+use crate::policy::DenyReason;
+use crate::target::TargetError;
+
+/// The header naming a policy deny reason.
+pub const DENY_HEADER: &str = "x-portcullis-deny";
+/// The header naming a non-policy failure.
+pub const ERROR_HEADER: &str = "x-portcullis-error";
+
+/// Why the proxy answered instead of the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent something the proxy will not interpret.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// The policy denied the request.
+    #[error("destination denied by policy")]
+    Denied(DenyReason),
+    /// The proxy tried and the network or the upstream failed.
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+}
+
+/// Mistakes in the client's request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid target: {0}")]
+    InvalidTarget(#[from] TargetError),
+    #[error("origin-form request: this is a forward proxy; send absolute-form (http://host/...) or CONNECT")]
+    OriginForm,
+    #[error("CONNECT requires an authority target (host:port)")]
+    ConnectWithoutAuthority,
+}
+
+/// Failures past the policy: resolution, connection, upstream protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("resolving the destination failed: {0}")]
+    Resolve(#[from] ResolveError),
+    #[error("the destination refused the connection")]
+    Refused,
+    #[error("connecting to the destination timed out")]
+    ConnectTimeout,
+    #[error("connecting to the destination failed: {0}")]
+    Unreachable(std::io::Error),
+    #[error("the destination did not answer in time")]
+    ResponseTimeout,
+    #[error("the destination closed or broke the connection: {0}")]
+    Protocol(hyper::Error),
+}
+
+impl UpstreamError {
+    /// The `X-Portcullis-Error` code, also the log reason and metric label.
+    pub const fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Resolve(_) => "resolve-failed",
+            UpstreamError::Refused => "upstream-refused",
+            UpstreamError::ConnectTimeout => "upstream-connect-timeout",
+            UpstreamError::Unreachable(_) => "upstream-unreachable",
+            UpstreamError::ResponseTimeout => "upstream-response-timeout",
+            UpstreamError::Protocol(_) => "upstream-error",
+        }
+    }
+}
+
+impl ProxyError {
+    /// The reason code carried in the response header and the log line.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Client(ClientError::InvalidTarget(_) | ClientError::ConnectWithoutAuthority) => "invalid-target",
+            ProxyError::Client(ClientError::OriginForm) => "origin-form",
+            ProxyError::Denied(reason) => reason.as_str(),
+            ProxyError::Upstream(e) => e.code(),
+        }
+    }
+
+    /// How the decision log records this error.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::Denied(reason) => Outcome::Deny(*reason),
+            ProxyError::Client(ClientError::OriginForm) => Outcome::Error("origin-form"),
+            ProxyError::Client(_) => Outcome::Deny(DenyReason::InvalidTarget),
+            ProxyError::Upstream(e) => Outcome::Error(e.code()),
+        }
+    }
+
+    /// The status code for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Client(ClientError::OriginForm) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Client(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The response the client sees: status, reason header, one-line body.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let header_name = match self {
+            ProxyError::Denied(_) => DENY_HEADER,
+            _ => ERROR_HEADER,
+        };
+        let body = format!("portcullis: {}: {}\n", self.code(), self);
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(header_name, HeaderValue::from_static(self.code()));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if matches!(self, ProxyError::Client(ClientError::OriginForm)) {
+            headers.insert(header::ALLOW, HeaderValue::from_static("CONNECT, GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+        }
+        resp
+    }
+}

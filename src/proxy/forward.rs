@@ -1,0 +1,292 @@
+//! Plain HTTP forwarding: absolute-form in, origin-form out, hop-by-hop
+//! headers removed (RFC 9110 7.6.1), bodies streamed both ways, and upstream
+//! connections kept alive in a pool keyed by the checked address.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use super::body::{CountedBody, ProxyBody};
+use super::connect::dial;
+use super::error::{ProxyError, UpstreamError};
+use super::{Shared, Snapshot};
+use crate::access_log::AccessRecord;
+use crate::policy::Permit;
+use crate::target::Target;
+
+/// Idle upstream connections kept per destination address.
+const MAX_IDLE_PER_ADDR: usize = 32;
+
+/// The `Via` value this proxy adds (RFC 9110 7.6.3).
+const VIA: &str = "1.1 portcullis";
+
+type Sender = SendRequest<CountedBody>;
+
+/// Idle keep-alive connections to origins, keyed by the address that was
+/// checked and dialed (never by name, so a pooled connection can only be
+/// reused for a request whose own decision permitted that same address).
+pub struct UpstreamPool {
+    idle: DashMap<SocketAddr, Vec<(Sender, Instant)>>,
+    idle_timeout: Duration,
+}
+
+impl UpstreamPool {
+    /// An empty pool whose connections expire after `idle_timeout`.
+    pub fn new(idle_timeout: Duration) -> Self {
+        UpstreamPool { idle: DashMap::new(), idle_timeout }
+    }
+
+    /// A live idle connection to one of `addrs`, if any.
+    fn checkout(&self, addrs: &[SocketAddr]) -> Option<(Sender, SocketAddr)> {
+        for addr in addrs {
+            let Some(mut entry) = self.idle.get_mut(addr) else { continue };
+            while let Some((sender, since)) = entry.pop() {
+                if since.elapsed() < self.idle_timeout && sender.is_ready() {
+                    return Some((sender, *addr));
+                }
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, sender: Sender) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut entry = self.idle.entry(addr).or_default();
+        if entry.len() < MAX_IDLE_PER_ADDR {
+            entry.push((sender, Instant::now()));
+        }
+    }
+
+    /// Drops expired and closed connections, and empty entries, so memory
+    /// does not grow with the number of distinct destinations.
+    fn reap(&self) {
+        let timeout = self.idle_timeout;
+        self.idle.retain(|_, conns| {
+            conns.retain(|(sender, since)| since.elapsed() < timeout && !sender.is_closed());
+            !conns.is_empty()
+        });
+    }
+
+    /// Number of idle connections held (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle.iter().map(|e| e.len()).sum()
+    }
+}
+
+/// Periodically expires idle upstream connections.
+pub async fn reap_idle(shared: Arc<Shared>) {
+    let period = (shared.pool.idle_timeout / 2).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        shared.pool.reap();
+    }
+}
+
+/// Forwards one absolute-form request to the permitted destination.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    snapshot: &Snapshot,
+    permit: Permit,
+    target: &Target,
+    req: Request<Incoming>,
+    mut record: AccessRecord,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut upstream_req = rewrite_request(req, target, sent.clone());
+    let timeouts = &snapshot.timeouts;
+    let (mut sender, mut addr, mut pooled) = match shared.pool.checkout(permit.addrs()) {
+        Some((sender, addr)) => (sender, addr, true),
+        None => connect(&permit, timeouts.upstream_connect.0).await.map(|(s, a)| (s, a, false))?,
+    };
+    record.dialed = Some(addr);
+    let response = loop {
+        let sending = sender.try_send_request(upstream_req);
+        match tokio::time::timeout(timeouts.upstream_response.0, sending).await {
+            Err(_) => return Err(UpstreamError::ResponseTimeout.into()),
+            Ok(Ok(response)) => break response,
+            Ok(Err(mut e)) => {
+                // A pooled connection the origin closed while idle: the
+                // request was not sent, so it is safe to send it on a new one.
+                match (pooled, e.take_message()) {
+                    (true, Some(req)) => {
+                        upstream_req = req;
+                        (sender, addr) = connect(&permit, timeouts.upstream_connect.0).await?;
+                        record.dialed = Some(addr);
+                        pooled = false;
+                    }
+                    _ => return Err(UpstreamError::Protocol(e.into_error()).into()),
+                }
+            }
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
+    record.status = parts.status.as_u16();
+    let body = UpstreamBody {
+        inner: body,
+        return_to: Some((shared.clone(), addr, sender)),
+        sent,
+        received: 0,
+        record,
+    };
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(Box::new(body))))
+}
+
+async fn connect(permit: &Permit, timeout: Duration) -> Result<(Sender, SocketAddr), UpstreamError> {
+    let (stream, addr) = dial(permit, timeout).await?;
+    handshake(stream).await.map(|s| (s, addr))
+}
+
+async fn handshake(stream: tokio::net::TcpStream) -> Result<Sender, UpstreamError> {
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpstreamError::Protocol)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Builds the origin-form request the upstream sees.
+fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>) -> Request<CountedBody> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    // path_and_query of a parsed URI is always a valid origin-form target.
+    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    // The absolute-form URI wins over any Host header the client sent
+    // (RFC 9112 3.2.2), so the origin sees the host the policy checked.
+    let host = HeaderValue::try_from(target.host_header(80))
+        .expect("a parsed target is a DNS name or an IP literal, both valid header text");
+    parts.headers.insert(header::HOST, host);
+    parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
+    Request::from_parts(parts, CountedBody::new(body, sent))
+}
+
+/// Removes the headers that describe one hop only: those named in
+/// `Connection`, and the fixed list of RFC 9110 7.6.1 and RFC 9112 plus the
+/// proxy credentials, which are never forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    const FIXED: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    for name in FIXED {
+        headers.remove(name);
+    }
+}
+
+/// An upstream response body on its way to the client. When it ends, the
+/// upstream connection goes back to the pool; when it is dropped (ended or
+/// abandoned), the request's log line is written.
+pub struct UpstreamBody {
+    inner: Incoming,
+    return_to: Option<(Arc<Shared>, SocketAddr, Sender)>,
+    sent: Arc<AtomicU64>,
+    received: u64,
+    record: AccessRecord,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some((shared, addr, sender)) = self.return_to.take() {
+                    shared.pool.checkin(addr, sender);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        self.record.bytes_in = self.sent.load(Ordering::Relaxed);
+        self.record.bytes_out = self.received;
+        self.record.emit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-end-to-end", "kept"),
+            ("content-length", "10"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-end-to-end", "content-length"]);
+    }
+}
