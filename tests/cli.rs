@@ -1,0 +1,125 @@
+//! The real binary: `check`, `validate` and `run`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+fn shipped_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml")
+}
+
+fn portcullis(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run portcullis");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_decides_without_a_server() {
+    let config = shipped_config();
+    let config = config.to_str().unwrap();
+    let cases: &[(&str, i32, &str)] = &[
+        ("http://[::ffff:169.254.169.254]/", 1, "reason=denied-range:metadata"),
+        ("http://169.254.169.254/latest/meta-data/", 1, "reason=denied-range:metadata"),
+        ("https://metadata.google.internal/", 1, "reason=denied-name:metadata"),
+        ("https://evil.example.net/", 1, "reason=not-allowlisted"),
+        ("https://example.com:8443/", 1, "reason=port-not-allowed"),
+        ("http://0xA9FEA9FE/", 1, "invalid-target"),
+        ("10.1.2.3:443", 1, "reason=denied-range:private"),
+    ];
+    for (url, code, want) in cases {
+        let (got, stdout, stderr) = portcullis(&["check", "--config", config, url]);
+        assert_eq!(got, *code, "{url}: {stdout}{stderr}");
+        assert!(stdout.contains(want), "{url}: {stdout}");
+    }
+}
+
+#[test]
+fn check_allows_with_exit_0() {
+    let path = temp_file(
+        "allow.yaml",
+        "allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32, 8.8.8.0/24]\n",
+    );
+    let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "http://127.0.0.1/"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.starts_with("allow http 127.0.0.1:80") && stdout.contains("rule=cidr"), "{stdout}");
+    let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "https://[::ffff:8.8.8.8]/"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("addrs=8.8.8.8:443"), "{stdout}");
+}
+
+#[test]
+fn validate_accepts_shipped_and_refuses_bad_config() {
+    let (code, stdout, _) = portcullis(&["validate", "--config", shipped_config().to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    let bad = temp_file("bad.yaml", "roles:\n  default:\n    allow:\n      domains: [ok.example]\n      cidr: [1.2.3.0/24]\n");
+    let (code, _, stderr) = portcullis(&["validate", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains(bad.to_str().unwrap()), "names the file: {stderr}");
+    assert!(stderr.contains("line 5"), "names the line: {stderr}");
+    assert!(stderr.contains("unknown field `cidr`"), "names the field and reason: {stderr}");
+    let (code, _, stderr) = portcullis(&["validate", "--config", "/nonexistent.yaml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent.yaml: cannot read"), "{stderr}");
+}
+
+/// `portcullis run` serves on the configured address, logs one JSON line
+/// per request, and denies the metadata address.
+#[tokio::test]
+async fn run_serves_and_logs_one_line_per_request() {
+    let port = common::closed_port().await;
+    let path = temp_file("run.yaml", &format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nroles:\n  default: {{}}\n"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a startup line").unwrap();
+    assert!(first.contains("portcullis listening"), "{first}");
+    let proxy = format!("127.0.0.1:{port}").parse().unwrap();
+    let resp = common::get(proxy, "http://169.254.169.254/latest/meta-data/").await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.header("x-portcullis-deny"), Some("denied-range:metadata"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let line = lines.next().expect("an access line").unwrap();
+        if line.contains("portcullis::access") || Instant::now() > deadline {
+            break line;
+        }
+    };
+    child.kill().unwrap();
+    let _ = child.wait();
+    for field in [
+        "\"client\":\"127.0.0.1:",
+        "\"method\":\"GET\"",
+        "\"host\":\"169.254.169.254\"",
+        "\"port\":80",
+        "\"decision\":\"deny\"",
+        "\"reason\":\"denied-range:metadata\"",
+        "\"mode\":\"enforce\"",
+        "\"status\":403",
+        "\"dialed\":\"\"",
+        "\"bytes_in\":0",
+        "\"duration_ms\":",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}

@@ -1,0 +1,293 @@
+//! Shared test fixtures: the proxy in-process, origins and a DNS server on
+//! loopback, and a raw HTTP/1 client for exact control over the bytes sent.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use portcullis::config::Config;
+use portcullis::proxy::Server;
+
+/// Every test step is bounded by this.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Starts the proxy in-process on 127.0.0.1:0 with `yaml` (whose `listen`
+/// is overridden) and returns its address.
+pub async fn start_proxy(yaml: &str) -> SocketAddr {
+    let yaml = format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}");
+    let config = Config::from_yaml_str(&yaml, "test.yaml").expect("test config is valid");
+    let server = Server::bind(&config).await.expect("bind proxy");
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    addr
+}
+
+/// An HTTP origin on loopback:
+/// - `/headers`: the request head as text, one `name: value` per line, first line `METHOD URI`.
+/// - `/echo`: streams the request body back.
+/// - `/bytes/N`: N bytes of a fixed pattern, streamed in 64 KiB chunks.
+pub async fn start_http_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(origin_handler);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+async fn origin_handler(req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/echo" {
+        return Ok(Response::new(req.into_body().boxed()));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let total: usize = n.parse().unwrap_or(0);
+        return Ok(Response::new(PatternBody { sent: 0, total }.boxed()));
+    }
+    let mut text = format!("{} {}\n", req.method(), req.uri());
+    for (name, value) in req.headers() {
+        text.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("<binary>")));
+    }
+    Ok(Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()))
+}
+
+/// A deterministic byte pattern, so large transfers can be compared exactly.
+pub fn pattern(start: usize, len: usize) -> Vec<u8> {
+    (start..start + len).map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8).collect()
+}
+
+/// A body of `total` pattern bytes produced in 64 KiB frames.
+struct PatternBody {
+    sent: usize,
+    total: usize,
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let len = (self.total - self.sent).min(65536);
+        if len == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let chunk = pattern(self.sent, len);
+        self.sent += len;
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+}
+
+/// A TCP origin that echoes every byte back and closes when the client half-closes.
+pub async fn start_tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP origin that reads until EOF and only then answers `got N bytes`.
+pub async fn start_tcp_count_then_reply() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = stream.read_to_end(&mut got).await;
+                let _ = stream.write_all(format!("got {} bytes", got.len()).as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port on loopback where nothing listens.
+pub async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A DNS server on loopback answering A and AAAA from a table; other names
+/// get NXDOMAIN. Counts the queries it answers per name.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    pub queries: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+pub async fn start_dns(records: &[(&str, &[&str])]) -> DnsServer {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{rdata, RData, Record, RecordType};
+
+    let table: HashMap<String, Vec<IpAddr>> = records
+        .iter()
+        .map(|(name, addrs)| (format!("{}.", name.to_lowercase()), addrs.iter().map(|a| a.parse().unwrap()).collect()))
+        .collect();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let queries = Arc::new(Mutex::new(HashMap::new()));
+    let counter = queries.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
+            let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+            let mut reply = Message::new();
+            reply.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_available(true);
+            reply.set_recursion_desired(query.recursion_desired());
+            let mut found = false;
+            for q in query.queries() {
+                reply.add_query(q.clone());
+                let name = q.name().to_ascii().to_lowercase();
+                *counter.lock().unwrap().entry(name.clone()).or_insert(0) += 1;
+                let Some(addrs) = table.get(&name) else { continue };
+                found = true;
+                for a in addrs {
+                    let rdata = match (a, q.query_type()) {
+                        (IpAddr::V4(v4), RecordType::A) => RData::A(rdata::A(*v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(rdata::AAAA(*v6)),
+                        _ => continue,
+                    };
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 1, rdata));
+                }
+            }
+            if !found {
+                reply.set_response_code(ResponseCode::NXDomain);
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = socket.send_to(&bytes, peer).await;
+            }
+        }
+    });
+    DnsServer { addr, queries }
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response head, and the body when it has a Content-Length.
+/// Leaves the stream positioned after it (for tunnels and keep-alive).
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(STEP, stream.read(&mut byte)).await.expect("response head in time").unwrap();
+        assert!(n > 0, "connection closed before a response head; got {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8(head).unwrap();
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let mut resp = RawResponse { status, headers, body: Vec::new() };
+    if let Some(len) = resp.header("content-length").map(|v| v.parse::<usize>().unwrap()) {
+        let mut body = vec![0u8; len];
+        tokio::time::timeout(STEP, stream.read_exact(&mut body)).await.expect("body in time").unwrap();
+        resp.body = body;
+    } else if resp.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        resp.body = read_chunked(stream).await;
+    }
+    resp
+}
+
+async fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(STEP, stream.read(&mut byte)).await.expect("chunk in time").unwrap();
+        assert!(n > 0, "closed mid-chunk");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line[..line.len() - 2].to_vec()).unwrap()
+}
+
+async fn read_chunked(stream: &mut TcpStream) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let size = usize::from_str_radix(read_line(stream).await.split(';').next().unwrap(), 16).unwrap();
+        if size == 0 {
+            while !read_line(stream).await.is_empty() {}
+            return body;
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        tokio::time::timeout(STEP, stream.read_exact(&mut body[start..])).await.expect("chunk in time").unwrap();
+        assert!(read_line(stream).await.is_empty());
+    }
+}
+
+/// Opens a connection to the proxy, sends `request` verbatim and reads the response.
+pub async fn send_raw(proxy: SocketAddr, request: &str) -> RawResponse {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// `GET <url>` through the proxy.
+pub async fn get(proxy: SocketAddr, url: &str) -> RawResponse {
+    let host = url.split('/').nth(2).unwrap_or("");
+    send_raw(proxy, &format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n")).await
+}
+
+/// Sends `CONNECT authority` and returns the response and the open stream.
+pub async fn connect(proxy: SocketAddr, authority: &str) -> (RawResponse, TcpStream) {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let resp = read_response(&mut stream).await;
+    (resp, stream)
+}
