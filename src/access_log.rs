@@ -3,7 +3,10 @@
 //! byte has been relayed), so it can carry byte counts and duration.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::metrics::Metrics;
 
 use crate::policy::{DenyReason, Mode, RequestKind};
 
@@ -45,7 +48,7 @@ impl Outcome {
 }
 
 /// One request's log record, filled in along the request path.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AccessRecord {
     pub client: SocketAddr,
     pub method: http::Method,
@@ -63,11 +66,12 @@ pub struct AccessRecord {
     /// Bytes from the destination to the client (response body, tunnel downstream).
     pub bytes_out: u64,
     pub started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl AccessRecord {
     /// Starts a record for a request that just arrived.
-    pub fn new(client: SocketAddr, method: http::Method) -> Self {
+    pub fn new(client: SocketAddr, method: http::Method, metrics: Arc<Metrics>) -> Self {
         AccessRecord {
             client,
             method,
@@ -82,11 +86,19 @@ impl AccessRecord {
             bytes_in: 0,
             bytes_out: 0,
             started: Instant::now(),
+            metrics,
         }
     }
 
-    /// Writes the log line.
+    /// Writes the log line and counts the request.
     pub fn emit(&self) {
+        let kind = self.kind.map_or("invalid", RequestKind::as_str);
+        let reason = match self.outcome.reason() {
+            "" => "none",
+            code => code,
+        };
+        self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
+        self.metrics.count_bytes(self.bytes_in, self.bytes_out);
         let dialed = self.dialed.map(|a| a.to_string());
         tracing::info!(
             target: "portcullis::access",

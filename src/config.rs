@@ -54,6 +54,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub reload: ReloadConfig,
     /// Exact carve-outs from the always-denied ranges.
     #[serde(default)]
     pub allow_ranges: Vec<CarveOut>,
@@ -83,6 +87,40 @@ pub struct Timeouts {
     pub tunnel_idle: ConfigDuration,
     /// An idle pooled upstream connection is closed after this long.
     pub upstream_idle: ConfigDuration,
+    /// On SIGTERM, in-flight requests and tunnels get this long to finish.
+    pub shutdown_grace: ConfigDuration,
+}
+
+/// Bounds on concurrent client connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open client connections in total.
+    pub max_connections: usize,
+    /// Open client connections from one source IP address.
+    pub max_connections_per_client: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 10_000, max_connections_per_client: 1_000 }
+    }
+}
+
+/// How config changes are picked up (SIGHUP always reloads).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the config file and reload when its content changes.
+    pub watch: bool,
+    /// How often the file is checked.
+    pub interval: ConfigDuration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig { watch: true, interval: ConfigDuration(Duration::from_secs(2)) }
+    }
 }
 
 impl Default for Timeouts {
@@ -93,6 +131,7 @@ impl Default for Timeouts {
             upstream_response: ConfigDuration(Duration::from_secs(60)),
             tunnel_idle: ConfigDuration(Duration::from_secs(300)),
             upstream_idle: ConfigDuration(Duration::from_secs(60)),
+            shutdown_grace: ConfigDuration(Duration::from_secs(30)),
         }
     }
 }

@@ -7,8 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod dns;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod target;

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
 use portcullis::policy::{Decision, PreResolution, RequestKind};
-use portcullis::proxy::{Server, Snapshot};
+use portcullis::app::App;
+use portcullis::proxy::Snapshot;
 use portcullis::target::Target;
 
 #[derive(Parser)]
@@ -78,11 +79,38 @@ fn init_logging() {
 
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     init_logging();
-    let config = Config::load(&path)?;
-    let server = Server::bind(&config).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(listen = %server.local_addr()?, config = %path.display(), "portcullis listening");
-    server.run().await;
+    let app = App::start(&path).await?;
+    tracing::info!(
+        listen = %app.proxy_addr()?,
+        admin = %app.admin_addr()?,
+        config = %path.display(),
+        "portcullis listening"
+    );
+    app.run(shutdown_signal()).await;
+    tracing::info!("portcullis stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the proxy gracefully");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
@@ -117,7 +145,7 @@ fn parse_check_target(url: &str) -> Result<(RequestKind, Target), String> {
 
 async fn check(path: PathBuf, url: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
-    let snapshot = Snapshot::from_config(&config).map_err(anyhow::Error::msg)?;
+    let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
     let (kind, target) = match parse_check_target(url) {
         Ok(parsed) => parsed,
         Err(e) => {

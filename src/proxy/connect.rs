@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
-use super::Snapshot;
+use super::{Shared, Snapshot};
+use crate::metrics::Metrics;
 use crate::access_log::AccessRecord;
 use crate::policy::Permit;
 
@@ -23,7 +25,14 @@ const RELAY_BUF: usize = 16 * 1024;
 /// Opens a TCP connection to the first reachable address of `permit`,
 /// trying them in order within one overall `timeout`. The permit is the only
 /// way to name an address here: nothing unchecked can be dialed.
-pub async fn dial(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+pub async fn dial(permit: &Permit, timeout: Duration, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    let started = Instant::now();
+    let dialed = dial_any(permit, timeout).await;
+    metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
+    dialed
+}
+
+async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = UpstreamError::ConnectTimeout;
     for addr in permit.addrs() {
@@ -44,15 +53,19 @@ pub async fn dial(permit: &Permit, timeout: Duration) -> Result<(TcpStream, Sock
 /// connection is up, and relays bytes until both sides are done or the
 /// tunnel is idle for too long. The log line is written when it closes.
 pub async fn tunnel(
+    shared: &Arc<Shared>,
     snapshot: &Snapshot,
     permit: Permit,
     req: Request<Incoming>,
     mut record: AccessRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0).await?;
+    let metrics = shared.metrics.clone();
+    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
+    // Counted from here, before the 200 is sent, so a drain never misses it.
+    metrics.active_tunnels.inc();
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
@@ -62,6 +75,7 @@ pub async fn tunnel(
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
+        metrics.active_tunnels.dec();
         record.emit();
     });
     Ok(Response::new(ProxyBody::empty()))

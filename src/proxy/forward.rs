@@ -23,6 +23,7 @@ use super::connect::dial;
 use super::error::{ProxyError, UpstreamError};
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
+use crate::metrics::Metrics;
 use crate::policy::Permit;
 use crate::target::Target;
 
@@ -111,7 +112,7 @@ pub async fn forward(
     let timeouts = &snapshot.timeouts;
     let (mut sender, mut addr, mut pooled) = match shared.pool.checkout(permit.addrs()) {
         Some((sender, addr)) => (sender, addr, true),
-        None => connect(&permit, timeouts.upstream_connect.0).await.map(|(s, a)| (s, a, false))?,
+        None => connect(&permit, timeouts.upstream_connect.0, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
     };
     record.dialed = Some(addr);
     let response = loop {
@@ -125,7 +126,7 @@ pub async fn forward(
                 match (pooled, e.take_message()) {
                     (true, Some(req)) => {
                         upstream_req = req;
-                        (sender, addr) = connect(&permit, timeouts.upstream_connect.0).await?;
+                        (sender, addr) = connect(&permit, timeouts.upstream_connect.0, &shared.metrics).await?;
                         record.dialed = Some(addr);
                         pooled = false;
                     }
@@ -148,8 +149,8 @@ pub async fn forward(
     Ok(Response::from_parts(parts, ProxyBody::Upstream(Box::new(body))))
 }
 
-async fn connect(permit: &Permit, timeout: Duration) -> Result<(Sender, SocketAddr), UpstreamError> {
-    let (stream, addr) = dial(permit, timeout).await?;
+async fn connect(permit: &Permit, timeout: Duration, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
+    let (stream, addr) = dial(permit, timeout, metrics).await?;
     handshake(stream).await.map(|s| (s, addr))
 }
 

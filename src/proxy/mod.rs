@@ -7,18 +7,23 @@ pub mod error;
 pub mod forward;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use dashmap::DashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, Outcome};
-use crate::config::{Config, Timeouts};
+use crate::config::{Config, Limits, Timeouts};
+use crate::metrics::Metrics;
 use crate::dns::Resolver;
 use crate::policy::{Decision, Permit, Policy, PreResolution, RequestKind};
 use crate::target::Target;
@@ -30,16 +35,21 @@ use error::{ClientError, ProxyError, UpstreamError};
 pub struct Snapshot {
     pub policy: Policy,
     pub timeouts: Timeouts,
+    pub limits: Limits,
     pub resolver: Resolver,
+    /// 1 for the config loaded at start, +1 per successful reload.
+    pub generation: u64,
 }
 
 impl Snapshot {
     /// Compiles a snapshot from a validated config.
-    pub fn from_config(config: &Config) -> Result<Self, String> {
+    pub fn from_config(config: &Config, generation: u64) -> Result<Self, String> {
         Ok(Snapshot {
             policy: config.compile()?,
             timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
+            generation,
         })
     }
 }
@@ -51,6 +61,9 @@ pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
 pub struct Shared {
     snapshot: SnapshotHandle,
     pool: forward::UpstreamPool,
+    metrics: Arc<Metrics>,
+    /// Open connections per client IP; entries are removed at zero.
+    per_client: DashMap<IpAddr, usize>,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -60,14 +73,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `config.listen` and compiles the first snapshot.
+    /// Binds `config.listen` with its own metrics registry.
     pub async fn bind(config: &Config) -> io::Result<Self> {
-        let snapshot = Snapshot::from_config(config).map_err(io::Error::other)?;
-        let listener = TcpListener::bind(config.listen).await?;
-        let idle = config.timeouts.upstream_idle.0;
+        let snapshot = Snapshot::from_config(config, 1).map_err(io::Error::other)?;
+        Self::bind_with(config.listen, snapshot, Arc::new(Metrics::new())).await
+    }
+
+    /// Binds `listen`, serving `snapshot` and recording into `metrics`.
+    pub async fn bind_with(listen: SocketAddr, snapshot: Snapshot, metrics: Arc<Metrics>) -> io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let idle = snapshot.timeouts.upstream_idle.0;
+        metrics.policy_generation.set(snapshot.generation as i64);
         let shared = Arc::new(Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             pool: forward::UpstreamPool::new(idle),
+            metrics,
+            per_client: DashMap::new(),
         });
         Ok(Server { listener, shared })
     }
@@ -82,22 +103,123 @@ impl Server {
         self.shared.snapshot.clone()
     }
 
-    /// Accepts and serves connections until the task is dropped.
+    /// The metrics this server records into.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Accepts and serves connections forever.
     pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Accepts and serves connections until `shutdown` completes; then
+    /// stops accepting, asks open connections to finish their current
+    /// request, and waits for connections and tunnels to end, at most the
+    /// configured grace period.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let _reaper = AbortOnDrop(tokio::spawn(forward::reap_idle(self.shared.clone())));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::pin!(shutdown);
         loop {
-            let (stream, client) = match self.listener.accept().await {
-                Ok(conn) => conn,
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = &mut shutdown => break,
+            };
+            match accepted {
+                Ok((stream, client)) => self.admit(stream, client, stop_rx.clone()),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
                 }
-            };
-            tokio::spawn(serve_connection(self.shared.clone(), stream, client));
+            }
+        }
+        drop(self.listener);
+        let metrics = &self.shared.metrics;
+        metrics.draining.set(1);
+        let _ = stop_tx.send(true);
+        let grace = self.shared.snapshot.load().timeouts.shutdown_grace.0;
+        tracing::info!(grace_secs = grace.as_secs_f64(), "draining: stopped accepting");
+        let drained = tokio::time::timeout(grace, async {
+            while metrics.active_connections.get() > 0 || metrics.active_tunnels.get() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!(
+                connections = metrics.active_connections.get(),
+                tunnels = metrics.active_tunnels.get(),
+                "grace period over; closing what remains"
+            ),
         }
     }
+
+    /// Applies the connection limits, then serves the connection.
+    fn admit(&self, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
+        let limits = self.shared.snapshot.load().limits.clone();
+        let shared = &self.shared;
+        if shared.metrics.active_connections.get() as usize >= limits.max_connections {
+            shared.metrics.refused("global_limit").inc();
+            tokio::spawn(refuse_over_limit(stream));
+            return;
+        }
+        let mut count = shared.per_client.entry(client.ip()).or_insert(0);
+        if *count >= limits.max_connections_per_client {
+            drop(count);
+            shared.metrics.refused("per_client_limit").inc();
+            tokio::spawn(refuse_over_limit(stream));
+            return;
+        }
+        *count += 1;
+        drop(count);
+        shared.metrics.active_connections.inc();
+        let guard = ConnectionGuard { shared: shared.clone(), ip: client.ip() };
+        tokio::spawn(serve_connection(guard, stream, client, stop));
+    }
+}
+
+/// Releases a connection's slot in the limits when the connection ends.
+struct ConnectionGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.metrics.active_connections.dec();
+        if let Some(mut count) = self.shared.per_client.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+        }
+        self.shared.per_client.remove_if(&self.ip, |_, count| *count == 0);
+    }
+}
+
+/// Answers 503 without reading the request, then closes.
+async fn refuse_over_limit(mut stream: TcpStream) {
+    const BODY: &str = "portcullis: over-limit: too many connections\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\n{}: over-limit\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        error::ERROR_HEADER,
+        BODY.len()
+    );
+    let refusal = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Drain what the client already sent, so closing does not reset
+        // the connection before the client has read the answer.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), refusal).await;
+}
+
+/// Completes once shutdown has been signalled (or the signaller is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Aborts a background task when its owner goes away.
@@ -109,8 +231,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
+async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: SocketAddr, mut stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
+    let shared = guard.shared.clone();
     let header_timeout = shared.snapshot.load().timeouts.request_header.0;
     let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, req));
     let conn = hyper::server::conn::http1::Builder::new()
@@ -119,19 +242,32 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: Socket
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stopped(&mut stop) => {
+            // Finish the request in flight, then close instead of keeping alive.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%client, error = %e, "client connection ended with an error");
     }
+    drop(guard);
 }
 
 /// Serves one request; every outcome is a response and one log line.
 async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
-    let mut record = AccessRecord::new(client, req.method().clone());
+    let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     let response = match route(&shared, &snapshot, &mut record, req).await {
         Ok(response) => response,
         Err(err) => {
             record.outcome = err.outcome();
+            if let ProxyError::Upstream(e) = &err {
+                shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
+            }
             let response = err.to_response();
             record.status = response.status().as_u16();
             record.emit();
@@ -151,9 +287,9 @@ async fn route(
     let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
-    let permit = authorize(snapshot, kind, &target, record).await?;
+    let permit = authorize(shared, snapshot, kind, &target, record).await?;
     match kind {
-        RequestKind::Connect => connect::tunnel(snapshot, permit, req, record.clone()).await,
+        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, req, record.clone()).await,
         RequestKind::Http => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
     }
 }
@@ -176,6 +312,7 @@ fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessR
 
 /// Resolves if needed and asks the policy; returns the permit to dial.
 async fn authorize(
+    shared: &Shared,
     snapshot: &Snapshot,
     kind: RequestKind,
     target: &Target,
@@ -188,7 +325,10 @@ async fn authorize(
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
         PreResolution::Resolve(name) => {
-            let addrs = snapshot.resolver.resolve(name).await.map_err(UpstreamError::Resolve)?;
+            let started = std::time::Instant::now();
+            let resolved = snapshot.resolver.resolve(name).await;
+            shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
+            let addrs = resolved.map_err(UpstreamError::Resolve)?;
             policy.decide(role, kind, target, &addrs)
         }
     };

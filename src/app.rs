@@ -1,0 +1,93 @@
+//! The whole process: proxy listener, admin listener, reload triggers and
+//! graceful shutdown, wired together from one config file.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::admin::{self, Health};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{Server, Snapshot};
+use crate::reload::Reloader;
+
+/// Why the process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: io::Error },
+}
+
+/// A started (bound) Portcullis process.
+pub struct App {
+    server: Server,
+    admin: TcpListener,
+    reloader: Arc<Reloader>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    config: Config,
+}
+
+impl App {
+    /// Loads the config file and binds both listeners.
+    pub async fn start(path: &Path) -> Result<App, StartError> {
+        let config = Config::load(path)?;
+        let snapshot = Snapshot::from_config(&config, 1).map_err(|message| ConfigError::Invalid {
+            file: path.display().to_string(),
+            message,
+            line: None,
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.count_reload(true, 1);
+        let server = Server::bind_with(config.listen, snapshot, metrics.clone())
+            .await
+            .map_err(|source| StartError::Bind { what: "proxy", addr: config.listen, source })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind { what: "admin", addr: config.admin_listen, source })?;
+        let reloader = Arc::new(Reloader::new(PathBuf::from(path), &config, server.snapshot_handle(), metrics.clone()));
+        Ok(App { server, admin, reloader, health: Arc::new(Health::default()), metrics, config })
+    }
+
+    /// The proxy listener's address.
+    pub fn proxy_addr(&self) -> io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// The reloader, to trigger a reload directly.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains (see [`Server::run_until`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone()))];
+        if self.config.reload.watch {
+            background.push(tokio::spawn(self.reloader.clone().watch(self.config.reload.interval.0)));
+        }
+        #[cfg(unix)]
+        background.push(tokio::spawn(self.reloader.clone().on_sighup()));
+        self.health.set_accepting(true);
+        let health = self.health.clone();
+        self.server
+            .run_until(async move {
+                shutdown.await;
+                health.set_accepting(false);
+            })
+            .await;
+        for task in background {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Hot reload: on SIGHUP and when the config file's content changes, parse,
+//! validate and compile off the hot path, then swap the snapshot. A config
+//! that fails is refused and logged; the old snapshot keeps serving.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{Snapshot, SnapshotHandle};
+
+/// What can trigger a reload, for the log.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+}
+
+impl Trigger {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::FileChange => "file-change",
+        }
+    }
+}
+
+/// Reloads one config file into one snapshot handle.
+pub struct Reloader {
+    path: PathBuf,
+    handle: SnapshotHandle,
+    metrics: Arc<Metrics>,
+    /// Settings that only take effect at start: (listen, admin_listen, reload settings).
+    fixed: (SocketAddr, SocketAddr, bool, Duration),
+    generation: AtomicU64,
+    /// Fingerprint of the file content last tried, so an unchanged (or
+    /// unchanged broken) file is not reloaded again and again.
+    last_seen: Mutex<u64>,
+}
+
+impl Reloader {
+    /// Creates a reloader for the config `initial` loaded from `path`.
+    pub fn new(path: PathBuf, initial: &Config, handle: SnapshotHandle, metrics: Arc<Metrics>) -> Self {
+        let fingerprint = std::fs::read(&path).map(|b| fingerprint(&b)).unwrap_or(0);
+        Reloader {
+            path,
+            handle,
+            metrics,
+            fixed: fixed_settings(initial),
+            generation: AtomicU64::new(1),
+            last_seen: Mutex::new(fingerprint),
+        }
+    }
+
+    /// Loads the file and, if it is valid, publishes it. Blocking (file I/O
+    /// and compilation): call from a blocking context.
+    pub fn reload(&self, trigger: Trigger) -> Result<u64, ConfigError> {
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(bytes) = std::fs::read(&self.path) {
+            *last_seen = fingerprint(&bytes);
+        }
+        let file = self.path.display().to_string();
+        let compiled = Config::load(&self.path).and_then(|config| {
+            let generation = self.generation.load(Ordering::SeqCst) + 1;
+            let snapshot = Snapshot::from_config(&config, generation)
+                .map_err(|message| ConfigError::Invalid { file: file.clone(), message, line: None })?;
+            Ok((config, snapshot))
+        });
+        let (config, snapshot) = match compiled {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.metrics.count_reload(false, 0);
+                tracing::error!(trigger = trigger.as_str(), error = %e, "config reload refused; the previous policy stays in force");
+                return Err(e);
+            }
+        };
+        if fixed_settings(&config) != self.fixed {
+            tracing::warn!(
+                trigger = trigger.as_str(),
+                "listen, admin_listen and reload settings changed in the file; they take effect only after a restart"
+            );
+        }
+        let generation = snapshot.generation;
+        self.handle.store(Arc::new(snapshot));
+        self.generation.store(generation, Ordering::SeqCst);
+        self.metrics.count_reload(true, generation);
+        tracing::info!(trigger = trigger.as_str(), generation, config = %file, "config reloaded");
+        Ok(generation)
+    }
+
+    /// True when the file content differs from what was last loaded or tried.
+    fn changed(&self) -> bool {
+        let Ok(bytes) = std::fs::read(&self.path) else { return false };
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) != fingerprint(&bytes)
+    }
+
+    /// Reloads in a blocking task so compilation never stalls a worker thread.
+    pub async fn reload_async(self: &Arc<Self>, trigger: Trigger) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.reload(trigger)).await;
+    }
+
+    /// Polls the file every `interval` and reloads when its content changes.
+    /// Reading the content (rather than watching an inode) also follows a
+    /// Kubernetes ConfigMap, whose file is a symlink swapped atomically.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.changed() {
+                self.reload_async(Trigger::FileChange).await;
+            }
+        }
+    }
+
+    /// Reloads on every SIGHUP.
+    #[cfg(unix)]
+    pub async fn on_sighup(self: Arc<Self>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload on signal disabled");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            self.reload_async(Trigger::Signal).await;
+        }
+    }
+}
+
+fn fixed_settings(c: &Config) -> (SocketAddr, SocketAddr, bool, Duration) {
+    (c.listen, c.admin_listen, c.reload.watch, c.reload.interval.0)
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
