@@ -78,7 +78,7 @@ impl Metrics {
         .expect("metric definition is valid");
         registry.register(Box::new(build_info.clone())).expect("metric names are unique");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Metrics {
+        let metrics = Metrics {
             requests: counter_vec(
                 "portcullis_requests_total",
                 "Requests by kind, policy decision, reason code and role.",
@@ -112,7 +112,15 @@ impl Metrics {
             last_reload_success,
             build_info,
             registry,
+        };
+        // Series that alerts watch exist from the start, at zero.
+        for result in ["success", "failure"] {
+            metrics.reloads.with_label_values(&[result]);
         }
+        for reason in ["global_limit", "per_client_limit"] {
+            metrics.refused(reason);
+        }
+        metrics
     }
 
     /// Counts a finished request.

@@ -261,6 +261,9 @@ async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: Soc
 async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    let role = snapshot.policy.default_role();
+    record.role = snapshot.policy.role(role).name().to_string();
+    record.mode = snapshot.policy.role(role).mode();
     let response = match route(&shared, &snapshot, &mut record, req).await {
         Ok(response) => response,
         Err(err) => {
@@ -320,8 +323,6 @@ async fn authorize(
 ) -> Result<Permit, ProxyError> {
     let policy = &snapshot.policy;
     let role = policy.default_role();
-    record.role = policy.role(role).name().to_string();
-    record.mode = policy.role(role).mode();
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
         PreResolution::Resolve(name) => {
