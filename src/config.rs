@@ -99,11 +99,21 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open client connections from one source IP address.
     pub max_connections_per_client: usize,
+    /// Largest request head (request line and headers) a client may send;
+    /// larger gets 431.
+    pub max_request_head_bytes: usize,
+    /// Largest response head an upstream may send; larger gets 502.
+    pub max_response_head_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 10_000, max_connections_per_client: 1_000 }
+        Limits {
+            max_connections: 10_000,
+            max_connections_per_client: 1_000,
+            max_request_head_bytes: 64 * 1024,
+            max_response_head_bytes: 256 * 1024,
+        }
     }
 }
 
@@ -164,8 +174,16 @@ impl Default for DnsConfig {
 pub struct RoleConfig {
     #[serde(default)]
     pub mode: Mode,
+    /// On CONNECT to a destination allowed by domain, require the TLS
+    /// ClientHello's SNI to name the CONNECT host.
+    #[serde(default = "default_true")]
+    pub sni_check: bool,
     #[serde(default)]
     pub allow: AllowConfig,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Destinations a role may reach.
@@ -328,6 +346,7 @@ fn compile_role(name: &str, role: &RoleConfig) -> Role {
     Role::new(
         name,
         role.mode,
+        role.sni_check,
         AllowList::new(
             allow.domains.iter().map(|d| d.0.clone()),
             allow.cidrs.iter().map(|c| c.0),

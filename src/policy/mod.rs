@@ -142,6 +142,7 @@ pub struct Permit {
     addrs: Vec<SocketAddr>,
     rule: AllowedBy,
     would_deny: Option<DenyReason>,
+    sni_check: bool,
 }
 
 impl Permit {
@@ -153,6 +154,13 @@ impl Permit {
     /// The rule that allowed the request.
     pub fn rule(&self) -> AllowedBy {
         self.rule
+    }
+
+    /// True when a tunnel must carry a TLS ClientHello whose SNI names the
+    /// CONNECT host: the role asks for it and the name (not an address
+    /// range) is what allowed the request.
+    pub fn sni_check(&self) -> bool {
+        self.sni_check
     }
 
     /// In report mode: the reason this request would have been denied.
@@ -271,13 +279,14 @@ impl AllowList {
 pub struct Role {
     name: Box<str>,
     mode: Mode,
+    sni_check: bool,
     allow: AllowList,
 }
 
 impl Role {
     /// Creates a role.
-    pub fn new(name: &str, mode: Mode, allow: AllowList) -> Self {
-        Role { name: name.into(), mode, allow }
+    pub fn new(name: &str, mode: Mode, sni_check: bool, allow: AllowList) -> Self {
+        Role { name: name.into(), mode, sni_check, allow }
     }
 
     /// The role's name as configured.
@@ -406,7 +415,8 @@ impl Policy {
             return Decision::Deny(DenyReason::NotAllowListed);
         }
         let addrs = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), target.port)).collect();
-        Decision::Allow(Permit { addrs, rule, would_deny })
+        let sni_check = role.sni_check && rule == AllowedBy::Domain;
+        Decision::Allow(Permit { addrs, rule, would_deny, sni_check })
     }
 }
 

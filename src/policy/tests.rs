@@ -9,7 +9,7 @@ fn policy(mode: Mode, domains: &[&str], cidrs: &[&str], carve_outs: &[&str]) -> 
         PortSet::new([443]),
     );
     let carve: Vec<IpNet> = carve_outs.iter().map(|c| c.parse().unwrap()).collect();
-    Policy::new(vec![Role::new("default", mode, allow)], "default", &carve).unwrap()
+    Policy::new(vec![Role::new("default", mode, true, allow)], "default", &carve).unwrap()
 }
 
 #[test]
@@ -233,7 +233,7 @@ fn carve_out_overlap_check() {
 #[test]
 fn missing_default_role_is_an_error() {
     let allow = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
-    let err = Policy::new(vec![Role::new("team-a", Mode::Enforce, allow)], "default", &[]).unwrap_err();
+    let err = Policy::new(vec![Role::new("team-a", Mode::Enforce, true, allow)], "default", &[]).unwrap_err();
     assert_eq!(err, PolicyError::MissingRole("default".into()));
 }
 

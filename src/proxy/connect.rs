@@ -18,6 +18,7 @@ use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::AccessRecord;
 use crate::policy::Permit;
+use crate::target::Target;
 
 /// Relay buffer per direction.
 const RELAY_BUF: usize = 16 * 1024;
@@ -56,6 +57,7 @@ pub async fn tunnel(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
     permit: Permit,
+    _target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {

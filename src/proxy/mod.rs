@@ -234,11 +234,15 @@ impl Drop for AbortOnDrop {
 async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: SocketAddr, mut stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
     let shared = guard.shared.clone();
-    let header_timeout = shared.snapshot.load().timeouts.request_header.0;
+    let (header_timeout, max_head) = {
+        let snapshot = shared.snapshot.load();
+        (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
+    };
     let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        .max_buf_size(max_head.max(8192))
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -292,7 +296,7 @@ async fn route(
     let target = parse_target(kind, &req, record)?;
     let permit = authorize(shared, snapshot, kind, &target, record).await?;
     match kind {
-        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, req, record.clone()).await,
+        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone()).await,
         RequestKind::Http => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
     }
 }
