@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::domain::DomainPattern;
-use crate::policy::{self, AllowList, Mode, Policy, PortSet, Role};
+use crate::policy::{self, AllowList, DenyList, Mode, Policy, PortSet, Role};
 
 /// The role that applies to clients without an identity.
 pub const DEFAULT_ROLE: &str = "default";
@@ -54,6 +54,12 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Serve the proxy port over TLS (an `https://` proxy).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// How clients are mapped to roles.
+    #[serde(default)]
+    pub identity: crate::identity::IdentityConfig,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -180,6 +186,16 @@ pub struct RoleConfig {
     pub sni_check: bool,
     #[serde(default)]
     pub allow: AllowConfig,
+    #[serde(default)]
+    pub deny: DenyConfig,
+}
+
+/// Destinations a role may never reach, whatever its allow-list or mode.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DenyConfig {
+    pub domains: Vec<DomainRule>,
+    pub cidrs: Vec<Cidr>,
 }
 
 fn default_true() -> bool {
@@ -286,26 +302,83 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// An operator's exception to the always-denied ranges. It must overlap one
-/// of them: a carve-out that changes nothing is a mistake worth reporting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CarveOut(pub IpNet);
+/// An operator's exception to the always-denied ranges, for every role
+/// (`- 10.1.0.0/16`) or only the named ones (`- {cidr: 10.1.0.0/16, roles: [ci]}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CarveOut {
+    All(CarvedRange),
+    Roles { cidr: CarvedRange, roles: Vec<String> },
+}
 
-impl<'de> Deserialize<'de> for CarveOut {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let Cidr(net) = Cidr::parse(&text).map_err(serde::de::Error::custom)?;
-        if !policy::overlaps_denied_range(&net) {
-            return Err(serde::de::Error::custom(format!(
-                "{net} is not inside any always-denied range, so carving it out changes nothing; \
-                 allow it under roles.<name>.allow.cidrs instead"
-            )));
+impl CarveOut {
+    /// The carved-out range.
+    pub fn net(&self) -> IpNet {
+        match self {
+            CarveOut::All(r) | CarveOut::Roles { cidr: r, .. } => r.0,
         }
-        Ok(CarveOut(net))
+    }
+
+    /// True when this carve-out applies to `role`.
+    pub fn applies_to(&self, role: &str) -> bool {
+        match self {
+            CarveOut::All(_) => true,
+            CarveOut::Roles { roles, .. } => roles.iter().any(|r| r == role),
+        }
     }
 }
 
-impl fmt::Display for CarveOut {
+impl<'de> Deserialize<'de> for CarveOut {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CarveOut;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a CIDR, or a map with `cidr` and `roles`")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<CarveOut, E> {
+                CarvedRange::parse(text).map(CarveOut::All).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<CarveOut, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct ForRoles {
+                    cidr: CarvedRange,
+                    roles: Vec<String>,
+                }
+                let r = ForRoles::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(CarveOut::Roles { cidr: r.cidr, roles: r.roles })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A carved-out range. It must overlap an always-denied range: a carve-out
+/// that changes nothing is a mistake worth reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CarvedRange(pub IpNet);
+
+impl CarvedRange {
+    fn parse(text: &str) -> Result<Self, String> {
+        let Cidr(net) = Cidr::parse(text)?;
+        if !policy::overlaps_denied_range(&net) {
+            return Err(format!(
+                "{net} is not inside any always-denied range, so carving it out changes nothing; \
+                 allow it under roles.<name>.allow.cidrs instead"
+            ));
+        }
+        Ok(CarvedRange(net))
+    }
+}
+
+impl<'de> Deserialize<'de> for CarvedRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        CarvedRange::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for CarvedRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
@@ -326,15 +399,41 @@ impl Config {
             line: e.location().map(|l| l.line()),
             message: e.to_string(),
         })?;
-        config.compile().map_err(|message| ConfigError::Invalid { file: file.to_string(), message, line: None })?;
+        config.check_all().map_err(|message| ConfigError::Invalid { file: file.to_string(), message, line: None })?;
         Ok(config)
+    }
+
+    /// Everything the proxy would compile at start: policy, identities and
+    /// TLS material (certificate files are read).
+    fn check_all(&self) -> Result<(), String> {
+        let policy = self.compile()?;
+        crate::identity::Identities::compile(&self.identity, &policy)?;
+        if let Some(tls) = &self.tls {
+            crate::tls::server_config(tls)?;
+        }
+        Ok(())
     }
 
     /// Compiles the policy. Fails only on cross-field problems, which the
     /// message names by field path.
     pub fn compile(&self) -> Result<Policy, String> {
-        let roles = self.roles.iter().map(|(name, role)| compile_role(name, role)).collect();
-        let carve_outs: Vec<IpNet> = self.allow_ranges.iter().map(|c| c.0).collect();
+        for (i, carve) in self.allow_ranges.iter().enumerate() {
+            if let CarveOut::Roles { roles, .. } = carve {
+                if let Some(missing) = roles.iter().find(|r| !self.roles.contains_key(*r)) {
+                    return Err(format!("allow_ranges[{i}].roles: role {missing:?} is not defined under roles"));
+                }
+            }
+        }
+        let roles = self
+            .roles
+            .iter()
+            .map(|(name, role)| {
+                let own = self.allow_ranges.iter().filter(|c| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
+                compile_role(name, role).with_carve_outs(own.map(CarveOut::net).collect())
+            })
+            .collect();
+        let carve_outs: Vec<IpNet> =
+            self.allow_ranges.iter().filter(|c| matches!(c, CarveOut::All(_))).map(CarveOut::net).collect();
         Policy::new(roles, DEFAULT_ROLE, &carve_outs)
             .map_err(|e| format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity"))
     }
@@ -354,6 +453,7 @@ fn compile_role(name: &str, role: &RoleConfig) -> Role {
             ports(&allow.connect_ports),
         ),
     )
+    .with_deny(DenyList::new(role.deny.domains.iter().map(|d| d.0.clone()), role.deny.cidrs.iter().map(|c| c.0)))
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Evaluate as this role (default: the `default` role).
+        #[arg(long)]
+        role: Option<String>,
         /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT).
         url: String,
     },
@@ -53,7 +56,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
-        Command::Check { config, url } => runtime.block_on(check(config, &url)),
+        Command::Check { config, role, url } => runtime.block_on(check(config, role.as_deref(), &url)),
         Command::Validate { config } => validate(config),
     };
     match result {
@@ -143,7 +146,7 @@ fn parse_check_target(url: &str) -> Result<(RequestKind, Target), String> {
     parsed.map(|t| (kind, t)).map_err(|e| format!("invalid-target: {e}"))
 }
 
-async fn check(path: PathBuf, url: &str) -> anyhow::Result<ExitCode> {
+async fn check(path: PathBuf, role: Option<&str>, url: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
     let (kind, target) = match parse_check_target(url) {
@@ -154,7 +157,10 @@ async fn check(path: PathBuf, url: &str) -> anyhow::Result<ExitCode> {
         }
     };
     let policy = &snapshot.policy;
-    let role = policy.default_role();
+    let role = match role {
+        Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
+        None => policy.default_role(),
+    };
     let decision = match policy.pre_resolution(role, kind, &target) {
         PreResolution::Decided(d) => d,
         PreResolution::Resolve(name) => {

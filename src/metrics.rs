@@ -117,7 +117,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["global_limit", "per_client_limit"] {
+        for reason in ["global_limit", "per_client_limit", "tls_handshake"] {
             metrics.refused(reason);
         }
         metrics

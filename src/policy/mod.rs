@@ -29,6 +29,9 @@ pub enum Mode {
     /// Requests not on the allow-list are allowed, logged and counted as
     /// `would_deny`. The always-denied ranges stay denied.
     Report,
+    /// No allow-list: anything outside the always-denied ranges and the
+    /// role's own deny entries is allowed.
+    Open,
 }
 
 impl Mode {
@@ -37,6 +40,7 @@ impl Mode {
         match self {
             Mode::Enforce => "enforce",
             Mode::Report => "report",
+            Mode::Open => "open",
         }
     }
 }
@@ -72,6 +76,12 @@ pub enum DenyReason {
     NotAllowListed,
     /// The port is not allowed for this kind of request.
     PortNotAllowed,
+    /// The destination matches the role's own deny entries.
+    DeniedByRole,
+    /// Credentials are required and none were presented.
+    AuthRequired,
+    /// The presented credentials are wrong.
+    AuthFailed,
     /// The request target could not be parsed strictly.
     InvalidTarget,
 }
@@ -93,13 +103,16 @@ impl DenyReason {
             DenyReason::DeniedName(Special) => "denied-name:special",
             DenyReason::NotAllowListed => "not-allowlisted",
             DenyReason::PortNotAllowed => "port-not-allowed",
+            DenyReason::DeniedByRole => "denied-by-role",
+            DenyReason::AuthRequired => "auth-required",
+            DenyReason::AuthFailed => "auth-failed",
             DenyReason::InvalidTarget => "invalid-target",
         }
     }
 
     /// True for denials that report mode does not lift.
     pub const fn is_always_denied(self) -> bool {
-        matches!(self, DenyReason::DeniedRange(_) | DenyReason::DeniedName(_) | DenyReason::InvalidTarget)
+        !matches!(self, DenyReason::NotAllowListed | DenyReason::PortNotAllowed)
     }
 }
 
@@ -118,6 +131,8 @@ pub enum AllowedBy {
     Cidr,
     /// Nothing matched, but the role is in report mode.
     ReportOnly,
+    /// The role is in open mode.
+    Open,
 }
 
 impl AllowedBy {
@@ -127,6 +142,7 @@ impl AllowedBy {
             AllowedBy::Domain => "domain",
             AllowedBy::Cidr => "cidr",
             AllowedBy::ReportOnly => "report-only",
+            AllowedBy::Open => "open",
         }
     }
 }
@@ -281,12 +297,55 @@ pub struct Role {
     mode: Mode,
     sni_check: bool,
     allow: AllowList,
+    deny: DenyList,
+    /// Carve-outs that name this role, on top of the global ones.
+    carve_outs: Vec<IpNet>,
+}
+
+/// Destinations a role may never reach, on top of the always-denied ranges.
+#[derive(Debug, Clone)]
+pub struct DenyList {
+    domains: DomainMatcher<()>,
+    cidrs: CidrTable<()>,
+}
+
+impl Default for DenyList {
+    fn default() -> Self {
+        DenyList::new([], [])
+    }
+}
+
+impl DenyList {
+    /// Compiles a deny list.
+    pub fn new(domains: impl IntoIterator<Item = DomainPattern>, cidrs: impl IntoIterator<Item = IpNet>) -> Self {
+        DenyList {
+            domains: DomainMatcher::new(domains.into_iter().map(|d| (d, ()))),
+            cidrs: CidrTable::new(cidrs.into_iter().map(|n| (n, ()))),
+        }
+    }
+
+    fn denies(&self, target: &Target, addrs: &[IpAddr]) -> bool {
+        let name_denied = matches!(&target.host, Host::Name(n) if self.domains.lookup(n.as_str()).is_some());
+        name_denied || addrs.iter().any(|a| self.cidrs.lookup(ranges::judged_address(*a)).is_some())
+    }
 }
 
 impl Role {
     /// Creates a role.
     pub fn new(name: &str, mode: Mode, sni_check: bool, allow: AllowList) -> Self {
-        Role { name: name.into(), mode, sni_check, allow }
+        Role { name: name.into(), mode, sni_check, allow, deny: DenyList::default(), carve_outs: Vec::new() }
+    }
+
+    /// Adds the role's own deny entries.
+    pub fn with_deny(mut self, deny: DenyList) -> Self {
+        self.deny = deny;
+        self
+    }
+
+    /// Adds carve-outs from the always-denied ranges that apply to this role only.
+    pub fn with_carve_outs(mut self, carve_outs: Vec<IpNet>) -> Self {
+        self.carve_outs = carve_outs;
+        self
     }
 
     /// The role's name as configured.
@@ -317,6 +376,8 @@ pub fn overlaps_denied_range(net: &IpNet) -> bool {
 #[derive(Debug, Clone)]
 pub struct Policy {
     ranges: CidrTable<RangeVerdict>,
+    /// Per role: its own table when it has role-specific carve-outs.
+    role_ranges: Vec<Option<CidrTable<RangeVerdict>>>,
     denied_names: DomainMatcher<RangeKind>,
     roles: Vec<Role>,
     default_role: RoleId,
@@ -334,11 +395,18 @@ impl Policy {
             .ok_or_else(|| PolicyError::MissingRole(default_role.to_string()))?;
         // Carve-outs come after the denied ranges so an identical prefix
         // resolves to the carve-out.
-        let ranges = CidrTable::new(
-            ranges::denied_ranges()
-                .map(|(n, k)| (n, RangeVerdict::Denied(k)))
-                .chain(carve_outs.iter().map(|n| (*n, RangeVerdict::CarvedOut))),
-        );
+        let table = |extra: &[IpNet]| {
+            CidrTable::new(
+                ranges::denied_ranges()
+                    .map(|(n, k)| (n, RangeVerdict::Denied(k)))
+                    .chain(carve_outs.iter().chain(extra).map(|n| (*n, RangeVerdict::CarvedOut))),
+            )
+        };
+        let ranges = table(&[]);
+        let role_ranges = roles
+            .iter()
+            .map(|r| (!r.carve_outs.is_empty()).then(|| table(&r.carve_outs)))
+            .collect();
         let denied_names = DomainMatcher::new(
             ranges::DENIED_NAMES
                 .iter()
@@ -346,7 +414,7 @@ impl Policy {
                 .chain(ranges::DENIED_NAME_SUFFIXES.iter().map(|(n, k)| (DomainPattern::parse(&format!("*.{n}")), *k)))
                 .map(|(p, k)| (p.expect("built-in denied names are valid"), k)),
         );
-        Ok(Policy { ranges, denied_names, roles, default_role })
+        Ok(Policy { ranges, role_ranges, denied_names, roles, default_role })
     }
 
     /// The role for clients without an identity.
@@ -364,9 +432,20 @@ impl Policy {
         &self.roles[id.0]
     }
 
-    /// The always-denied range an address falls in, unless carved out.
+    /// The always-denied range an address falls in, unless carved out globally.
     pub fn denied_range(&self, addr: IpAddr) -> Option<RangeKind> {
-        match self.ranges.lookup(ranges::judged_address(addr)) {
+        Self::range_verdict(&self.ranges, addr)
+    }
+
+    /// The always-denied range an address falls in for `role`, whose own
+    /// carve-outs also count.
+    pub fn denied_range_for(&self, role: RoleId, addr: IpAddr) -> Option<RangeKind> {
+        let table = self.role_ranges[role.0].as_ref().unwrap_or(&self.ranges);
+        Self::range_verdict(table, addr)
+    }
+
+    fn range_verdict(table: &CidrTable<RangeVerdict>, addr: IpAddr) -> Option<RangeKind> {
+        match table.lookup(ranges::judged_address(addr)) {
             Some(RangeVerdict::Denied(kind)) => Some(*kind),
             _ => None,
         }
@@ -388,6 +467,9 @@ impl Policy {
             return PreResolution::Decided(Decision::Deny(DenyReason::DeniedName(range)));
         }
         let role = self.role(role);
+        if role.deny.denies(target, &[]) {
+            return PreResolution::Decided(Decision::Deny(DenyReason::DeniedByRole));
+        }
         match role.allow.check_before_resolution(kind, target) {
             Err(reason) if role.mode == Mode::Enforce => PreResolution::Decided(Decision::Deny(reason)),
             _ => PreResolution::Resolve(name),
@@ -402,13 +484,20 @@ impl Policy {
                 return Decision::Deny(DenyReason::DeniedName(range));
             }
         }
-        if let Some(range) = addrs.iter().find_map(|a| self.denied_range(*a)) {
+        if let Some(range) = addrs.iter().find_map(|a| self.denied_range_for(role, *a)) {
             return Decision::Deny(DenyReason::DeniedRange(range));
         }
         let role = self.role(role);
-        let (rule, would_deny) = match (role.allow.check(kind, target, addrs), role.mode) {
+        if role.deny.denies(target, addrs) {
+            return Decision::Deny(DenyReason::DeniedByRole);
+        }
+        let checked = match role.mode {
+            Mode::Open => Ok(AllowedBy::Open),
+            Mode::Enforce | Mode::Report => role.allow.check(kind, target, addrs),
+        };
+        let (rule, would_deny) = match (checked, role.mode) {
             (Ok(rule), _) => (rule, None),
-            (Err(reason), Mode::Report) => (AllowedBy::ReportOnly, Some(reason)),
+            (Err(reason), Mode::Report | Mode::Open) => (AllowedBy::ReportOnly, Some(reason)),
             (Err(reason), Mode::Enforce) => return Decision::Deny(reason),
         };
         if addrs.is_empty() {

@@ -16,8 +16,9 @@ use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, Outcome};
 use crate::policy::Permit;
+use crate::sni::{self, SniError};
 use crate::target::Target;
 
 /// Relay buffer per direction.
@@ -52,28 +53,45 @@ async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, Sock
 
 /// Dials the permitted destination, answers 200 only once the upstream
 /// connection is up, and relays bytes until both sides are done or the
-/// tunnel is idle for too long. The log line is written when it closes.
+/// tunnel is idle for too long. When the permit asks for it, the client's
+/// first bytes must be a TLS ClientHello naming the CONNECT host before
+/// anything reaches the upstream. The log line is written when it closes.
 pub async fn tunnel(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
     permit: Permit,
-    _target: &Target,
+    target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
-    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
+    let (mut upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
+    // The ClientHello is the head of a tunnel: it gets the head's time limit.
+    let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
     // Counted from here, before the 200 is sent, so a drain never misses it.
     metrics.active_tunnels.inc();
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let (up, down) = relay(TokioIo::new(upgraded), upstream, idle).await;
-                record.bytes_in = up;
-                record.bytes_out = down;
+                let mut client = TokioIo::new(upgraded);
+                let first = match sni {
+                    None => Ok(Vec::new()),
+                    Some((host, limit)) => check_sni(&mut client, &host, limit).await,
+                };
+                match first {
+                    Ok(first) => {
+                        let (up, down) = relay_after(client, upstream, &first, idle).await;
+                        record.bytes_in = up;
+                        record.bytes_out = down;
+                    }
+                    Err(code) => {
+                        record.outcome = Outcome::Error(code);
+                        let _ = upstream.shutdown().await;
+                    }
+                }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -81,6 +99,70 @@ pub async fn tunnel(
         record.emit();
     });
     Ok(Response::new(ProxyBody::empty()))
+}
+
+/// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
+/// `limit`) and returns the bytes read when its server name is `host`;
+/// otherwise the reason code, after telling a TLS client why.
+async fn check_sni<C>(client: &mut C, host: &str, limit: Duration) -> Result<Vec<u8>, &'static str>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(4096);
+    let parsed = tokio::time::timeout(limit, read_client_hello(client, &mut buf)).await;
+    let refusal = match parsed {
+        Ok(Ok(name)) if name == host => return Ok(buf),
+        Ok(Ok(name)) => {
+            tracing::debug!(sni = %name, connect = %host, "SNI does not name the CONNECT host");
+            "sni-mismatch"
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, connect = %host, "no usable ClientHello");
+            e.code()
+        }
+        Err(_) => "sni-timeout",
+    };
+    if refusal != "not-tls" {
+        // A fatal access_denied alert (RFC 8446 6.2), so the TLS client
+        // reports a refusal rather than a bare reset.
+        let _ = client.write_all(&[21, 3, 3, 0, 2, 2, 49]).await;
+    }
+    let _ = client.shutdown().await;
+    Err(refusal)
+}
+
+async fn read_client_hello<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<String, SniError>
+where
+    C: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    loop {
+        match sni::server_name(buf) {
+            Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => {}
+            Err(SniError::Incomplete) => return Err(SniError::TooLarge),
+            decided => return decided,
+        }
+        let room = (sni::MAX_PEEK - buf.len()).min(chunk.len());
+        match client.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return Err(SniError::Incomplete),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `first` (bytes already read from the client) upstream, then relays.
+async fn relay_after<C>(client: C, mut upstream: TcpStream, first: &[u8], idle: Duration) -> (u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    if !first.is_empty() {
+        match tokio::time::timeout(idle, upstream.write_all(first)).await {
+            Ok(Ok(())) => {}
+            _ => return (0, 0),
+        }
+    }
+    let (up, down) = relay(client, upstream, idle).await;
+    (up + first.len() as u64, down)
 }
 
 /// Copies both directions until each has seen EOF (propagating half-close)

@@ -97,6 +97,9 @@ impl ProxyError {
         match self {
             ProxyError::Client(ClientError::OriginForm) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Client(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Denied(DenyReason::AuthRequired | DenyReason::AuthFailed) => {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            }
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::Upstream(UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -117,6 +120,10 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(header_name, HeaderValue::from_static(self.code()));
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if self.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            headers.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"portcullis\""));
+            headers.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
+        }
         if matches!(self, ProxyError::Client(ClientError::OriginForm)) {
             headers.insert(header::ALLOW, HeaderValue::from_static("CONNECT, GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
         }

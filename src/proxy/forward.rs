@@ -112,7 +112,7 @@ pub async fn forward(
     let timeouts = &snapshot.timeouts;
     let (mut sender, mut addr, mut pooled) = match shared.pool.checkout(permit.addrs()) {
         Some((sender, addr)) => (sender, addr, true),
-        None => connect(&permit, timeouts.upstream_connect.0, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
+        None => connect(&permit, snapshot, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
     };
     record.dialed = Some(addr);
     let response = loop {
@@ -126,7 +126,7 @@ pub async fn forward(
                 match (pooled, e.take_message()) {
                     (true, Some(req)) => {
                         upstream_req = req;
-                        (sender, addr) = connect(&permit, timeouts.upstream_connect.0, &shared.metrics).await?;
+                        (sender, addr) = connect(&permit, snapshot, &shared.metrics).await?;
                         record.dialed = Some(addr);
                         pooled = false;
                     }
@@ -149,13 +149,17 @@ pub async fn forward(
     Ok(Response::from_parts(parts, ProxyBody::Upstream(Box::new(body))))
 }
 
-async fn connect(permit: &Permit, timeout: Duration, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
-    let (stream, addr) = dial(permit, timeout, metrics).await?;
-    handshake(stream).await.map(|s| (s, addr))
+async fn connect(permit: &Permit, snapshot: &Snapshot, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
+    let (stream, addr) = dial(permit, snapshot.timeouts.upstream_connect.0, metrics).await?;
+    handshake(stream, snapshot.limits.max_response_head_bytes).await.map(|s| (s, addr))
 }
 
-async fn handshake(stream: tokio::net::TcpStream) -> Result<Sender, UpstreamError> {
+/// Starts HTTP/1 on a dialed connection. A response head larger than
+/// `max_head` bytes fails the request (502) instead of growing the buffer.
+async fn handshake(stream: tokio::net::TcpStream, max_head: usize) -> Result<Sender, UpstreamError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        // hyper refuses a buffer limit below 8 KiB.
+        .max_buf_size(max_head.max(8192))
         .handshake(TokioIo::new(stream))
         .await
         .map_err(UpstreamError::Protocol)?;

@@ -25,7 +25,9 @@ use crate::access_log::{AccessRecord, Outcome};
 use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::Metrics;
 use crate::dns::Resolver;
-use crate::policy::{Decision, Permit, Policy, PreResolution, RequestKind};
+use crate::identity::{CertNames, Identities};
+use crate::policy::{Decision, Permit, Policy, PreResolution, RequestKind, RoleId};
+use tokio_rustls::TlsAcceptor;
 use crate::target::Target;
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
@@ -34,6 +36,9 @@ use error::{ClientError, ProxyError, UpstreamError};
 /// snapshot so a request never mixes two configurations.
 pub struct Snapshot {
     pub policy: Policy,
+    pub identities: Identities,
+    /// Present when the proxy port speaks TLS.
+    pub tls: Option<TlsAcceptor>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resolver: Resolver,
@@ -44,8 +49,15 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a snapshot from a validated config.
     pub fn from_config(config: &Config, generation: u64) -> Result<Self, String> {
+        let policy = config.compile()?;
+        let tls = match &config.tls {
+            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
+            None => None,
+        };
         Ok(Snapshot {
-            policy: config.compile()?,
+            identities: Identities::compile(&config.identity, &policy)?,
+            tls,
+            policy,
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
@@ -231,20 +243,51 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: SocketAddr, mut stop: watch::Receiver<bool>) {
+/// Completes the TLS handshake when the proxy port speaks TLS, then serves HTTP.
+async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
+    let snapshot = guard.shared.snapshot.load_full();
+    let Some(acceptor) = &snapshot.tls else {
+        return serve_http(guard, stream, client, None, stop).await;
+    };
+    let handshake = tokio::time::timeout(snapshot.timeouts.request_header.0, acceptor.accept(stream)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            guard.shared.metrics.refused("tls_handshake").inc();
+            tracing::info!(%client, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            guard.shared.metrics.refused("tls_handshake").inc();
+            return;
+        }
+    };
+    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::cert_names(c));
+    serve_http(guard, tls, client, cert.map(Arc::new), stop).await
+}
+
+async fn serve_http<I>(
+    guard: ConnectionGuard,
+    io: I,
+    client: SocketAddr,
+    cert: Option<Arc<CertNames>>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shared = guard.shared.clone();
     let (header_timeout, max_head) = {
         let snapshot = shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, req));
+    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(max_head.max(8192))
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -262,13 +305,29 @@ async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: Soc
 }
 
 /// Serves one request; every outcome is a response and one log line.
-async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    cert: Option<Arc<CertNames>>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
-    let role = snapshot.policy.default_role();
-    record.role = snapshot.policy.role(role).name().to_string();
-    record.mode = snapshot.policy.role(role).mode();
-    let response = match route(&shared, &snapshot, &mut record, req).await {
+    let identity = snapshot.identities.identify(
+        &snapshot.policy,
+        cert.as_deref(),
+        req.headers().get(http::header::PROXY_AUTHORIZATION),
+        client.ip(),
+    );
+    let routed = match identity {
+        Ok((role, _source)) => {
+            record.role = snapshot.policy.role(role).name().to_string();
+            record.mode = snapshot.policy.role(role).mode();
+            route(&shared, &snapshot, role, &mut record, req).await
+        }
+        Err(reason) => Err(ProxyError::Denied(reason)),
+    };
+    let response = match routed {
         Ok(response) => response,
         Err(err) => {
             record.outcome = err.outcome();
@@ -288,13 +347,14 @@ async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>)
 async fn route(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
+    role: RoleId,
     record: &mut AccessRecord,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
-    let permit = authorize(shared, snapshot, kind, &target, record).await?;
+    let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
     match kind {
         RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone()).await,
         RequestKind::Http => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
@@ -321,12 +381,12 @@ fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessR
 async fn authorize(
     shared: &Shared,
     snapshot: &Snapshot,
+    role: RoleId,
     kind: RequestKind,
     target: &Target,
     record: &mut AccessRecord,
 ) -> Result<Permit, ProxyError> {
     let policy = &snapshot.policy;
-    let role = policy.default_role();
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
         PreResolution::Resolve(name) => {
