@@ -233,7 +233,11 @@ impl Identities {
                 return Ok((rule.role, IdentitySource::Certificate));
             }
         }
-        if let Some(header) = proxy_authorization {
+        // With no credentials configured, a Proxy-Authorization header (sent
+        // by clients whose proxy URL has userinfo) identifies nobody; it is
+        // still stripped before forwarding.
+        let has_credentials = !self.basic.is_empty() || !self.bearer.is_empty();
+        if let (Some(header), true) = (proxy_authorization, has_credentials) {
             return self.check_credentials(header).map(|role| (role, IdentitySource::Credentials));
         }
         if self.require_credentials {

@@ -1,0 +1,306 @@
+//! Client identities and per-role policy through real sockets: source
+//! ranges, Basic and Bearer credentials, report mode, and the TLS listener
+//! with client certificates.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::*;
+use portcullis::config::Config;
+use portcullis::metrics::Metrics;
+use portcullis::proxy::Server;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Two teams on one proxy: team-a may reach a.test, team-b may reach b.test.
+fn teams_yaml(dns: SocketAddr, port: u16, identity: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{extra}dns:\n  nameservers: [\"{dns}\"]\nallow_ranges: [127.0.0.1/32]\n{identity}roles:\n  default:\n    allow:\n      domains: [public.example]\n  team-a:\n    allow:\n      domains: [a.test]\n      http_ports: [{port}]\n  team-b:\n    allow:\n      domains: [b.test]\n      http_ports: [{port}]\n  auditor:\n    mode: report\n    allow:\n      domains: [a.test]\n      http_ports: [{port}]\n"
+    )
+}
+
+async fn start(yaml: &str) -> (SocketAddr, Arc<Metrics>) {
+    let config = Config::from_yaml_str(yaml, "identity.yaml").expect("valid config");
+    let server = Server::bind(&config).await.expect("bind");
+    let (addr, metrics) = (server.local_addr().unwrap(), server.metrics());
+    tokio::spawn(server.run());
+    (addr, metrics)
+}
+
+async fn dns_for_teams() -> DnsServer {
+    start_dns(&[("a.test", &["127.0.0.1"]), ("b.test", &["127.0.0.1"])]).await
+}
+
+/// `GET url` from a chosen loopback source address, with extra header lines.
+async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let host = url.split('/').nth(2).unwrap();
+    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
+#[tokio::test]
+async fn source_ranges_map_to_roles() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let identity = "identity:\n  sources:\n    - {cidr: 127.0.0.2/32, role: team-a}\n    - {cidr: 127.0.0.3/32, role: team-b}\n";
+    let (proxy, _) = start(&teams_yaml(dns.addr, port, identity, "")).await;
+    let a = format!("http://a.test:{port}/headers");
+    let b = format!("http://b.test:{port}/headers");
+    assert_eq!(get_from(proxy, "127.0.0.2", &a, "").await.status, 200);
+    let denied = get_from(proxy, "127.0.0.2", &b, "").await;
+    assert_eq!((denied.status, denied.header("x-portcullis-deny")), (403, Some("not-allowlisted")));
+    assert_eq!(get_from(proxy, "127.0.0.3", &b, "").await.status, 200);
+    assert_eq!(get_from(proxy, "127.0.0.3", &a, "").await.status, 403);
+    // No identity: the default role, which allows neither.
+    assert_eq!(get_from(proxy, "127.0.0.4", &a, "").await.status, 403);
+    // The always-denied ranges apply to every role.
+    let meta = get_from(proxy, "127.0.0.2", "http://169.254.169.254/", "").await;
+    assert_eq!(meta.header("x-portcullis-deny"), Some("denied-range:metadata"));
+}
+
+#[tokio::test]
+async fn basic_and_bearer_credentials_select_roles_and_never_leak() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let identity = format!(
+        "identity:\n  credentials:\n    - {{user: alice, password_sha256: \"{}\", role: team-a}}\n    - {{token_sha256: \"{}\", role: team-b}}\n",
+        sha256_hex("alice-secret"),
+        sha256_hex("token-b")
+    );
+    let (proxy, _) = start(&teams_yaml(dns.addr, port, &identity, "")).await;
+    let a = format!("http://a.test:{port}/headers");
+    let b = format!("http://b.test:{port}/headers");
+    // "alice:alice-secret"
+    let basic = "Proxy-Authorization: Basic YWxpY2U6YWxpY2Utc2VjcmV0\r\n";
+    let resp = get_from(proxy, "127.0.0.1", &a, basic).await;
+    assert_eq!(resp.status, 200);
+    let seen = resp.text().to_lowercase();
+    assert!(!seen.contains("proxy-authorization") && !seen.contains("ywxpy2u"), "credentials leaked: {seen}");
+    assert_eq!(get_from(proxy, "127.0.0.1", &b, basic).await.status, 403);
+
+    let bearer = "Proxy-Authorization: Bearer token-b\r\n";
+    let resp = get_from(proxy, "127.0.0.1", &b, bearer).await;
+    assert_eq!(resp.status, 200);
+    assert!(!resp.text().contains("token-b"), "token leaked: {}", resp.text());
+    assert_eq!(get_from(proxy, "127.0.0.1", &a, bearer).await.status, 403);
+
+    // "alice:wrong", an unknown token, an unknown scheme: 407.
+    for wrong in ["Basic YWxpY2U6d3Jvbmc=", "Bearer token-x", "Digest abc", "Basic !!!"] {
+        let resp = get_from(proxy, "127.0.0.1", &a, &format!("Proxy-Authorization: {wrong}\r\n")).await;
+        assert_eq!(resp.status, 407, "{wrong}");
+        assert_eq!(resp.header("x-portcullis-deny"), Some("auth-failed"));
+        assert!(resp.header("proxy-authenticate").is_some_and(|v| v.contains("realm=\"portcullis\"")));
+    }
+}
+
+#[tokio::test]
+async fn required_credentials_answer_407_when_missing() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let identity = format!(
+        "identity:\n  require_credentials: true\n  credentials:\n    - {{token_sha256: \"{}\", role: team-a}}\n",
+        sha256_hex("t")
+    );
+    let (proxy, _) = start(&teams_yaml(dns.addr, origin.port(), &identity, "")).await;
+    let url = format!("http://a.test:{}/headers", origin.port());
+    let resp = get_from(proxy, "127.0.0.1", &url, "").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (407, Some("auth-required")));
+    let (resp, _) = connect(proxy, "a.test:443").await;
+    assert_eq!(resp.status, 407);
+    assert_eq!(get_from(proxy, "127.0.0.1", &url, "Proxy-Authorization: Bearer t\r\n").await.status, 200);
+}
+
+#[tokio::test]
+async fn report_mode_role_is_counted_as_would_deny() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let identity = "identity:\n  sources:\n    - {cidr: 127.0.0.5/32, role: auditor}\n";
+    let (proxy, metrics) = start(&teams_yaml(dns.addr, port, identity, "")).await;
+    let resp = get_from(proxy, "127.0.0.5", &format!("http://b.test:{port}/headers"), "").await;
+    assert_eq!(resp.status, 200, "report mode lets a would-deny request through");
+    let meta = get_from(proxy, "127.0.0.5", "http://169.254.169.254/", "").await;
+    assert_eq!(meta.status, 403, "the metadata address is denied in report mode too");
+    let text = metrics.render();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("portcullis_requests_total") && l.contains("decision=\"would_deny\""))
+        .unwrap_or_else(|| panic!("no would_deny sample in\n{text}"));
+    assert!(line.contains("reason=\"not-allowlisted\"") && line.contains("role=\"auditor\"") && line.ends_with(" 1"), "{line}");
+}
+
+#[tokio::test]
+async fn role_deny_entries_and_open_mode() {
+    let dns = start_dns(&[("a.test", &["127.0.0.1"]), ("blocked.test", &["127.0.0.1"])]).await;
+    let origin = start_http_origin().await;
+    let yaml = format!(
+        "dns:\n  nameservers: [\"{}\"]\nallow_ranges:\n  - {{cidr: 127.0.0.1/32, roles: [ci]}}\nidentity:\n  sources:\n    - {{cidr: 127.0.0.6/32, role: ci}}\nroles:\n  default: {{}}\n  ci:\n    mode: open\n    deny:\n      domains: [blocked.test]\n",
+        dns.addr
+    );
+    let (proxy, _) = start(&yaml).await;
+    let port = origin.port();
+    assert_eq!(get_from(proxy, "127.0.0.6", &format!("http://a.test:{port}/headers"), "").await.status, 200, "open mode");
+    let resp = get_from(proxy, "127.0.0.6", &format!("http://blocked.test:{port}/"), "").await;
+    assert_eq!(resp.header("x-portcullis-deny"), Some("denied-by-role"));
+    assert_eq!(get_from(proxy, "127.0.0.6", "http://169.254.169.254/", "").await.status, 403);
+    // The carve-out names only `ci`: the default role still may not reach loopback.
+    let resp = get_from(proxy, "127.0.0.1", &format!("http://127.0.0.1:{port}/"), "").await;
+    assert_eq!(resp.header("x-portcullis-deny"), Some("denied-range:loopback"));
+}
+
+/// Test PKI: a CA, a server certificate for 127.0.0.1, and client certificates.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("portcullis-pki-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "portcullis test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    /// Issues a certificate; returns (cert path, key path, cert PEM, key PEM).
+    fn issue(&self, file: &str, server: bool, uri: Option<&str>, cn: &str) -> (PathBuf, PathBuf, String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if server {
+            params.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        } else {
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        if let Some(uri) = uri {
+            params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (cert_path, key_path) = (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path, cert.pem(), key.serialize_pem())
+    }
+
+    fn client_config(&self, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        Arc::new(config)
+    }
+}
+
+/// Sends one request over TLS to the proxy; `None` when the TLS session
+/// could not be established or was closed without an answer.
+async fn tls_request(proxy: SocketAddr, config: Arc<rustls::ClientConfig>, request: &str) -> Option<String> {
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = rustls::pki_types::ServerName::IpAddress("127.0.0.1".parse::<IpAddr>().unwrap().into());
+    let mut tls = tokio::time::timeout(STEP, connector.connect(name, tcp)).await.unwrap().ok()?;
+    tls.write_all(request.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the head, then as many body bytes as Content-Length says.
+    while !response_complete(&out) {
+        match tokio::time::timeout(STEP, tls.read(&mut buf)).await.expect("answer in time") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
+fn response_complete(data: &[u8]) -> bool {
+    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    data.len() >= end + 4 + length
+}
+
+#[tokio::test]
+async fn mtls_listener_maps_certificates_to_roles() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let pki = Pki::new("mtls");
+    let (server_cert, server_key, _, _) = pki.issue("server", true, None, "portcullis");
+    let (_, _, a_cert, a_key) = pki.issue("team-a", false, Some("spiffe://test/ns/team-a/sa/worker"), "worker-a");
+    let (_, _, b_cert, b_key) = pki.issue("team-b", false, None, "team-b");
+    let tls = format!(
+        "tls:\n  cert: {}\n  key: {}\n  client_ca: {}\n  require_client_cert: true\n",
+        server_cert.display(),
+        server_key.display(),
+        pki.dir.join("ca.pem").display()
+    );
+    let identity = "identity:\n  certificates:\n    - {uri: \"spiffe://test/ns/team-a/*\", role: team-a}\n    - {cn: team-b, role: team-b}\n";
+    let (proxy, metrics) = start(&teams_yaml(dns.addr, port, identity, &tls)).await;
+    let request = |host: &str| format!("GET http://{host}:{port}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+
+    let a = pki.client_config(Some((&a_cert, &a_key)));
+    let resp = tls_request(proxy, a.clone(), &request("a.test")).await.expect("team-a answer");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let resp = tls_request(proxy, a, &request("b.test")).await.expect("team-a answer");
+    assert!(resp.starts_with("HTTP/1.1 403") && resp.contains("not-allowlisted"), "{resp}");
+
+    let b = pki.client_config(Some((&b_cert, &b_key)));
+    let resp = tls_request(proxy, b.clone(), &request("b.test")).await.expect("team-b answer");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let connect = "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n";
+    let resp = tls_request(proxy, b, connect).await.expect("team-b answer");
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+
+    let anonymous = pki.client_config(None);
+    assert_eq!(tls_request(proxy, anonymous, &request("a.test")).await, None, "no certificate, no service");
+    assert!(metrics.render().contains("portcullis_connections_refused_total{reason=\"tls_handshake\"} 1"));
+}
+
+#[test]
+fn bad_tls_material_is_refused_like_a_bad_config() {
+    let yaml = "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\nroles:\n  default: {}\n";
+    let err = Config::from_yaml_str(yaml, "tls.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("tls.yaml: tls.cert: cannot load /nonexistent/cert.pem"), "{err}");
+    let yaml = "identity:\n  sources:\n    - {cidr: 10.0.0.0/8, role: nobody}\nroles:\n  default: {}\n";
+    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    assert!(err.contains("identity.sources[0].role: role \"nobody\" is not defined"), "{err}");
+    let yaml = "identity:\n  credentials:\n    - {user: bob, token_sha256: \"00\", role: default}\nroles:\n  default: {}\n";
+    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    assert!(err.contains("identity.credentials[0]: give either user with password_sha256"), "{err}");
+}
