@@ -123,3 +123,21 @@ async fn run_serves_and_logs_one_line_per_request() {
         assert!(line.contains(field), "{field} missing from {line}");
     }
 }
+
+#[test]
+fn check_evaluates_as_a_named_role() {
+    let path = temp_file(
+        "roles.yaml",
+        "roles:\n  default: {}\n  ci:\n    allow:\n      domains: [\"*.pkg.example\"]\n",
+    );
+    let config = path.to_str().unwrap();
+    let (code, stdout, _) = portcullis(&["check", "--config", config, "--role", "ci", "https://mirror.pkg.example:8443/"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("role=ci reason=port-not-allowed"), "{stdout}");
+    let (code, stdout, _) = portcullis(&["check", "--config", config, "https://mirror.pkg.example/"]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("role=default reason=not-allowlisted"), "{stdout}");
+    let (code, _, stderr) = portcullis(&["check", "--config", config, "--role", "nobody", "https://x.example/"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("role \"nobody\" is not defined"), "{stderr}");
+}
