@@ -59,6 +59,8 @@ pub struct AccessRecord {
     pub dialed: Option<SocketAddr>,
     pub outcome: Outcome,
     pub role: String,
+    /// Where the role came from: certificate, credentials, source, default.
+    pub identity: &'static str,
     pub mode: Mode,
     pub status: u16,
     /// Bytes from the client to the destination (request body, tunnel upstream).
@@ -81,6 +83,7 @@ impl AccessRecord {
             dialed: None,
             outcome: Outcome::Pending,
             role: String::new(),
+            identity: "",
             mode: Mode::Enforce,
             status: 0,
             bytes_in: 0,
@@ -111,6 +114,7 @@ impl AccessRecord {
             decision = self.outcome.decision(),
             reason = self.outcome.reason(),
             role = %self.role,
+            identity = self.identity,
             mode = self.mode.as_str(),
             status = self.status,
             bytes_in = self.bytes_in,

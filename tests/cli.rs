@@ -115,6 +115,8 @@ async fn run_serves_and_logs_one_line_per_request() {
         "\"decision\":\"deny\"",
         "\"reason\":\"denied-range:metadata\"",
         "\"mode\":\"enforce\"",
+        "\"role\":\"default\"",
+        "\"identity\":\"default\"",
         "\"status\":403",
         "\"dialed\":\"\"",
         "\"bytes_in\":0",

@@ -21,12 +21,21 @@ pub enum ProxyError {
     /// The client sent something the proxy will not interpret.
     #[error("{0}")]
     Client(#[from] ClientError),
-    /// The policy denied the request.
-    #[error("destination denied by policy")]
+    /// The policy denied the request (or, for the auth reasons, could not
+    /// tell who is asking).
+    #[error("{}", denial_text(*.0))]
     Denied(DenyReason),
     /// The proxy tried and the network or the upstream failed.
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+}
+
+fn denial_text(reason: DenyReason) -> &'static str {
+    match reason {
+        DenyReason::AuthRequired => "proxy authentication required",
+        DenyReason::AuthFailed => "proxy credentials not accepted",
+        _ => "destination denied by policy",
+    }
 }
 
 /// Mistakes in the client's request.

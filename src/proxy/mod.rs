@@ -320,7 +320,8 @@ async fn handle(
         client.ip(),
     );
     let routed = match identity {
-        Ok((role, _source)) => {
+        Ok((role, source)) => {
+            record.identity = source.as_str();
             record.role = snapshot.policy.role(role).name().to_string();
             record.mode = snapshot.policy.role(role).mode();
             route(&shared, &snapshot, role, &mut record, req).await
