@@ -105,8 +105,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Open client connections from one source IP address.
     pub max_connections_per_client: usize,
-    /// Largest request head (request line and headers) a client may send;
-    /// larger gets 431.
+    /// Largest request head (request line and headers) a client may send,
+    /// at least 8192. hyper enforces it per read buffer, so a head is
+    /// refused (431, or 414 for a URI over 65,534 bytes) somewhere between
+    /// this size and twice it.
     pub max_request_head_bytes: usize,
     /// Largest response head an upstream may send; larger gets 502.
     pub max_response_head_bytes: usize,
@@ -406,6 +408,14 @@ impl Config {
     /// Everything the proxy would compile at start: policy, identities and
     /// TLS material (certificate files are read).
     fn check_all(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("limits.max_request_head_bytes", self.limits.max_request_head_bytes),
+            ("limits.max_response_head_bytes", self.limits.max_response_head_bytes),
+        ] {
+            if value < 8192 {
+                return Err(format!("{field}: {value} is below the minimum of 8192 bytes"));
+            }
+        }
         let policy = self.compile()?;
         crate::identity::Identities::compile(&self.identity, &policy)?;
         if let Some(tls) = &self.tls {
@@ -507,6 +517,14 @@ mod tests {
             assert!(msg.contains(reason), "want {reason:?} in {msg}");
             assert_eq!(err.line(), Some(*line), "{msg}");
         }
+    }
+
+    #[test]
+    fn head_limits_have_a_floor() {
+        let err = Config::from_yaml_str("limits:\n  max_request_head_bytes: 100\nroles:\n  default: {}\n", "l.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_request_head_bytes: 100 is below the minimum of 8192"), "{err}");
     }
 
     #[test]

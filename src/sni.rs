@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use crate::policy::DenyReason;
+
 /// The largest ClientHello accepted (the handshake message body). Real ones,
 /// post-quantum key shares included, are under 2 KiB.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
@@ -42,11 +44,11 @@ pub enum SniError {
 }
 
 impl SniError {
-    /// The reason code for the log line and metrics.
-    pub const fn code(self) -> &'static str {
+    /// The deny reason a tunnel refused for this error is logged and counted under.
+    pub const fn deny_reason(self) -> DenyReason {
         match self {
-            SniError::Incomplete | SniError::Missing => "sni-missing",
-            SniError::NotTls | SniError::Malformed(_) | SniError::TooLarge => "not-tls",
+            SniError::Incomplete | SniError::Missing => DenyReason::SniMissing,
+            SniError::NotTls | SniError::Malformed(_) | SniError::TooLarge => DenyReason::NotTls,
         }
     }
 }
@@ -101,10 +103,13 @@ fn client_hello(buf: &[u8]) -> Result<Vec<u8>, SniError> {
     }
 }
 
+/// A record's fragment and the bytes after the record.
+type RecordSplit<'a> = (&'a [u8], &'a [u8]);
+
 /// One complete handshake record's fragment and the bytes after it, or
 /// `None` when the record is not complete yet. Refuses as early as possible,
 /// so non-TLS bytes are rejected on their first byte.
-fn next_record(buf: &[u8]) -> Result<Option<(&[u8], &[u8])>, SniError> {
+fn next_record(buf: &[u8]) -> Result<Option<RecordSplit<'_>>, SniError> {
     match buf.first() {
         None => return Ok(None),
         Some(&CONTENT_HANDSHAKE) => {}
@@ -203,6 +208,10 @@ fn normalise(raw: Vec<u8>) -> Result<String, SniError> {
     name.make_ascii_lowercase();
     if name.ends_with('.') {
         name.pop();
+    }
+    // Found by fuzzing: "." and "a.." would leave an empty name or a dot.
+    if name.is_empty() || name.ends_with('.') {
+        return Err(SniError::Malformed("host_name is empty or ends in an empty label"));
     }
     Ok(name)
 }
@@ -345,6 +354,8 @@ mod tests {
             ("two server_name extensions", hello_with(&two_sni), Err(SniError::Malformed("duplicate server_name extension"))),
             ("two host_names", hello_with(&two_names), Err(SniError::Malformed("two host_name entries"))),
             ("extension overruns", hello_with(&[0x00, 0x00, 0x00, 0x09, 0x00]), Err(SniError::Malformed("extension length"))),
+            ("root name", hello_with(&sni_extension(b".")), Err(SniError::Malformed("host_name is empty or ends in an empty label"))),
+            ("two trailing dots (fuzz crash-d5b4e50f)", hello_with(&sni_extension(b"allowed.examp..")), Err(SniError::Malformed("host_name is empty or ends in an empty label"))),
             ("empty name", hello_with(&sni_extension(b"")), Err(SniError::Malformed("host_name is not printable ASCII"))),
             ("name with NUL", hello_with(&sni_extension(b"a.test\0.evil")), Err(SniError::Malformed("host_name is not printable ASCII"))),
             ("utf-8 name", hello_with(&sni_extension("bücher.test".as_bytes())), Err(SniError::Malformed("host_name is not printable ASCII"))),

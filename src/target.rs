@@ -78,8 +78,10 @@ impl fmt::Display for DomainName {
 }
 
 fn to_ascii(input: &str) -> Result<String, TargetError> {
-    if input.is_ascii() && !input.contains("xn--") {
-        return Ok(input.to_ascii_lowercase());
+    // Lower-case first: an `XN--` label is punycode too and must be validated.
+    let lower = input.to_ascii_lowercase();
+    if lower.is_ascii() && !lower.contains("xn--") {
+        return Ok(lower);
     }
     idna::domain_to_ascii_strict(input).map_err(|_| TargetError::BadName("IDNA conversion failed"))
 }

@@ -82,6 +82,14 @@ pub enum DenyReason {
     AuthRequired,
     /// The presented credentials are wrong.
     AuthFailed,
+    /// A tunnel's TLS ClientHello names another host than the CONNECT target.
+    SniMismatch,
+    /// A tunnel's TLS ClientHello carries no server name.
+    SniMissing,
+    /// A tunnel that must carry TLS started with something else.
+    NotTls,
+    /// A tunnel that must carry TLS sent no ClientHello in time.
+    SniTimeout,
     /// The request target could not be parsed strictly.
     InvalidTarget,
 }
@@ -106,6 +114,10 @@ impl DenyReason {
             DenyReason::DeniedByRole => "denied-by-role",
             DenyReason::AuthRequired => "auth-required",
             DenyReason::AuthFailed => "auth-failed",
+            DenyReason::SniMismatch => "sni-mismatch",
+            DenyReason::SniMissing => "sni-missing",
+            DenyReason::NotTls => "not-tls",
+            DenyReason::SniTimeout => "sni-timeout",
             DenyReason::InvalidTarget => "invalid-target",
         }
     }

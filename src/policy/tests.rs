@@ -242,7 +242,18 @@ fn reason_codes_are_distinct() {
     use std::collections::HashSet;
     let kinds = [RangeKind::Metadata, RangeKind::LinkLocal, RangeKind::Loopback, RangeKind::Private, RangeKind::Special];
     let mut all: Vec<DenyReason> = kinds.iter().flat_map(|k| [DenyReason::DeniedRange(*k), DenyReason::DeniedName(*k)]).collect();
-    all.extend([DenyReason::NotAllowListed, DenyReason::PortNotAllowed, DenyReason::InvalidTarget]);
+    all.extend([
+        DenyReason::NotAllowListed,
+        DenyReason::PortNotAllowed,
+        DenyReason::InvalidTarget,
+        DenyReason::DeniedByRole,
+        DenyReason::AuthRequired,
+        DenyReason::AuthFailed,
+        DenyReason::SniMismatch,
+        DenyReason::SniMissing,
+        DenyReason::NotTls,
+        DenyReason::SniTimeout,
+    ]);
     let codes: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
     assert_eq!(codes.len(), all.len());
 }

@@ -17,7 +17,7 @@ use super::error::{ProxyError, UpstreamError};
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
-use crate::policy::Permit;
+use crate::policy::{DenyReason, Permit};
 use crate::sni::{self, SniError};
 use crate::target::Target;
 
@@ -87,8 +87,8 @@ pub async fn tunnel(
                         record.bytes_in = up;
                         record.bytes_out = down;
                     }
-                    Err(code) => {
-                        record.outcome = Outcome::Error(code);
+                    Err(reason) => {
+                        record.outcome = Outcome::Deny(reason);
                         let _ = upstream.shutdown().await;
                     }
                 }
@@ -104,7 +104,7 @@ pub async fn tunnel(
 /// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
 /// `limit`) and returns the bytes read when its server name is `host`;
 /// otherwise the reason code, after telling a TLS client why.
-async fn check_sni<C>(client: &mut C, host: &str, limit: Duration) -> Result<Vec<u8>, &'static str>
+async fn check_sni<C>(client: &mut C, host: &str, limit: Duration) -> Result<Vec<u8>, DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -114,15 +114,15 @@ where
         Ok(Ok(name)) if name == host => return Ok(buf),
         Ok(Ok(name)) => {
             tracing::debug!(sni = %name, connect = %host, "SNI does not name the CONNECT host");
-            "sni-mismatch"
+            DenyReason::SniMismatch
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, connect = %host, "no usable ClientHello");
-            e.code()
+            e.deny_reason()
         }
-        Err(_) => "sni-timeout",
+        Err(_) => DenyReason::SniTimeout,
     };
-    if refusal != "not-tls" {
+    if refusal != DenyReason::NotTls {
         // A fatal access_denied alert (RFC 8446 6.2), so the TLS client
         // reports a refusal rather than a bare reset.
         let _ = client.write_all(&[21, 3, 3, 0, 2, 2, 49]).await;

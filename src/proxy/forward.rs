@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -151,12 +152,13 @@ pub async fn forward(
 
 async fn connect(permit: &Permit, snapshot: &Snapshot, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
     let (stream, addr) = dial(permit, snapshot.timeouts.upstream_connect.0, metrics).await?;
+    let stream = IdleStream::new(stream, snapshot.timeouts.tunnel_idle.0);
     handshake(stream, snapshot.limits.max_response_head_bytes).await.map(|s| (s, addr))
 }
 
 /// Starts HTTP/1 on a dialed connection. A response head larger than
 /// `max_head` bytes fails the request (502) instead of growing the buffer.
-async fn handshake(stream: tokio::net::TcpStream, max_head: usize) -> Result<Sender, UpstreamError> {
+async fn handshake(stream: IdleStream, max_head: usize) -> Result<Sender, UpstreamError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // hyper refuses a buffer limit below 8 KiB.
         .max_buf_size(max_head.max(8192))
@@ -171,6 +173,71 @@ async fn handshake(stream: tokio::net::TcpStream, max_head: usize) -> Result<Sen
     Ok(sender)
 }
 
+/// An upstream connection that fails with `TimedOut` once no byte has moved
+/// either way for `idle`: a body that stalls mid-way (an origin that stops
+/// sending, a client that stops uploading) ends both connections instead of
+/// holding them forever. The same bound as an idle tunnel.
+struct IdleStream {
+    inner: tokio::net::TcpStream,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleStream {
+    fn new(inner: tokio::net::TcpStream, idle: Duration) -> Self {
+        IdleStream { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+    }
+
+    fn touch(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// `Pending` while time remains; the deadline's waker is registered.
+    fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream connection idle")),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for IdleStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.check(cx).map(Err),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for IdleStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                self.touch();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.check(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Builds the origin-form request the upstream sees.
 fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>) -> Request<CountedBody> {
     let (mut parts, body) = req.into_parts();
@@ -178,6 +245,7 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
     // path_and_query of a parsed URI is always a valid origin-form target.
     parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
+    normalise_framing(&mut parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     // The absolute-form URI wins over any Host header the client sent
     // (RFC 9112 3.2.2), so the origin sees the host the policy checked.
@@ -186,6 +254,21 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
     parts.headers.insert(header::HOST, host);
     parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
     Request::from_parts(parts, CountedBody::new(body, sent))
+}
+
+/// Leaves at most one `Content-Length`, and none when the body was
+/// chunked, so the origin frames the body exactly as this proxy did. hyper
+/// already normalises what it parsed; this keeps the guarantee local.
+fn normalise_framing(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and an
+        // intermediary that forwards such a message MUST remove
+        // Content-Length first (the classic CL.TE smuggling desync).
+        headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(len) = headers.get(header::CONTENT_LENGTH).cloned() {
+        // hyper accepted repeated Content-Length only with identical values.
+        headers.insert(header::CONTENT_LENGTH, len);
+    }
 }
 
 /// Removes the headers that describe one hop only: those named in
@@ -271,6 +354,26 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_is_normalised() {
+        type Case = (&'static [(&'static str, &'static str)], &'static [&'static str]);
+        let cases: [Case; 4] = [
+            (&[("content-length", "5"), ("transfer-encoding", "chunked")], &[]),
+            (&[("content-length", "5"), ("content-length", "5")], &["5"]),
+            (&[("content-length", "7")], &["7"]),
+            (&[("transfer-encoding", "chunked")], &[]),
+        ];
+        for (input, want) in cases {
+            let mut h = HeaderMap::new();
+            for (k, v) in input {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            normalise_framing(&mut h);
+            let got: Vec<&str> = h.get_all(header::CONTENT_LENGTH).iter().map(|v| v.to_str().unwrap()).collect();
+            assert_eq!(got, *want, "{input:?}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -285,7 +285,7 @@ async fn serve_http<I>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .max_buf_size(max_head.max(8192))
+        .max_buf_size(max_head)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
