@@ -22,7 +22,11 @@ use crate::sni::{self, SniError};
 use crate::target::Target;
 
 /// Relay buffer per direction.
-const RELAY_BUF: usize = 16 * 1024;
+/// Relay buffers start small, so an idle tunnel costs little memory, and
+/// double whenever a read fills them, up to the largest size, so a bulk
+/// transfer moves in large chunks.
+const RELAY_BUF_START: usize = 2 * 1024;
+const RELAY_BUF_MAX: usize = 64 * 1024;
 
 /// Opens a TCP connection to the first reachable address of `permit`,
 /// trying them in order within one overall `timeout`. The permit is the only
@@ -83,7 +87,7 @@ pub async fn tunnel(
                 };
                 match first {
                     Ok(first) => {
-                        let (up, down) = relay_after(client, upstream, &first, idle).await;
+                        let (up, down) = relay_after(client, upstream, first, idle).await;
                         record.bytes_in = up;
                         record.bytes_out = down;
                     }
@@ -151,18 +155,21 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-async fn relay_after<C>(client: C, mut upstream: TcpStream, first: &[u8], idle: Duration) -> (u64, u64)
+async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let already = first.len() as u64;
     if !first.is_empty() {
-        match tokio::time::timeout(idle, upstream.write_all(first)).await {
+        match tokio::time::timeout(idle, upstream.write_all(&first)).await {
             Ok(Ok(())) => {}
             _ => return (0, 0),
         }
     }
+    // The ClientHello buffer is not kept for the life of the tunnel.
+    drop(first);
     let (up, down) = relay(client, upstream, idle).await;
-    (up + first.len() as u64, down)
+    (up + already, down)
 }
 
 /// Copies both directions until each has seen EOF (propagating half-close)
@@ -193,7 +200,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUF];
+    let mut buf = vec![0u8; RELAY_BUF_START];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -204,6 +211,9 @@ where
             return;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
     // EOF from this side: pass the half-close on so the peer sees it while
     // the other direction keeps flowing.
