@@ -1,0 +1,27 @@
+# Portcullis container image.
+#
+#   docker build -t portcullis .
+#   docker run --read-only -p 3128:3128 -p 9128:9128 \
+#     -v "$PWD/deploy/compose/portcullis.yaml:/etc/portcullis/portcullis.yaml:ro" portcullis
+#
+# The config lives at /etc/portcullis/portcullis.yaml (mount a file or a
+# Kubernetes ConfigMap directory there; the proxy reloads it on change).
+# Probes: GET http://<host>:9128/healthz (liveness), /readyz (readiness).
+# The final image has no shell or curl, so probes are HTTP checks by the
+# orchestrator (see deploy/), not a HEALTHCHECK command.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin portcullis
+
+# distroless/cc: glibc and libgcc only; runs as uid 65532 ("nonroot").
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/portcullis /usr/local/bin/portcullis
+COPY deploy/container/portcullis.yaml /etc/portcullis/portcullis.yaml
+USER 65532:65532
+EXPOSE 3128 9128
+ENTRYPOINT ["/usr/local/bin/portcullis"]
+CMD ["run", "--config", "/etc/portcullis/portcullis.yaml"]

@@ -1,0 +1,247 @@
+//! The deployment files agree with each other and with the shipped config:
+//! every YAML parses, every embedded Portcullis config is accepted by the
+//! real loader, and ports and paths match across Dockerfile, compose,
+//! Kubernetes manifests and Prometheus config. No container engine needed.
+
+use std::path::{Path, PathBuf};
+
+use portcullis::config::Config;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+const CONFIG_PATH: &str = "/etc/portcullis/portcullis.yaml";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// All documents of a (possibly multi-document) YAML file.
+fn documents(rel: &str) -> Vec<Value> {
+    let text = read(rel);
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path.strip_prefix(root()).unwrap().to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// Walks a value by keys (strings) and sequence indexes (numbers as text).
+fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(v, |v, key| match key.parse::<usize>() {
+        Ok(i) if v.is_sequence() => &v[i],
+        _ => &v[*key],
+    })
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.parse::<std::net::SocketAddr>().unwrap_or_else(|e| panic!("{addr}: {e}")).port()
+}
+
+/// (proxy port, admin port) of the shipped default config.
+fn shipped_ports() -> (u16, u16) {
+    let c = Config::load(&root().join("config/portcullis.yaml")).unwrap();
+    (c.listen.port(), c.admin_listen.port())
+}
+
+fn kubernetes_docs() -> Vec<(String, Value)> {
+    let mut files = Vec::new();
+    yaml_files(&root().join("deploy/kubernetes"), &mut files);
+    assert!(files.len() >= 4, "expected sidecar, shared, networkpolicy and monitoring manifests: {files:?}");
+    files.iter().flat_map(|f| documents(f).into_iter().map(move |d| (f.clone(), d))).collect()
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or("")
+}
+
+#[test]
+fn every_yaml_file_parses() {
+    let mut files = vec!["docker-compose.yml".to_string()];
+    yaml_files(&root().join("deploy"), &mut files);
+    yaml_files(&root().join("config"), &mut files);
+    assert!(files.len() >= 8, "{files:?}");
+    for file in files {
+        assert!(!documents(&file).is_empty(), "{file} has no document");
+    }
+}
+
+/// Every Portcullis config shipped in deploy/ (files and ConfigMap data) is
+/// accepted by the real loader.
+#[test]
+fn embedded_configs_are_valid() {
+    for rel in ["deploy/compose/portcullis.yaml", "deploy/container/portcullis.yaml"] {
+        Config::from_yaml_str(&read(rel), rel).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut configmaps = 0;
+    for (file, doc) in kubernetes_docs().iter().filter(|(_, d)| kind(d) == "ConfigMap") {
+        let text = doc["data"]["portcullis.yaml"].as_str().unwrap_or_else(|| panic!("{file}: no portcullis.yaml key"));
+        Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
+        configmaps += 1;
+    }
+    assert_eq!(configmaps, 2, "sidecar and shared ConfigMaps");
+}
+
+/// The container image's config is the shipped policy, listening on all
+/// interfaces of the container.
+#[test]
+fn container_config_is_the_shipped_policy() {
+    let shipped: Value = serde_yaml_ng::from_str(&read("config/portcullis.yaml")).unwrap();
+    let container: Value = serde_yaml_ng::from_str(&read("deploy/container/portcullis.yaml")).unwrap();
+    for key in ["roles", "allow_ranges", "timeouts", "dns", "limits", "reload"] {
+        assert_eq!(shipped[key], container[key], "{key} differs");
+    }
+    let (proxy, admin) = shipped_ports();
+    assert_eq!(container["listen"].as_str(), Some(format!("0.0.0.0:{proxy}").as_str()));
+    assert_eq!(container["admin_listen"].as_str(), Some(format!("0.0.0.0:{admin}").as_str()));
+}
+
+#[test]
+fn dockerfile_builds_the_binary_and_exposes_the_ports() {
+    let dockerfile = read("Dockerfile");
+    let (proxy, admin) = shipped_ports();
+    let expose = dockerfile.lines().find(|l| l.starts_with("EXPOSE")).expect("EXPOSE line");
+    let exposed: Vec<u16> = expose.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
+    assert_eq!(exposed, [proxy, admin]);
+    assert!(dockerfile.contains("cargo build --release --locked --bin portcullis"));
+    let manifest = read("Cargo.toml");
+    assert!(manifest.contains("[[bin]]\nname = \"portcullis\""), "Cargo.toml must define the portcullis binary");
+    assert!(dockerfile.contains(&format!("CMD [\"run\", \"--config\", \"{CONFIG_PATH}\"]")));
+    assert!(dockerfile.contains(&format!("COPY deploy/container/portcullis.yaml {CONFIG_PATH}")));
+    assert!(dockerfile.contains("USER 65532"), "the image runs as non-root");
+    // Everything the builder stage copies exists in the repository.
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let sources: Vec<&str> = line.split_whitespace().skip(1).collect();
+        for src in &sources[..sources.len() - 1] {
+            assert!(root().join(src).exists(), "Dockerfile copies missing {src}");
+        }
+    }
+}
+
+#[test]
+fn compose_matches_the_config() {
+    let compose = &documents("docker-compose.yml")[0];
+    let (proxy, admin) = shipped_ports();
+    let demo = Config::from_yaml_str(&read("deploy/compose/portcullis.yaml"), "compose").unwrap();
+    assert_eq!((demo.listen.port(), demo.admin_listen.port()), (proxy, admin));
+    let svc = &compose["services"]["portcullis"];
+    let expose: Vec<u16> = svc["expose"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().parse().unwrap()).collect();
+    assert_eq!(expose, [proxy, admin]);
+    let mounts: Vec<&str> = svc["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(mounts.contains(&format!("./deploy/compose/portcullis.yaml:{CONFIG_PATH}:ro").as_str()), "{mounts:?}");
+    // The worker reaches the outside only through the proxy.
+    let worker = &compose["services"]["worker"];
+    assert_eq!(worker["networks"].as_sequence().unwrap(), &[Value::from("internal")]);
+    assert_eq!(compose["networks"]["internal"]["internal"], Value::Bool(true));
+    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        assert_eq!(worker["environment"][var].as_str(), Some(format!("http://portcullis:{proxy}").as_str()), "{var}");
+    }
+    // The carve-out is exactly the origin's address, inside the internal subnet.
+    let origin_ip = at(&compose["services"]["origin"], &["networks", "internal", "ipv4_address"]).as_str().unwrap();
+    let carved: Vec<String> = demo.allow_ranges.iter().map(|c| c.net().to_string()).collect();
+    assert_eq!(carved, [format!("{origin_ip}/32")]);
+    let prometheus = &documents("deploy/compose/prometheus.yml")[0];
+    let target = at(prometheus, &["scrape_configs", "0", "static_configs", "0", "targets", "0"]).as_str().unwrap();
+    assert_eq!(target, format!("portcullis:{admin}"));
+    let prom_mounts = compose["services"]["prometheus"]["volumes"].as_sequence().unwrap();
+    assert!(prom_mounts.iter().any(|m| m.as_str().unwrap().starts_with("./deploy/compose/prometheus.yml:")));
+}
+
+#[test]
+fn kubernetes_manifests_match_the_config() {
+    let (proxy, admin) = shipped_ports();
+    let docs = kubernetes_docs();
+    let mut portcullis_containers = 0;
+    for (file, doc) in docs.iter().filter(|(_, d)| kind(d) == "Deployment") {
+        let spec = &doc["spec"]["template"]["spec"];
+        let mut containers: Vec<&Value> = spec["containers"].as_sequence().unwrap().iter().collect();
+        if let Some(init) = spec["initContainers"].as_sequence() {
+            for c in init {
+                assert_eq!(c["restartPolicy"].as_str(), Some("Always"), "{file}: native sidecar");
+                containers.push(c);
+            }
+        }
+        for c in containers.into_iter().filter(|c| c["name"].as_str() == Some("portcullis")) {
+            portcullis_containers += 1;
+            let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            assert_eq!(args, ["run", "--config", CONFIG_PATH], "{file}");
+            let ports: Vec<u64> = c["ports"].as_sequence().unwrap().iter().map(|p| p["containerPort"].as_u64().unwrap()).collect();
+            assert!(ports.contains(&u64::from(admin)), "{file}: admin port");
+            for probe in ["readinessProbe", "livenessProbe"] {
+                assert_eq!(c[probe]["httpGet"]["port"].as_u64(), Some(u64::from(admin)), "{file}: {probe}");
+            }
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+            assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+            let mount = &c["volumeMounts"][0];
+            assert_eq!(mount["mountPath"].as_str(), Some("/etc/portcullis"), "{file}: directory mount, so ConfigMap updates reach the file");
+            assert!(mount.get("subPath").is_none(), "{file}: subPath mounts never update");
+            let sc = &c["securityContext"];
+            assert_eq!((sc["runAsNonRoot"].as_bool(), sc["readOnlyRootFilesystem"].as_bool()), (Some(true), Some(true)), "{file}");
+        }
+        // A worker next to a sidecar points its proxy variables at it.
+        for c in spec["containers"].as_sequence().unwrap().iter().filter(|c| c["name"].as_str() == Some("worker")) {
+            let env = c["env"].as_sequence().unwrap();
+            let proxy_var = env.iter().find(|e| e["name"].as_str() == Some("HTTPS_PROXY")).unwrap();
+            assert_eq!(proxy_var["value"].as_str(), Some(format!("http://127.0.0.1:{proxy}").as_str()));
+        }
+    }
+    assert_eq!(portcullis_containers, 2, "sidecar and shared Deployment");
+
+    let service = docs.iter().find(|(_, d)| kind(d) == "Service").map(|(_, d)| d).expect("a Service");
+    let svc_ports: Vec<(String, u64)> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(svc_ports, [("proxy".to_string(), u64::from(proxy)), ("admin".to_string(), u64::from(admin))]);
+
+    let monitor = docs.iter().find(|(_, d)| kind(d) == "ServiceMonitor").map(|(_, d)| d).expect("a ServiceMonitor");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"].as_str(), Some("admin"));
+    assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+
+    let policies: Vec<&Value> = docs.iter().filter(|(_, d)| kind(d) == "NetworkPolicy").map(|(_, d)| d).collect();
+    let worker_policy = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"]["matchLabels"]["portcullis.io/egress"].as_str() == Some("proxy"))
+        .expect("a policy for worker pods");
+    let egress = worker_policy["spec"]["egress"].as_sequence().unwrap();
+    let allowed_ports: Vec<u64> =
+        egress.iter().flat_map(|rule| rule["ports"].as_sequence().unwrap().iter().map(|p| p["port"].as_u64().unwrap())).collect();
+    assert_eq!(allowed_ports, [u64::from(proxy), 53, 53], "workers reach only the proxy and DNS");
+    let proxy_policy = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str() == Some("portcullis"))
+        .expect("a policy for the proxy pods");
+    let ingress_ports: Vec<u64> = proxy_policy["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().unwrap().iter().map(|p| p["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ingress_ports, [u64::from(proxy), u64::from(admin)]);
+
+    let kinds: Vec<&str> = docs.iter().map(|(_, d)| kind(d)).collect();
+    for want in ["PodDisruptionBudget", "HorizontalPodAutoscaler"] {
+        assert!(kinds.contains(&want), "missing {want}");
+    }
+    // The ConfigMaps' listeners use the same ports as the shipped config.
+    for (file, doc) in docs.iter().filter(|(_, d)| kind(d) == "ConfigMap") {
+        let c = Config::from_yaml_str(doc["data"]["portcullis.yaml"].as_str().unwrap(), file).unwrap();
+        assert_eq!((port_of(&c.listen.to_string()), c.admin_listen.port()), (proxy, admin), "{file}");
+    }
+}
