@@ -12,9 +12,9 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY benches ./benches
+# The whole context (see .dockerignore): Cargo.toml may name benches and
+# tests, which cargo needs to see even when building only the binary.
+COPY . .
 RUN cargo build --release --locked --bin portcullis
 
 # distroless/cc: glibc and libgcc only; runs as uid 65532 ("nonroot").
