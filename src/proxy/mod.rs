@@ -363,7 +363,22 @@ async fn route(
 }
 
 fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessRecord) -> Result<Target, ProxyError> {
-    record.host = req.uri().to_string();
+    match parse_request_target(kind, req) {
+        Ok(target) => {
+            record.host = target.host.to_string();
+            record.port = target.port;
+            Ok(target)
+        }
+        Err(e) => {
+            // Only the authority is logged for a refused target: a path or
+            // query string may carry secrets.
+            record.host = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            Err(e)
+        }
+    }
+}
+
+fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Target, ProxyError> {
     let parsed = match kind {
         RequestKind::Connect => {
             let authority = req.uri().authority().ok_or(ClientError::ConnectWithoutAuthority)?;
@@ -372,10 +387,7 @@ fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessR
         RequestKind::Http if req.uri().authority().is_none() => return Err(ClientError::OriginForm.into()),
         RequestKind::Http => Target::parse_absolute(req.uri()),
     };
-    let target = parsed.map_err(ClientError::InvalidTarget)?;
-    record.host = target.host.to_string();
-    record.port = target.port;
-    Ok(target)
+    Ok(parsed.map_err(ClientError::InvalidTarget)?)
 }
 
 /// Resolves if needed and asks the policy; returns the permit to dial.
