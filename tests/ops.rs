@@ -377,3 +377,26 @@ async fn sigterm_drains_open_tunnels_then_exits_zero() {
     let status = proxy.wait_exit().await;
     assert_eq!(status.code(), Some(0));
 }
+
+/// Responses with a known length (hyper stops polling at the last byte)
+/// still return the upstream connection to the pool: three requests from
+/// three clients need one upstream connection.
+#[tokio::test]
+async fn upstream_connections_are_reused_for_sized_and_empty_bodies() {
+    let origin = start_http_origin().await;
+    let dir = temp_dir("reuse");
+    let path = dir.join("portcullis.yaml");
+    std::fs::write(&path, policy_yaml(&[origin.port()], "")).unwrap();
+    let (proxy, admin, _stop) = start_app(&path).await;
+    for _ in 0..3 {
+        let resp = get(proxy, &format!("http://127.0.0.1:{}/headers", origin.port())).await;
+        assert_eq!(resp.status, 200);
+        assert!(resp.header("content-length").is_some(), "a sized body");
+    }
+    let resp = get(proxy, &format!("http://127.0.0.1:{}/bytes/0", origin.port())).await;
+    assert_eq!(resp.status, 200);
+    let resp = get(proxy, &format!("http://127.0.0.1:{}/headers", origin.port())).await;
+    assert_eq!(resp.status, 200);
+    let m = scrape(admin).await;
+    assert_eq!(sample(&m, "portcullis_upstream_connect_duration_seconds_count", &[]), 1.0);
+}

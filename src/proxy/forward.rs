@@ -318,18 +318,15 @@ impl Body for UpstreamBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.received += data.len() as u64;
-                }
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.received += data.len() as u64;
             }
-            Poll::Ready(None) => {
-                if let Some((shared, addr, sender)) = self.return_to.take() {
-                    shared.pool.checkin(addr, sender);
-                }
-            }
-            _ => {}
+        }
+        // hyper stops polling once `is_end_stream` is true (a body with a
+        // known length), so the end is detected here, not only at `None`.
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.release();
         }
         polled
     }
@@ -343,8 +340,22 @@ impl Body for UpstreamBody {
     }
 }
 
+impl UpstreamBody {
+    /// Returns the upstream connection to the pool; called once the whole
+    /// response has been read, so the connection is ready for another request.
+    fn release(&mut self) {
+        if let Some((shared, addr, sender)) = self.return_to.take() {
+            shared.pool.checkin(addr, sender);
+        }
+    }
+}
+
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        // An empty body (204, 304, HEAD) may never be polled at all.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
         self.record.bytes_in = self.sent.load(Ordering::Relaxed);
         self.record.bytes_out = self.received;
         self.record.emit();
