@@ -344,3 +344,24 @@ async fn slow_request_head_is_cut_off() {
     let resp = get(proxy, "http://169.254.169.254/").await;
     assert_eq!(resp.status, 403);
 }
+
+/// Bytes sent right behind the CONNECT head, before the 200 arrives, are
+/// relayed first and exactly once.
+#[tokio::test]
+async fn connect_relays_bytes_sent_with_the_request_head() {
+    let echo = start_tcp_echo().await;
+    let proxy = start_proxy(&loopback_policy(None, &[echo.port()], "enforce")).await;
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let authority = format!("127.0.0.1:{}", echo.port());
+    stream
+        .write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\nearly bytes|").as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut stream).await;
+    assert_eq!(resp.status, 200);
+    stream.write_all(b"late bytes").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut echoed = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed, "early bytes|late bytes");
+}

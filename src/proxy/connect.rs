@@ -26,7 +26,7 @@ use crate::target::Target;
 /// double whenever a read fills them, up to the largest size, so a bulk
 /// transfer moves in large chunks.
 const RELAY_BUF_START: usize = 2 * 1024;
-const RELAY_BUF_MAX: usize = 64 * 1024;
+const RELAY_BUF_MAX: usize = 128 * 1024;
 
 /// Opens a TCP connection to the first reachable address of `permit`,
 /// trying them in order within one overall `timeout`. The permit is the only
@@ -69,7 +69,7 @@ pub async fn tunnel(
     mut record: AccessRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
-    let (mut upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
+    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
@@ -80,21 +80,21 @@ pub async fn tunnel(
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                let first = match sni {
-                    None => Ok(Vec::new()),
-                    Some((host, limit)) => check_sni(&mut client, &host, limit).await,
+                let outcome = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    // The plain listener: relay between the two sockets
+                    // directly, without a lock around the client stream.
+                    Ok(parts) => {
+                        let early = parts.read_buf.to_vec();
+                        serve_tunnel(parts.io.into_inner(), early, upstream, sni, idle).await
+                    }
+                    Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
                 };
-                match first {
-                    Ok(first) => {
-                        let (up, down) = relay_after(client, upstream, first, idle).await;
+                match outcome {
+                    Ok((up, down)) => {
                         record.bytes_in = up;
                         record.bytes_out = down;
                     }
-                    Err(reason) => {
-                        record.outcome = Outcome::Deny(reason);
-                        let _ = upstream.shutdown().await;
-                    }
+                    Err(reason) => record.outcome = Outcome::Deny(reason),
                 }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -105,14 +105,71 @@ pub async fn tunnel(
     Ok(Response::new(ProxyBody::empty()))
 }
 
+/// The SNI check (when asked for), then the relay. `early` holds bytes the
+/// client sent right behind its CONNECT head.
+async fn serve_tunnel<C>(
+    mut client: C,
+    early: Vec<u8>,
+    mut upstream: TcpStream,
+    sni: Option<(String, Duration)>,
+    idle: Duration,
+) -> Result<(u64, u64), DenyReason>
+where
+    C: ClientStream,
+{
+    let first = match sni {
+        None => early,
+        Some((host, limit)) => match check_sni(&mut client, early, &host, limit).await {
+            Ok(first) => first,
+            Err(reason) => {
+                let _ = upstream.shutdown().await;
+                return Err(reason);
+            }
+        },
+    };
+    Ok(relay_after(client, upstream, first, idle).await)
+}
+
+/// A client side of a tunnel that can be split into independent halves.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    type Read: AsyncRead + Unpin + Send;
+    type Write: AsyncWrite + Unpin + Send;
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl ClientStream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl ClientStream for TokioIo<hyper::upgrade::Upgraded> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+impl ClientStream for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
 /// `limit`) and returns the bytes read when its server name is `host`;
 /// otherwise the reason code, after telling a TLS client why.
-async fn check_sni<C>(client: &mut C, host: &str, limit: Duration) -> Result<Vec<u8>, DenyReason>
+async fn check_sni<C>(client: &mut C, early: Vec<u8>, host: &str, limit: Duration) -> Result<Vec<u8>, DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(4096);
+    let mut buf = early;
+    buf.reserve(4096);
     let parsed = tokio::time::timeout(limit, read_client_hello(client, &mut buf)).await;
     let refusal = match parsed {
         Ok(Ok(name)) if name == host => return Ok(buf),
@@ -157,7 +214,7 @@ where
 /// Sends `first` (bytes already read from the client) upstream, then relays.
 async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: ClientStream,
 {
     let already = first.len() as u64;
     if !first.is_empty() {
@@ -176,9 +233,9 @@ where
 /// or no byte has moved for `idle`. Returns (client→upstream, upstream→client) bytes.
 pub async fn relay<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u64)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: ClientStream,
 {
-    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut client_read, mut client_write) = client.halves();
     let (mut up_read, mut up_write) = upstream.into_split();
     let activity = Activity::new();
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
