@@ -1,0 +1,316 @@
+//! Load benchmark: the real proxy binary (a child process, so its memory
+//! can be read from /proc) between a load generator and origins, all on
+//! loopback, against a direct-to-origin baseline measured in the same run.
+//!
+//! Run with `bash benches/load.sh` (builds the release binary, raises the
+//! fd limit, then `cargo bench --bench proxy_load`). Every phase is bounded
+//! in time and in count.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PHASE: Duration = Duration::from_secs(3);
+const MAX_REQUESTS_PER_CLIENT: usize = 200_000;
+const BULK_BYTES: usize = 512 * 1024 * 1024;
+const IDLE_TUNNELS: usize = 10_000;
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let origin = start_http_origin().await;
+    let echo = start_echo().await;
+    let source = start_source().await;
+    let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()]);
+    let p = proxy.addr;
+    println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
+    println!();
+    println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
+
+    for clients in [1usize, 50, 500] {
+        let direct = http_load(origin, None, clients).await;
+        let proxied = http_load(origin, Some(p), clients).await;
+        row(&format!("HTTP keep-alive req/s, {clients} clients"), direct.rps, proxied.rps, "");
+        row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
+        row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
+    }
+
+    let direct = new_connections(echo, None).await;
+    let proxied = new_connections(echo, Some(p)).await;
+    row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
+
+    let direct = bulk(source, None).await;
+    let proxied = bulk(source, Some(p)).await;
+    row("tunnel throughput MB/s (512 MiB)", direct, proxied, "");
+
+    let before = proxy.rss_kib();
+    let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = proxy.rss_kib();
+    let per_tunnel = (after.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;
+    println!();
+    println!("idle tunnels opened: {opened} (asked {IDLE_TUNNELS})");
+    println!("proxy RSS before: {before} KiB, with tunnels: {after} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
+    println!("RSS per idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
+    drop(held);
+    proxy.stop();
+}
+
+fn row(name: &str, direct: f64, proxied: f64, note: &str) {
+    println!("{name:<44} {direct:>14.1} {proxied:>14.1} {:>8.2} {note}", proxied / direct);
+}
+
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+    _dir: PathBuf,
+}
+
+impl Proxy {
+    fn start(ports: &[u16]) -> Proxy {
+        let bin = std::env::var("PORTCULLIS_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/portcullis"));
+        assert!(bin.exists(), "{} not found: run `cargo build --release --bin portcullis` (benches/load.sh does)", bin.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("portcullis-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        let config = format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nlimits: {{max_connections: 30000, max_connections_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+        );
+        std::fs::write(dir.join("load.yaml"), config).unwrap();
+        let child = Command::new(bin)
+            .args(["run", "--config", dir.join("load.yaml").to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start proxy");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "proxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Proxy { child, addr, _dir: dir }
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn hwm_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_http_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes BULK_BYTES to every connection, then closes.
+async fn start_source() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 256 * 1024];
+                let mut sent = 0;
+                while sent < BULK_BYTES {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a connection to `target`, through `proxy` with CONNECT when given.
+async fn open(target: SocketAddr, proxy: Option<SocketAddr>) -> TcpStream {
+    let Some(proxy) = proxy else {
+        let s = TcpStream::connect(target).await.unwrap();
+        let _ = s.set_nodelay(true);
+        return s;
+    };
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let _ = s.set_nodelay(true);
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "proxy closed during CONNECT");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+struct HttpResult {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// `clients` keep-alive connections sending GETs for PHASE.
+async fn http_load(origin: SocketAddr, proxy: Option<SocketAddr>, clients: usize) -> HttpResult {
+    let started = Instant::now();
+    let deadline = started + PHASE;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(async move {
+                let stream = TcpStream::connect(proxy.unwrap_or(origin)).await.unwrap();
+                let _ = stream.set_nodelay(true);
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(conn);
+                let uri = match proxy {
+                    Some(_) => format!("http://{origin}/small"),
+                    None => "/small".to_string(),
+                };
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline && latencies.len() < MAX_REQUESTS_PER_CLIENT {
+                    let req = Request::get(uri.as_str()).header("host", origin.to_string()).body(Empty::<Bytes>::new()).unwrap();
+                    let t = Instant::now();
+                    let Ok(resp) = sender.send_request(req).await else { break };
+                    let Ok(_) = resp.into_body().collect().await else { break };
+                    latencies.push(t.elapsed().as_micros() as u32);
+                    if sender.ready().await.is_err() {
+                        break;
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
+    HttpResult { rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99) }
+}
+
+/// New connections per second: (CONNECT, 200,) one echo round trip, close;
+/// 8 concurrent loops for PHASE.
+async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
+    let started = Instant::now();
+    let deadline = started + PHASE;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while Instant::now() < deadline && done < 1_000_000 {
+                    let mut s = open(echo, proxy).await;
+                    s.write_all(b"ping").await.unwrap();
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf).await.unwrap();
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// MB/s reading BULK_BYTES from the source, at most 30 s.
+async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
+    let mut s = open(source, proxy).await;
+    let mut buf = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    let mut got = 0usize;
+    let deadline = started + Duration::from_secs(30);
+    while got < BULK_BYTES && Instant::now() < deadline {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got as f64 / 1e6 / started.elapsed().as_secs_f64()
+}
+
+/// Opens up to `n` tunnels and keeps them open; stops early at the fd limit
+/// or after 60 s.
+async fn idle_tunnels(echo: SocketAddr, proxy: SocketAddr, n: usize) -> (usize, Vec<TcpStream>) {
+    let mut held = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.len() < n && Instant::now() < deadline {
+        let Ok(mut s) = TcpStream::connect(proxy).await else { break };
+        let target = echo.to_string();
+        if s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.is_err() {
+            break;
+        }
+        let mut head = [0u8; 128];
+        let Ok(n) = s.read(&mut head).await else { break };
+        if !head[..n].starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        held.push(s);
+    }
+    (held.len(), held)
+}
