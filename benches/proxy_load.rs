@@ -2,6 +2,13 @@
 //! can be read from /proc) between a load generator and origins, all on
 //! loopback, against a direct-to-origin baseline measured in the same run.
 //!
+//! Three processes: the load generator (this one), the origins (this same
+//! binary started again with `PORTCULLIS_LOAD_ORIGINS=1`), and the proxy.
+//! The origins live in their own process so the direct baseline crosses a
+//! process boundary too: a client and an origin sharing one runtime hand
+//! bytes to each other without a thread ever sleeping, which no real origin
+//! does and which made the baseline three times as fast per request.
+//!
 //! Run with `bash benches/load.sh` (builds the release binary, raises the
 //! fd limit, then `cargo bench --bench proxy_load`). Every phase is bounded
 //! in time and in count.
@@ -27,13 +34,45 @@ const IDLE_TUNNELS: usize = 10_000;
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    runtime.block_on(run());
+    if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() {
+        runtime.block_on(serve_origins());
+    } else {
+        runtime.block_on(run());
+    }
+}
+
+/// The origins' process: prints their ports on one line, serves until its
+/// standard input closes (the load generator exited or dropped it).
+async fn serve_origins() {
+    let (origin, echo, source) = (start_http_origin().await, start_echo().await, start_source().await);
+    println!("{} {} {}", origin.port(), echo.port(), source.port());
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut sink), Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Starts the origins' process; returns it and (http origin, echo, source).
+fn spawn_origins() -> (Child, SocketAddr, SocketAddr, SocketAddr) {
+    let exe = std::env::current_exe().expect("the bench binary knows its path");
+    let mut child = Command::new(exe)
+        .env("PORTCULLIS_LOAD_ORIGINS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start origins");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("origins print their ports");
+    let ports: Vec<u16> = line.split_whitespace().map(|p| p.parse().expect("a port")).collect();
+    assert_eq!(ports.len(), 3, "origins printed {line:?}");
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    (child, addr(ports[0]), addr(ports[1]), addr(ports[2]))
 }
 
 async fn run() {
-    let origin = start_http_origin().await;
-    let echo = start_echo().await;
-    let source = start_source().await;
+    let (mut origins, origin, echo, source) = spawn_origins();
     let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()]);
     let p = proxy.addr;
     println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
@@ -67,6 +106,8 @@ async fn run() {
     println!("RSS per idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
     drop(held);
     proxy.stop();
+    drop(origins.stdin.take());
+    let _ = origins.wait();
 }
 
 fn row(name: &str, direct: f64, proxied: f64, note: &str) {
@@ -95,7 +136,7 @@ impl Proxy {
         std::fs::write(dir.join("load.yaml"), config).unwrap();
         let child = Command::new(bin)
             .args(["run", "--config", dir.join("load.yaml").to_str().unwrap()])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .spawn()
             .expect("start proxy");

@@ -102,24 +102,58 @@ impl AccessRecord {
         };
         self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
         self.metrics.count_bytes(self.bytes_in, self.bytes_out);
-        let dialed = self.dialed.map(|a| a.to_string());
-        tracing::info!(
-            target: "portcullis::access",
-            client = %self.client,
-            method = %self.method,
-            kind = self.kind.map_or("", RequestKind::as_str),
-            host = %self.host,
-            port = self.port,
-            dialed = dialed.as_deref().unwrap_or(""),
-            decision = self.outcome.decision(),
-            reason = self.outcome.reason(),
-            role = %self.role,
-            identity = self.identity,
-            mode = self.mode.as_str(),
-            status = self.status,
-            bytes_in = self.bytes_in,
-            bytes_out = self.bytes_out,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+        if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+            return;
+        }
+        let mut line = Vec::with_capacity(512);
+        self.write_json(&mut line);
+        match crate::logging::sink() {
+            Some(sink) => sink.append(&line),
+            // A library user without the binary's sink: through tracing.
+            None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
+        }
+    }
+
+    /// The decision line: one JSON object and a newline, written by hand
+    /// (no intermediate map, no allocation per field) in the same shape as
+    /// the proxy's other JSON log lines.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        use crate::logging::{json_str, json_timestamp};
+        out.extend_from_slice(b"{\"timestamp\":");
+        json_timestamp(out, std::time::SystemTime::now());
+        out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":");
+        let _ = write!(out, "\"{}\"", self.client);
+        out.extend_from_slice(b",\"method\":");
+        json_str(out, self.method.as_str());
+        out.extend_from_slice(b",\"kind\":");
+        json_str(out, self.kind.map_or("", RequestKind::as_str));
+        out.extend_from_slice(b",\"host\":");
+        json_str(out, &self.host);
+        let _ = write!(out, ",\"port\":{},\"dialed\":", self.port);
+        match self.dialed {
+            Some(addr) => {
+                let _ = write!(out, "\"{addr}\"");
+            }
+            None => out.extend_from_slice(b"\"\""),
+        }
+        out.extend_from_slice(b",\"decision\":");
+        json_str(out, self.outcome.decision());
+        out.extend_from_slice(b",\"reason\":");
+        json_str(out, self.outcome.reason());
+        out.extend_from_slice(b",\"role\":");
+        json_str(out, &self.role);
+        out.extend_from_slice(b",\"identity\":");
+        json_str(out, self.identity);
+        out.extend_from_slice(b",\"mode\":");
+        json_str(out, self.mode.as_str());
+        let _ = writeln!(
+            out,
+            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}}}",
+            self.status,
+            self.bytes_in,
+            self.bytes_out,
+            self.started.elapsed().as_secs_f64() * 1000.0
         );
     }
 }

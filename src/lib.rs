@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod dns;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

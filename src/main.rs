@@ -68,20 +68,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// JSON lines on stdout, written in batches by a dedicated thread (see
+/// `portcullis::logging`). The returned guard writes what is pending when
+/// dropped.
+fn init_logging() -> anyhow::Result<portcullis::logging::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (sink, guard) = portcullis::logging::LogSink::install(std::io::stdout())?;
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(portcullis::logging::SinkWriter(sink))
         .init();
+    Ok(guard)
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
-    init_logging();
+    let _log = init_logging()?;
     let app = App::start(&path).await?;
     tracing::info!(
         listen = %app.proxy_addr()?,

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `portcullis_draining`: 1 while shutting down.
     pub draining: IntGauge,
+    /// `portcullis_log_lines_dropped_total`: copied from the log sink's
+    /// count when rendered.
+    log_lines_dropped: IntCounter,
 }
 
 /// Buckets from 100 µs to about 13 s.
@@ -78,6 +81,12 @@ impl Metrics {
         .expect("metric definition is valid");
         registry.register(Box::new(build_info.clone())).expect("metric names are unique");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let log_lines_dropped = IntCounter::new(
+            "portcullis_log_lines_dropped_total",
+            "Log lines dropped because the log output could not keep up.",
+        )
+        .expect("metric definition is valid");
+        registry.register(Box::new(log_lines_dropped.clone())).expect("metric names are unique");
         let metrics = Metrics {
             requests: counter_vec(
                 "portcullis_requests_total",
@@ -110,6 +119,7 @@ impl Metrics {
             policy_generation: gauge("portcullis_policy_generation", "Generation of the policy in force (1 at start)."),
             draining: gauge("portcullis_draining", "1 while the process is shutting down."),
             last_reload_success,
+            log_lines_dropped,
             build_info,
             registry,
         };
@@ -154,6 +164,8 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        let dropped = crate::logging::dropped_lines();
+        self.log_lines_dropped.inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

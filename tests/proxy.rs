@@ -123,7 +123,8 @@ async fn connect_relays_bytes_exactly() {
     let proxy = start_proxy(&loopback_policy(None, &[echo.port()], "enforce")).await;
     let (resp, stream) = connect(proxy, &format!("127.0.0.1:{}", echo.port())).await;
     assert_eq!(resp.status, 200);
-    let payload = pattern(7, 4 * 1024 * 1024);
+    // Large enough that both directions switch to splice(2) on Linux.
+    let payload = pattern(7, 16 * 1024 * 1024);
     let (mut r, mut w) = stream.into_split();
     let upload = payload.clone();
     let writer = tokio::spawn(async move {

@@ -132,10 +132,33 @@ where
 
 /// A client side of a tunnel that can be split into independent halves.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
-    type Read: AsyncRead + Unpin + Send;
-    type Write: AsyncWrite + Unpin + Send;
+    type Read: AsyncRead + Unpin + Send + Half;
+    type Write: AsyncWrite + Unpin + Send + Half;
     fn halves(self) -> (Self::Read, Self::Write);
 }
+
+/// One half of a relay: a TCP socket half can be spliced from or to.
+pub trait Half {
+    /// The socket under this half, when it is a plain TCP socket.
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Half for tokio::net::tcp::OwnedReadHalf {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Half for tokio::net::tcp::OwnedWriteHalf {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T> Half for tokio::io::ReadHalf<T> {}
+impl<T> Half for tokio::io::WriteHalf<T> {}
 
 impl ClientStream for TcpStream {
     type Read = tokio::net::tcp::OwnedReadHalf;
@@ -254,8 +277,8 @@ where
 
 async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Half,
+    W: AsyncWrite + Unpin + Half,
 {
     let mut buf = vec![0u8; RELAY_BUF_START];
     loop {
@@ -268,13 +291,47 @@ where
             return;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.len() {
+            if buf.len() < RELAY_BUF_MAX {
+                buf.resize(buf.len() * 2, 0);
+            } else if let Some(done) = splice_rest(reader.socket().zip(writer.socket()), count, activity).await {
+                // A bulk transfer between two sockets: the rest moved in the
+                // kernel. `done` says whether it ended at the end of stream.
+                if !done {
+                    return;
+                }
+                break;
+            }
         }
     }
     // EOF from this side: pass the half-close on so the peer sees it while
     // the other direction keeps flowing.
     let _ = writer.shutdown().await;
+}
+
+/// Relays the rest of a bulk transfer with `splice(2)` when both halves are
+/// TCP sockets (Linux only). `None` when it cannot (another kind of stream,
+/// no file descriptor left for the pipe): the caller goes on copying.
+/// Otherwise `Some(true)` at the end of stream, `Some(false)` on an error.
+#[cfg(target_os = "linux")]
+async fn splice_rest(sockets: Option<(&TcpStream, &TcpStream)>, count: &AtomicU64, activity: &Activity) -> Option<bool> {
+    let (from, to) = sockets?;
+    let pipe = super::splice::Pipe::new().ok()?;
+    loop {
+        match super::splice::move_chunk(from, to, &pipe).await {
+            Ok(0) => return Some(true),
+            Ok(n) => {
+                activity.touch();
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => return Some(false),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &AtomicU64, _: &Activity) -> Option<bool> {
+    None
 }
 
 /// The time of the last byte moved, shared by both directions of a tunnel.

@@ -5,6 +5,8 @@ pub mod body;
 pub mod connect;
 pub mod error;
 pub mod forward;
+#[cfg(target_os = "linux")]
+mod splice;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,314 @@
+//! Log output: every line (decision lines and the proxy's own events) is
+//! appended to one in-memory batch, and a dedicated thread writes batches
+//! to the output.
+//!
+//! A request never waits on a write to stdout (a slow log collector or a
+//! full pipe would otherwise stall the runtime's worker threads), costs no
+//! system call and no thread wake-up per line: the writer thread is woken
+//! once per batch and collects lines for [`BATCH_WINDOW`] before writing
+//! them with one call. Pending output is bounded by [`MAX_PENDING`]; beyond
+//! it lines are dropped and counted ([`dropped_lines`], exported as
+//! `portcullis_log_lines_dropped_total`) rather than blocking requests.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long the writer collects lines after the first one of a batch.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// A batch this large is written at once, without waiting for the window.
+const FLUSH_BYTES: usize = 256 * 1024;
+/// Most bytes waiting to be written; lines beyond are dropped and counted.
+pub const MAX_PENDING: usize = 16 * 1024 * 1024;
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static SINK: OnceLock<Arc<LogSink>> = OnceLock::new();
+
+/// Lines dropped because the output could not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// The process-wide sink, when [`LogSink::install`] was called.
+pub fn sink() -> Option<&'static Arc<LogSink>> {
+    SINK.get()
+}
+
+/// The shared batch of lines waiting for the writer thread.
+pub struct LogSink {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+struct Pending {
+    buf: Vec<u8>,
+    /// When the oldest waiting line arrived.
+    since: Option<Instant>,
+    closed: bool,
+}
+
+/// Stops the writer thread when dropped, after it wrote everything pending.
+pub struct LogGuard {
+    sink: Arc<LogSink>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LogSink {
+    /// Starts a writer thread for `out`. The sink is not global; see
+    /// [`LogSink::install`].
+    pub fn start<W: Write + Send + 'static>(out: W) -> std::io::Result<(Arc<LogSink>, LogGuard)> {
+        let sink = Arc::new(LogSink {
+            pending: Mutex::new(Pending { buf: Vec::with_capacity(FLUSH_BYTES), since: None, closed: false }),
+            wake: Condvar::new(),
+        });
+        let writer = sink.clone();
+        let thread = std::thread::Builder::new().name("portcullis-log".into()).spawn(move || writer.write_loop(out))?;
+        Ok((sink.clone(), LogGuard { sink, thread: Some(thread) }))
+    }
+
+    /// Starts the writer for `out` and makes it the process-wide sink used
+    /// by decision lines. Fails when one is installed already.
+    pub fn install<W: Write + Send + 'static>(out: W) -> std::io::Result<(Arc<LogSink>, LogGuard)> {
+        let (sink, guard) = Self::start(out)?;
+        SINK.set(sink.clone())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a log sink is installed already"))?;
+        Ok((sink, guard))
+    }
+
+    /// Queues one complete line (with its newline).
+    pub fn append(&self, line: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.buf.len() + line.len() > MAX_PENDING {
+            drop(pending);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.buf.extend_from_slice(line);
+        let first = pending.since.is_none();
+        if first {
+            pending.since = Some(Instant::now());
+        }
+        let full = pending.buf.len() >= FLUSH_BYTES;
+        drop(pending);
+        // One wake-up per batch: when it starts, and when it is full.
+        if first || full {
+            self.wake.notify_one();
+        }
+    }
+
+    fn write_loop<W: Write>(&self, mut out: W) {
+        let mut batch = Vec::with_capacity(FLUSH_BYTES);
+        loop {
+            let closed = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if pending.closed || pending.buf.len() >= FLUSH_BYTES {
+                        break;
+                    }
+                    match pending.since {
+                        None => pending = self.wake.wait(pending).unwrap_or_else(|e| e.into_inner()),
+                        Some(since) => {
+                            let waited = since.elapsed();
+                            if waited >= BATCH_WINDOW {
+                                break;
+                            }
+                            pending = self.wake.wait_timeout(pending, BATCH_WINDOW - waited).unwrap_or_else(|e| e.into_inner()).0;
+                        }
+                    }
+                }
+                std::mem::swap(&mut pending.buf, &mut batch);
+                pending.since = None;
+                pending.closed
+            };
+            if !batch.is_empty() {
+                // A failing output (closed stdout) cannot be reported
+                // anywhere better; the lines are lost, the proxy goes on.
+                let _ = out.write_all(&batch).and_then(|()| out.flush());
+                batch.clear();
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.sink.pending.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.sink.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `tracing-subscriber` formats each event into one buffer and writes it
+/// with a single `write_all`, so each write here is one whole line.
+#[derive(Clone)]
+pub struct SinkWriter(pub Arc<LogSink>);
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkWriter {
+    type Writer = SinkWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Writes `s` as a JSON string (with quotes) into `out`.
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f | 0x7f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Writes the current UTC time as RFC 3339 with microseconds, quoted, the
+/// same shape as the proxy's other log lines.
+pub fn json_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
+    let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    let _ = write!(
+        out,
+        "\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z\"",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    );
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = Vec::new();
+        json_str(&mut out, "a\"b\\c\nd\u{1}e\u{7f}é");
+        assert_eq!(String::from_utf8(out).unwrap(), r#""a\"b\\c\nd\u0001e\u007fé""#);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let cases = [
+            (0, "\"1970-01-01T00:00:00.000000Z\""),
+            (951_782_400, "\"2000-02-29T00:00:00.000000Z\""),
+            (1_795_612_201, "\"2026-11-25T13:10:01.000000Z\""),
+            (4_107_542_399, "\"2100-02-28T23:59:59.000000Z\""),
+        ];
+        for (secs, expected) in cases {
+            let mut out = Vec::new();
+            json_timestamp(&mut out, UNIX_EPOCH + Duration::from_secs(secs));
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{secs}");
+        }
+        let mut out = Vec::new();
+        json_timestamp(&mut out, UNIX_EPOCH + Duration::from_micros(1_500_000));
+        assert_eq!(String::from_utf8(out).unwrap(), "\"1970-01-01T00:00:01.500000Z\"");
+        // And now is after the year this was written.
+        let mut out = Vec::new();
+        json_timestamp(&mut out, SystemTime::now());
+        assert!(String::from_utf8(out).unwrap().as_str() > "\"2026");
+    }
+
+    /// Lines arrive whole and in order, batched into few writes, and the
+    /// guard writes what is pending before it returns.
+    #[test]
+    fn lines_are_batched_in_order_and_flushed_on_drop() {
+        #[derive(Clone, Default)]
+        struct Out(Arc<Mutex<(Vec<u8>, usize)>>);
+        impl Write for Out {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let mut o = self.0.lock().unwrap();
+                o.0.extend_from_slice(buf);
+                o.1 += 1;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Out::default();
+        let (sink, guard) = LogSink::start(out.clone()).unwrap();
+        let lines: Vec<String> = (0..10_000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+        for line in &lines {
+            sink.append(line.as_bytes());
+        }
+        drop(guard);
+        let (written, writes) = out.0.lock().unwrap().clone();
+        assert_eq!(String::from_utf8(written).unwrap(), lines.concat());
+        assert!(writes < 100, "{writes} writes for 10000 lines");
+    }
+
+    /// A line is written within about one batch window, with no further
+    /// line arriving to push it out.
+    #[test]
+    fn a_lone_line_is_written_promptly() {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        struct Out(std::sync::mpsc::Sender<Vec<u8>>);
+        impl Write for Out {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.send(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (sink, _guard) = LogSink::start(Out(tx)).unwrap();
+        sink.append(b"one\n");
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("written without a second line");
+        assert_eq!(got, b"one\n");
+    }
+}
