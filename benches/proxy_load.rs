@@ -80,20 +80,41 @@ async fn run() {
     println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
 
     for clients in [1usize, 50, 500] {
+        let pids = [std::process::id(), origins.id(), proxy.child.id()];
+        let before = pids.map(cpu_secs);
         let direct = http_load(origin, None, clients).await;
+        let middle = pids.map(cpu_secs);
         let proxied = http_load(origin, Some(p), clients).await;
+        let after = pids.map(cpu_secs);
         row(&format!("HTTP keep-alive req/s, {clients} clients"), direct.rps, proxied.rps, "");
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
+        // CPU time per request of each process (user + system, from /proc).
+        let per_request = |from: [f64; 3], to: [f64; 3], count: usize| {
+            let us = |i: usize| (to[i] - from[i]) * 1e6 / count.max(1) as f64;
+            format!("generator {:.1}, origin {:.1}, proxy {:.1}", us(0), us(1), us(2))
+        };
+        println!("  CPU µs/request, direct:    {}", per_request(before, middle, direct.count));
+        println!("  CPU µs/request, via proxy: {}", per_request(middle, after, proxied.count));
     }
 
     let direct = new_connections(echo, None).await;
     let proxied = new_connections(echo, Some(p)).await;
     row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
 
+    let pids = [std::process::id(), origins.id(), proxy.child.id()];
+    let before = pids.map(cpu_secs);
     let direct = bulk(source, None).await;
+    let middle = pids.map(cpu_secs);
     let proxied = bulk(source, Some(p)).await;
-    row("tunnel throughput MB/s (512 MiB)", direct, proxied, "");
+    let after = pids.map(cpu_secs);
+    row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
+    let per_mb = |from: [f64; 3], to: [f64; 3], mb: f64| {
+        let us = |i: usize| (to[i] - from[i]) * 1e6 / mb.max(1.0);
+        format!("sink {:.0}, source {:.0}, proxy {:.0}", us(0), us(1), us(2))
+    };
+    println!("  CPU µs/MB, direct:    {}", per_mb(before, middle, direct.1));
+    println!("  CPU µs/MB, via proxy: {}", per_mb(middle, after, proxied.1));
 
     let before = proxy.rss_kib();
     let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
@@ -108,6 +129,16 @@ async fn run() {
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
+}
+
+/// User + system CPU seconds used so far by process `pid` (0 once gone).
+fn cpu_secs(pid: u32) -> f64 {
+    // /proc reports clock ticks of USER_HZ, which is 100 on Linux.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let field = |i: usize| after_name.split_whitespace().nth(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the line (utime, stime): 0-based 11 and 12 after the name.
+    (field(11) + field(12)) / 100.0
 }
 
 fn row(name: &str, direct: f64, proxied: f64, note: &str) {
@@ -247,6 +278,7 @@ async fn open(target: SocketAddr, proxy: Option<SocketAddr>) -> TcpStream {
 }
 
 struct HttpResult {
+    count: usize,
     rps: f64,
     p50: f64,
     p99: f64,
@@ -289,7 +321,7 @@ async fn http_load(origin: SocketAddr, proxy: Option<SocketAddr>, clients: usize
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
-    HttpResult { rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99) }
+    HttpResult { count: all.len(), rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99) }
 }
 
 /// New connections per second: (CONNECT, 200,) one echo round trip, close;
@@ -319,8 +351,8 @@ async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// MB/s reading BULK_BYTES from the source, at most 30 s.
-async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
+/// (MB/s, MB) reading BULK_BYTES from the source, at most 30 s.
+async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
     let mut s = open(source, proxy).await;
     let mut buf = vec![0u8; 256 * 1024];
     let started = Instant::now();
@@ -332,7 +364,7 @@ async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
             Ok(n) => got += n,
         }
     }
-    got as f64 / 1e6 / started.elapsed().as_secs_f64()
+    (got as f64 / 1e6 / started.elapsed().as_secs_f64(), got as f64 / 1e6)
 }
 
 /// Opens up to `n` tunnels and keeps them open; stops early at the fd limit
