@@ -291,6 +291,45 @@ mod tests {
         assert!(writes < 100, "{writes} writes for 10000 lines");
     }
 
+    /// When the output stalls, pending lines stop at the bound: further
+    /// lines are dropped and counted instead of growing memory or blocking
+    /// the caller; once the output moves again, lines flow again.
+    #[test]
+    fn a_stalled_output_drops_and_counts_beyond_the_bound() {
+        struct Stalled(std::sync::mpsc::Receiver<()>, Arc<AtomicU64>);
+        impl Write for Stalled {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv();
+                self.1.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (release, stall) = std::sync::mpsc::channel();
+        let written = Arc::new(AtomicU64::new(0));
+        let (sink, guard) = LogSink::start(Stalled(stall, written.clone())).unwrap();
+        let line = vec![b'x'; 1023].into_iter().chain([b'\n']).collect::<Vec<u8>>();
+        let before = dropped_lines();
+        let started = Instant::now();
+        // Three times the bound: at most the bound waits in the sink and at
+        // most the bound sits in the batch the stalled writer holds.
+        let appended = 3 * MAX_PENDING / line.len();
+        for _ in 0..appended {
+            sink.append(&line);
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "appending blocked");
+        let dropped = (dropped_lines() - before) as usize;
+        assert!(dropped >= appended - 2 * MAX_PENDING / line.len(), "only {dropped} of {appended} lines dropped");
+        assert!(sink.pending.lock().unwrap().buf.len() <= MAX_PENDING);
+        // Let the output move: every line not dropped is written.
+        drop(release);
+        drop(guard);
+        let kept = written.load(Ordering::Relaxed) as usize / line.len();
+        assert_eq!(kept + dropped, appended);
+    }
+
     /// A line is written within about one batch window, with no further
     /// line arriving to push it out.
     #[test]

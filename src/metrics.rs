@@ -39,8 +39,9 @@ pub struct Metrics {
     /// `portcullis_draining`: 1 while shutting down.
     pub draining: IntGauge,
     /// `portcullis_log_lines_dropped_total`: copied from the log sink's
-    /// count when rendered.
-    log_lines_dropped: IntCounter,
+    /// count when rendered (under the lock, so two scrapes cannot both add
+    /// the same difference).
+    log_lines_dropped: std::sync::Mutex<IntCounter>,
 }
 
 /// Buckets from 100 µs to about 13 s.
@@ -119,7 +120,7 @@ impl Metrics {
             policy_generation: gauge("portcullis_policy_generation", "Generation of the policy in force (1 at start)."),
             draining: gauge("portcullis_draining", "1 while the process is shutting down."),
             last_reload_success,
-            log_lines_dropped,
+            log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
             build_info,
             registry,
         };
@@ -164,8 +165,10 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
-        let dropped = crate::logging::dropped_lines();
-        self.log_lines_dropped.inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
+        {
+            let counter = self.log_lines_dropped.lock().unwrap_or_else(|e| e.into_inner());
+            counter.inc_by(crate::logging::dropped_lines().saturating_sub(counter.get()));
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
