@@ -177,27 +177,39 @@ async fn handshake(stream: IdleStream, max_head: usize) -> Result<Sender, Upstre
 /// either way for `idle`: a body that stalls mid-way (an origin that stops
 /// sending, a client that stops uploading) ends both connections instead of
 /// holding them forever. The same bound as an idle tunnel.
+///
+/// Moving bytes only records the time; the timer is moved when it fires
+/// (to the last activity plus `idle`), so a busy connection does not touch
+/// the runtime's timer wheel on every read and write.
 struct IdleStream {
     inner: tokio::net::TcpStream,
     idle: Duration,
+    last: tokio::time::Instant,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl IdleStream {
     fn new(inner: tokio::net::TcpStream, idle: Duration) -> Self {
-        IdleStream { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+        let now = tokio::time::Instant::now();
+        IdleStream { inner, idle, last: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
     }
 
     fn touch(&mut self) {
-        let next = tokio::time::Instant::now() + self.idle;
-        self.deadline.as_mut().reset(next);
+        self.last = tokio::time::Instant::now();
     }
 
     /// `Pending` while time remains; the deadline's waker is registered.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream connection idle")),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last + self.idle;
+            if tokio::time::Instant::now() >= due {
+                return Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream connection idle"));
+            }
+            // Bytes moved since the timer was set: wait for the rest.
+            self.deadline.as_mut().reset(due);
         }
     }
 }
