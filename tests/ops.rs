@@ -378,6 +378,45 @@ async fn sigterm_drains_open_tunnels_then_exits_zero() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Many concurrent keep-alive clients of one origin keep reusing upstream
+/// connections: never more upstream connections than requests in flight
+/// at once, however many requests they send.
+#[tokio::test]
+async fn concurrent_clients_reuse_upstream_connections() {
+    const CLIENTS: usize = 64;
+    const REQUESTS: usize = 20;
+    let origin = start_http_origin().await;
+    let dir = temp_dir("reuse-concurrent");
+    let path = dir.join("portcullis.yaml");
+    std::fs::write(&path, policy_yaml(&[origin.port()], "")).unwrap();
+    let (proxy, admin, _stop) = start_app(&path).await;
+    let request = format!("GET http://127.0.0.1:{0}/headers HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n", origin.port());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(proxy).await.unwrap();
+                for _ in 0..REQUESTS {
+                    stream.write_all(request.as_bytes()).await.unwrap();
+                    assert_eq!(read_response(&mut stream).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        tokio::time::timeout(STEP, client).await.expect("clients finish in time").unwrap();
+    }
+    let m = scrape(admin).await;
+    let connects = sample(&m, "portcullis_upstream_connect_duration_seconds_count", &[]);
+    assert!(connects <= CLIENTS as f64, "{connects} upstream connections for {CLIENTS} clients");
+    eventually("every request counted", || async {
+        let m = scrape(admin).await;
+        let labels = [("kind", "http"), ("decision", "allow"), ("reason", "none"), ("role", "default")];
+        sample(&m, "portcullis_requests_total", &labels) == (CLIENTS * REQUESTS) as f64
+    })
+    .await;
+}
+
 /// Responses with a known length (hyper stops polling at the last byte)
 /// still return the upstream connection to the pool: three requests from
 /// three clients need one upstream connection.

@@ -28,8 +28,10 @@ use crate::metrics::Metrics;
 use crate::policy::Permit;
 use crate::target::Target;
 
-/// Idle upstream connections kept per destination address.
-const MAX_IDLE_PER_ADDR: usize = 32;
+/// Idle upstream connections kept per destination address: enough for a
+/// few hundred concurrent clients of one busy API to keep reusing theirs
+/// (at 32, 50 concurrent clients already forced new connections).
+const MAX_IDLE_PER_ADDR: usize = 256;
 
 /// The `Via` value this proxy adds (RFC 9110 7.6.3).
 const VIA: &str = "1.1 portcullis";
@@ -50,12 +52,13 @@ impl UpstreamPool {
         UpstreamPool { idle: DashMap::new(), idle_timeout }
     }
 
-    /// A live idle connection to one of `addrs`, if any.
+    /// An open idle connection to one of `addrs`, if any. It may not have
+    /// signalled readiness yet (see [`forward`]).
     fn checkout(&self, addrs: &[SocketAddr]) -> Option<(Sender, SocketAddr)> {
         for addr in addrs {
             let Some(mut entry) = self.idle.get_mut(addr) else { continue };
             while let Some((sender, since)) = entry.pop() {
-                if since.elapsed() < self.idle_timeout && sender.is_ready() {
+                if since.elapsed() < self.idle_timeout && !sender.is_closed() {
                     return Some((sender, *addr));
                 }
             }
@@ -63,8 +66,11 @@ impl UpstreamPool {
         None
     }
 
+    /// Keeps a connection whose response has been read completely. Its
+    /// connection task may not have marked it ready for the next request
+    /// yet; only a closed one is dropped here.
     fn checkin(&self, addr: SocketAddr, sender: Sender) {
-        if !sender.is_ready() {
+        if sender.is_closed() {
             return;
         }
         let mut entry = self.idle.entry(addr).or_default();
@@ -111,7 +117,17 @@ pub async fn forward(
     let sent = Arc::new(AtomicU64::new(0));
     let mut upstream_req = rewrite_request(req, target, sent.clone());
     let timeouts = &snapshot.timeouts;
-    let (mut sender, mut addr, mut pooled) = match shared.pool.checkout(permit.addrs()) {
+    let pooled_ready = match shared.pool.checkout(permit.addrs()) {
+        // A pooled connection becomes ready as soon as its connection task
+        // has finished the previous exchange; one that fails (the origin
+        // closed it) or takes too long is replaced by a new connection.
+        Some((mut sender, addr)) => match tokio::time::timeout(timeouts.upstream_connect.0, sender.ready()).await {
+            Ok(Ok(())) => Some((sender, addr)),
+            _ => None,
+        },
+        None => None,
+    };
+    let (mut sender, mut addr, mut pooled) = match pooled_ready {
         Some((sender, addr)) => (sender, addr, true),
         None => connect(&permit, snapshot, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
     };
