@@ -157,3 +157,53 @@ impl AccessRecord {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{DenyReason, Mode, RequestKind};
+
+    /// The hand-written line is one valid JSON object per line with every
+    /// field, whatever the strings hold.
+    #[test]
+    fn decision_line_is_valid_json_with_every_field() {
+        let mut record = AccessRecord::new("127.0.0.1:4242".parse().unwrap(), http::Method::GET, Arc::new(Metrics::new()));
+        record.kind = Some(RequestKind::Http);
+        record.host = "evil\"host\\\n\u{1}é".to_string();
+        record.port = 8080;
+        record.dialed = Some("[2001:db8::1]:443".parse().unwrap());
+        record.outcome = Outcome::WouldDeny(DenyReason::NotAllowListed);
+        record.role = "team \"a\"".to_string();
+        record.identity = "credentials";
+        record.mode = Mode::Report;
+        record.status = 502;
+        record.bytes_in = 12;
+        record.bytes_out = u64::MAX;
+        let mut line = Vec::new();
+        record.write_json(&mut line);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+        assert!(line.ends_with(b"}\n"));
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+        let field = |name: &str| value.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(field("level"), "INFO");
+        assert_eq!(field("target"), "portcullis::access");
+        assert_eq!(field("client"), "127.0.0.1:4242");
+        assert_eq!(field("method"), "GET");
+        assert_eq!(field("kind"), "http");
+        assert_eq!(field("host"), "evil\"host\\\n\u{1}é");
+        assert_eq!(field("port"), 8080);
+        assert_eq!(field("dialed"), "[2001:db8::1]:443");
+        assert_eq!(field("decision"), "would_deny");
+        assert_eq!(field("reason"), "not-allowlisted");
+        assert_eq!(field("role"), "team \"a\"");
+        assert_eq!(field("identity"), "credentials");
+        assert_eq!(field("mode"), "report");
+        assert_eq!(field("status"), 502);
+        assert_eq!(field("bytes_in"), 12);
+        assert_eq!(field("bytes_out"), u64::MAX);
+        assert!(field("duration_ms").as_f64().is_some_and(|d| d >= 0.0));
+        let timestamp = field("timestamp").as_str().unwrap();
+        assert!(timestamp.len() == 27 && timestamp.ends_with('Z'), "{timestamp}");
+        assert_eq!(value.as_object().unwrap().len(), 18, "no other fields: {value}");
+    }
+}
