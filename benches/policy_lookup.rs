@@ -157,94 +157,62 @@ fn allocations_during(f: impl FnOnce()) -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed) - before
 }
 
-fn cidr_v4(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cidr_v4");
-    group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for (mix, realistic) in [("realistic", true), ("uniform", false)] {
-        for n in [1_000usize, 100_000, 1_000_000] {
-            let prefixes = v4_prefixes(n, realistic);
-            let valued: Vec<(Ipv4Net, u32)> = prefixes.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
-            let table = CidrTable::new(valued.iter().map(|(p, v)| (IpNet::V4(*p), *v)));
-            let mut trie = prefix_trie::PrefixMap::<Ipv4Net, u32>::new();
-            for (p, v) in &valued {
-                trie.insert(*p, *v);
-            }
-            for hit in [true, false] {
-                let queries = v4_queries(&prefixes, hit);
-                let kind = if hit { "hit" } else { "miss" };
-                // Both structures must agree with each other (and the scan, where affordable).
-                for q in queries.iter().take(64) {
-                    let ours = table.lookup_v4(*q).copied().map(|v| valued[v as usize].0);
-                    let theirs = trie.get_lpm(&Ipv4Net::from(*q)).map(|(p, _)| p);
-                    assert_eq!(ours, theirs, "{q}");
-                }
-                let allocs = allocations_during(|| {
-                    for q in &queries {
-                        black_box(table.lookup_v4(*q));
+/// One criterion group per address family: both mixes, 10^3 to 10^6
+/// prefixes, hits and misses, against `prefix-trie` and (up to 10^5,
+/// realistic mix) a linear scan. A macro because the two families differ
+/// only in their types and functions.
+macro_rules! cidr_group {
+    ($fn_name:ident, $group:literal, $net:ty, $wrap:path, $prefixes:ident, $queries:ident, $lookup:ident, $linear:ident) => {
+        fn $fn_name(c: &mut Criterion) {
+            let mut group = c.benchmark_group($group);
+            group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+            group.throughput(Throughput::Elements(BATCH as u64));
+            for (mix, realistic) in [("realistic", true), ("uniform", false)] {
+                for n in [1_000usize, 100_000, 1_000_000] {
+                    let prefixes = $prefixes(n, realistic);
+                    let valued: Vec<($net, u32)> = prefixes.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+                    let table = CidrTable::new(valued.iter().map(|(p, v)| ($wrap(*p), *v)));
+                    let mut trie = prefix_trie::PrefixMap::<$net, u32>::new();
+                    for (p, v) in &valued {
+                        trie.insert(*p, *v);
                     }
-                });
-                assert_eq!(allocs, 0, "lookups must not allocate");
-                let id = format!("{mix}/{n}/{kind}");
-                group.bench_function(BenchmarkId::new("portcullis", &id), |b| {
-                    b.iter(|| queries.iter().filter_map(|q| table.lookup_v4(*q)).count())
-                });
-                group.bench_function(BenchmarkId::new("prefix_trie", &id), |b| {
-                    b.iter(|| queries.iter().filter_map(|q| trie.get_lpm(&Ipv4Net::from(*q))).count())
-                });
-                if n <= 100_000 && realistic {
-                    group.bench_function(BenchmarkId::new("linear_scan", &id), |b| {
-                        b.iter(|| queries.iter().filter_map(|q| linear_v4(&valued, *q)).count())
-                    });
+                    for hit in [true, false] {
+                        let queries = $queries(&prefixes, hit);
+                        let kind = if hit { "hit" } else { "miss" };
+                        // Both structures must agree before either is timed.
+                        for q in queries.iter().take(64) {
+                            let ours = table.$lookup(*q).copied().map(|v| valued[v as usize].0);
+                            let theirs = trie.get_lpm(&<$net>::from(*q)).map(|(p, _)| p);
+                            assert_eq!(ours, theirs, "{q}");
+                        }
+                        let allocs = allocations_during(|| {
+                            for q in &queries {
+                                black_box(table.$lookup(*q));
+                            }
+                        });
+                        assert_eq!(allocs, 0, "lookups must not allocate");
+                        let id = format!("{mix}/{n}/{kind}");
+                        group.bench_function(BenchmarkId::new("portcullis", &id), |b| {
+                            b.iter(|| queries.iter().filter_map(|q| table.$lookup(*q)).count())
+                        });
+                        group.bench_function(BenchmarkId::new("prefix_trie", &id), |b| {
+                            b.iter(|| queries.iter().filter_map(|q| trie.get_lpm(&<$net>::from(*q))).count())
+                        });
+                        if n <= 100_000 && realistic {
+                            group.bench_function(BenchmarkId::new("linear_scan", &id), |b| {
+                                b.iter(|| queries.iter().filter_map(|q| $linear(&valued, *q)).count())
+                            });
+                        }
+                    }
                 }
             }
+            group.finish();
         }
-    }
-    group.finish();
+    };
 }
 
-fn cidr_v6(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cidr_v6");
-    group.sample_size(10).measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for n in [1_000usize, 100_000, 1_000_000] {
-        let prefixes = v6_prefixes(n, true);
-        let valued: Vec<(Ipv6Net, u32)> = prefixes.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
-        let table = CidrTable::new(valued.iter().map(|(p, v)| (IpNet::V6(*p), *v)));
-        let mut trie = prefix_trie::PrefixMap::<Ipv6Net, u32>::new();
-        for (p, v) in &valued {
-            trie.insert(*p, *v);
-        }
-        for hit in [true, false] {
-            let queries = v6_queries(&prefixes, hit);
-            let kind = if hit { "hit" } else { "miss" };
-            for q in queries.iter().take(64) {
-                let ours = table.lookup_v6(*q).copied().map(|v| valued[v as usize].0);
-                let theirs = trie.get_lpm(&Ipv6Net::from(*q)).map(|(p, _)| p);
-                assert_eq!(ours, theirs, "{q}");
-            }
-            let allocs = allocations_during(|| {
-                for q in &queries {
-                    black_box(table.lookup_v6(*q));
-                }
-            });
-            assert_eq!(allocs, 0, "lookups must not allocate");
-            let id = format!("realistic/{n}/{kind}");
-            group.bench_function(BenchmarkId::new("portcullis", &id), |b| {
-                b.iter(|| queries.iter().filter_map(|q| table.lookup_v6(*q)).count())
-            });
-            group.bench_function(BenchmarkId::new("prefix_trie", &id), |b| {
-                b.iter(|| queries.iter().filter_map(|q| trie.get_lpm(&Ipv6Net::from(*q))).count())
-            });
-            if n <= 100_000 {
-                group.bench_function(BenchmarkId::new("linear_scan", &id), |b| {
-                    b.iter(|| queries.iter().filter_map(|q| linear_v6(&valued, *q)).count())
-                });
-            }
-        }
-    }
-    group.finish();
-}
+cidr_group!(cidr_v4, "cidr_v4", Ipv4Net, IpNet::V4, v4_prefixes, v4_queries, lookup_v4, linear_v4);
+cidr_group!(cidr_v6, "cidr_v6", Ipv6Net, IpNet::V6, v6_prefixes, v6_queries, lookup_v6, linear_v6);
 
 /// `n` rules: half exact names, half wildcards, under many parents.
 fn domain_rules(n: usize) -> Vec<String> {
