@@ -294,7 +294,7 @@ where
         if n == buf.len() {
             if buf.len() < RELAY_BUF_MAX {
                 buf.resize(buf.len() * 2, 0);
-            } else if let Some(done) = splice_rest(reader.socket().zip(writer.socket()), count, activity).await {
+            } else if let Some(done) = splice_rest(reader.socket().zip(writer.socket()), &mut buf, count, activity).await {
                 // A bulk transfer between two sockets: the rest moved in the
                 // kernel. `done` says whether it ended at the end of stream.
                 if !done {
@@ -312,11 +312,19 @@ where
 /// Relays the rest of a bulk transfer with `splice(2)` when both halves are
 /// TCP sockets (Linux only). `None` when it cannot (another kind of stream,
 /// no file descriptor left for the pipe): the caller goes on copying.
-/// Otherwise `Some(true)` at the end of stream, `Some(false)` on an error.
+/// Otherwise `Some(true)` at the end of stream, `Some(false)` on an error;
+/// the user-space buffer `buf` is freed once splicing starts, so a bulk
+/// transfer does not keep 128 KiB per direction it no longer uses.
 #[cfg(target_os = "linux")]
-async fn splice_rest(sockets: Option<(&TcpStream, &TcpStream)>, count: &AtomicU64, activity: &Activity) -> Option<bool> {
+async fn splice_rest(
+    sockets: Option<(&TcpStream, &TcpStream)>,
+    buf: &mut Vec<u8>,
+    count: &AtomicU64,
+    activity: &Activity,
+) -> Option<bool> {
     let (from, to) = sockets?;
     let pipe = super::splice::Pipe::new().ok()?;
+    *buf = Vec::new();
     loop {
         match super::splice::move_chunk(from, to, &pipe).await {
             Ok(0) => return Some(true),
@@ -330,7 +338,7 @@ async fn splice_rest(sockets: Option<(&TcpStream, &TcpStream)>, count: &AtomicU6
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &AtomicU64, _: &Activity) -> Option<bool> {
+async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &mut Vec<u8>, _: &AtomicU64, _: &Activity) -> Option<bool> {
     None
 }
 
