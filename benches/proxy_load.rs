@@ -78,9 +78,10 @@ async fn run() {
     println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
     println!();
     println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
+    // The load generator (this process), the origins and the proxy.
+    let pids = [std::process::id(), origins.id(), proxy.child.id()];
 
     for clients in [1usize, 50, 500] {
-        let pids = [std::process::id(), origins.id(), proxy.child.id()];
         let before = pids.map(cpu_secs);
         let direct = http_load(origin, None, clients).await;
         let middle = pids.map(cpu_secs);
@@ -89,32 +90,26 @@ async fn run() {
         row(&format!("HTTP keep-alive req/s, {clients} clients"), direct.rps, proxied.rps, "");
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
-        // CPU time per request of each process (user + system, from /proc).
-        let per_request = |from: [f64; 3], to: [f64; 3], count: usize| {
-            let us = |i: usize| (to[i] - from[i]) * 1e6 / count.max(1) as f64;
-            format!("generator {:.1}, origin {:.1}, proxy {:.1}", us(0), us(1), us(2))
-        };
-        println!("  CPU µs/request, direct:    {}", per_request(before, middle, direct.count));
-        println!("  CPU µs/request, via proxy: {}", per_request(middle, after, proxied.count));
+        let [load, orig, prox] = cpu_us_per(before, middle, direct.count as f64);
+        println!("  CPU µs/request, direct:    generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
+        let [load, orig, prox] = cpu_us_per(middle, after, proxied.count as f64);
+        println!("  CPU µs/request, via proxy: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
     }
 
     let direct = new_connections(echo, None).await;
     let proxied = new_connections(echo, Some(p)).await;
     row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
 
-    let pids = [std::process::id(), origins.id(), proxy.child.id()];
     let before = pids.map(cpu_secs);
     let direct = bulk(source, None).await;
     let middle = pids.map(cpu_secs);
     let proxied = bulk(source, Some(p)).await;
     let after = pids.map(cpu_secs);
     row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
-    let per_mb = |from: [f64; 3], to: [f64; 3], mb: f64| {
-        let us = |i: usize| (to[i] - from[i]) * 1e6 / mb.max(1.0);
-        format!("sink {:.0}, source {:.0}, proxy {:.0}", us(0), us(1), us(2))
-    };
-    println!("  CPU µs/MB, direct:    {}", per_mb(before, middle, direct.1));
-    println!("  CPU µs/MB, via proxy: {}", per_mb(middle, after, proxied.1));
+    let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
+    println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+    let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
+    println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
 
     let before = proxy.rss_kib();
     let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
@@ -129,6 +124,12 @@ async fn run() {
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
+}
+
+/// Microseconds of CPU each process spent per unit (request, MB) between
+/// two readings of [`cpu_secs`].
+fn cpu_us_per(from: [f64; 3], to: [f64; 3], units: f64) -> [f64; 3] {
+    [0, 1, 2].map(|i| (to[i] - from[i]) * 1e6 / units.max(1.0))
 }
 
 /// User + system CPU seconds used so far by process `pid` (0 once gone).
