@@ -281,7 +281,7 @@ fn typical_policy(tag: usize) -> Policy {
         PortSet::new([80]),
         PortSet::new([443, 8443 + tag as u16]),
     );
-    Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &[]).unwrap()
+    Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &Default::default()).unwrap()
 }
 
 fn decide(c: &mut Criterion) {

@@ -13,7 +13,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::domain::DomainPattern;
-use crate::policy::{self, AllowList, DenyList, Mode, Policy, PortSet, Role};
+use crate::policy::ranges::{Nat64Prefix, Transitions};
+use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PortSet, Role};
 
 /// The role that applies to clients without an identity.
 pub const DEFAULT_ROLE: &str = "default";
@@ -64,9 +65,18 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub reload: ReloadConfig,
-    /// Exact carve-outs from the always-denied ranges.
+    /// Exact carve-outs from the always-denied and internal ranges.
     #[serde(default)]
     pub allow_ranges: Vec<CarveOut>,
+    /// Ranges internal to this deployment (pod, service and node CIDRs,
+    /// privately used public ranges, global IPv6 cluster prefixes): denied
+    /// as `denied-range:internal` unless carved out.
+    #[serde(default)]
+    pub internal_ranges: Vec<RuleCidr>,
+    /// Network-specific NAT64 prefixes (RFC 6052): addresses inside are
+    /// judged by the IPv4 address they carry, like `64:ff9b::/96`.
+    #[serde(default)]
+    pub nat64_prefixes: Vec<Nat64Rule>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
 }
@@ -197,7 +207,7 @@ pub struct RoleConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DenyConfig {
     pub domains: Vec<DomainRule>,
-    pub cidrs: Vec<Cidr>,
+    pub cidrs: Vec<RuleCidr>,
 }
 
 fn default_true() -> bool {
@@ -211,7 +221,12 @@ pub struct AllowConfig {
     /// Exact names and `*.suffix` wildcards.
     pub domains: Vec<DomainRule>,
     /// Address prefixes; a name is allowed when every address it resolves to is inside.
-    pub cidrs: Vec<Cidr>,
+    pub cidrs: Vec<RuleCidr>,
+    /// True (the default): a name that matches no domain rule is resolved,
+    /// and allowed when every address is inside `cidrs`. False: `cidrs`
+    /// admit IP literals only and such a name is denied without any DNS
+    /// query (a denied name then cannot carry data out through DNS).
+    pub resolve_unlisted_names: bool,
     /// Ports allowed for plain HTTP forwarding.
     pub http_ports: Vec<NonZeroU16>,
     /// Ports allowed for CONNECT tunnels.
@@ -223,6 +238,7 @@ impl Default for AllowConfig {
         AllowConfig {
             domains: Vec::new(),
             cidrs: Vec::new(),
+            resolve_unlisted_names: true,
             http_ports: vec![NonZeroU16::new(80).expect("80 is not zero")],
             connect_ports: vec![NonZeroU16::new(443).expect("443 is not zero")],
         }
@@ -234,7 +250,10 @@ impl Default for AllowConfig {
 pub struct ConfigDuration(pub Duration);
 
 impl ConfigDuration {
-    /// Parses the textual form.
+    /// The longest duration a config may give.
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// Parses the textual form; at most [`ConfigDuration::MAX`].
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -242,17 +261,23 @@ impl ConfigDuration {
         let value: u64 = digits
             .parse()
             .map_err(|_| format!("invalid duration {text:?}: expected a number followed by ms, s, m or h"))?;
-        let duration = match unit {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value * 60),
-            "h" => Duration::from_secs(value * 3600),
+        let millis_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
             _ => return Err(format!("invalid duration {text:?}: unit must be ms, s, m or h")),
         };
-        if duration.is_zero() {
+        // Deadlines are computed as `now + duration`; a bound keeps every
+        // such sum far from overflow (a panic in a connection task).
+        let millis = value.checked_mul(millis_per_unit).filter(|ms| *ms <= Self::MAX.as_millis() as u64);
+        let Some(millis) = millis else {
+            return Err(format!("invalid duration {text:?}: must be at most 7 days"));
+        };
+        if millis == 0 {
             return Err(format!("invalid duration {text:?}: must be greater than zero"));
         }
-        Ok(ConfigDuration(duration))
+        Ok(ConfigDuration(Duration::from_millis(millis)))
     }
 }
 
@@ -301,6 +326,43 @@ impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         Cidr::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A CIDR in a policy rule. A prefix written as an IPv6 transition form
+/// (`::ffff:10.0.0.0/104`, `2002:a00::/24`) is rewritten as the IPv4 range
+/// it stands for, because addresses are judged by their IPv4 form; one that
+/// covers a whole form, or any Teredo prefix, is refused. Prefixes inside a
+/// declared NAT64 prefix are rewritten when the policy is compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleCidr(pub IpNet);
+
+impl RuleCidr {
+    fn parse(text: &str) -> Result<Self, String> {
+        let Cidr(net) = Cidr::parse(text)?;
+        Transitions::default().unwrap_rule(net).map(RuleCidr)
+    }
+}
+
+impl<'de> Deserialize<'de> for RuleCidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        RuleCidr::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A network-specific NAT64 prefix (`/32`, `/40`, `/48`, `/56`, `/64` or `/96`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nat64Rule(pub Nat64Prefix);
+
+impl<'de> Deserialize<'de> for Nat64Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let net = match Cidr::parse(&text).map_err(serde::de::Error::custom)?.0 {
+            IpNet::V6(net) => net,
+            IpNet::V4(_) => return Err(serde::de::Error::custom(format!("NAT64 prefix {text:?} must be IPv6"))),
+        };
+        Nat64Prefix::new(net).map(Nat64Rule).map_err(serde::de::Error::custom)
     }
 }
 
@@ -355,21 +417,15 @@ impl<'de> Deserialize<'de> for CarveOut {
     }
 }
 
-/// A carved-out range. It must overlap an always-denied range: a carve-out
-/// that changes nothing is a mistake worth reporting.
+/// A carved-out range. It must overlap an always-denied or internal range
+/// (checked when the policy is compiled): a carve-out that changes nothing
+/// is a mistake worth reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CarvedRange(pub IpNet);
 
 impl CarvedRange {
     fn parse(text: &str) -> Result<Self, String> {
-        let Cidr(net) = Cidr::parse(text)?;
-        if !policy::overlaps_denied_range(&net) {
-            return Err(format!(
-                "{net} is not inside any always-denied range, so carving it out changes nothing; \
-                 allow it under roles.<name>.allow.cidrs instead"
-            ));
-        }
-        Ok(CarvedRange(net))
+        RuleCidr::parse(text).map(|r| CarvedRange(r.0))
     }
 }
 
@@ -390,8 +446,18 @@ impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
-        Config::from_yaml_str(&text, &file)
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+        Config::from_bytes(&bytes, &file)
+    }
+
+    /// Parses and validates the bytes of a config file; `file` names it in errors.
+    pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Invalid {
+            file: file.to_string(),
+            message: format!("not UTF-8 text: {e}"),
+            line: Some(bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1),
+        })?;
+        Config::from_yaml_str(text, file)
     }
 
     /// Parses and validates config text; `file` names it in errors.
@@ -401,22 +467,26 @@ impl Config {
             line: e.location().map(|l| l.line()),
             message: e.to_string(),
         })?;
-        config.check_all().map_err(|message| ConfigError::Invalid { file: file.to_string(), message, line: None })?;
+        config.check_all().map_err(|refused| ConfigError::Invalid {
+            file: file.to_string(),
+            line: refused.value.as_ref().and_then(|(path, v)| line_of(text, path, v)),
+            message: refused.message,
+        })?;
         Ok(config)
     }
 
     /// Everything the proxy would compile at start: policy, identities and
     /// TLS material (certificate files are read).
-    fn check_all(&self) -> Result<(), String> {
+    fn check_all(&self) -> Result<(), Refused> {
         for (field, value) in [
             ("limits.max_request_head_bytes", self.limits.max_request_head_bytes),
             ("limits.max_response_head_bytes", self.limits.max_response_head_bytes),
         ] {
             if value < 8192 {
-                return Err(format!("{field}: {value} is below the minimum of 8192 bytes"));
+                return Err(format!("{field}: {value} is below the minimum of 8192 bytes").into());
             }
         }
-        let policy = self.compile()?;
+        let policy = self.compile_policy()?;
         crate::identity::Identities::compile(&self.identity, &policy)?;
         if let Some(tls) = &self.tls {
             crate::tls::server_config(tls)?;
@@ -427,43 +497,102 @@ impl Config {
     /// Compiles the policy. Fails only on cross-field problems, which the
     /// message names by field path.
     pub fn compile(&self) -> Result<Policy, String> {
+        self.compile_policy().map_err(|r| r.message)
+    }
+
+    fn compile_policy(&self) -> Result<Policy, Refused> {
         for (i, carve) in self.allow_ranges.iter().enumerate() {
             if let CarveOut::Roles { roles, .. } = carve {
                 if let Some(missing) = roles.iter().find(|r| !self.roles.contains_key(*r)) {
-                    return Err(format!("allow_ranges[{i}].roles: role {missing:?} is not defined under roles"));
+                    return Err(format!("allow_ranges[{i}].roles: role {missing:?} is not defined under roles").into());
                 }
             }
         }
-        let roles = self
-            .roles
-            .iter()
-            .map(|(name, role)| {
-                let own = self.allow_ranges.iter().filter(|c| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
-                compile_role(name, role).with_carve_outs(own.map(CarveOut::net).collect())
-            })
-            .collect();
-        let carve_outs: Vec<IpNet> =
-            self.allow_ranges.iter().filter(|c| matches!(c, CarveOut::All(_))).map(CarveOut::net).collect();
-        Policy::new(roles, DEFAULT_ROLE, &carve_outs)
-            .map_err(|e| format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity"))
+        let nat64: Vec<Nat64Prefix> = self.nat64_prefixes.iter().map(|n| n.0).collect();
+        let transitions = Transitions::new(nat64.iter().copied());
+        let internal = unwrap_all(&transitions, "internal_ranges", self.internal_ranges.iter().map(|r| r.0))?;
+        let mut plan = AddressPlan { carve_outs: Vec::new(), internal, nat64 };
+        let carve_outs = unwrap_all(&transitions, "allow_ranges", self.allow_ranges.iter().map(CarveOut::net))?;
+        for (i, net) in carve_outs.iter().enumerate() {
+            if !plan.overlaps_denied_range(net) {
+                return Err(Refused::at(
+                    format!("allow_ranges[{i}]"),
+                    format!(
+                        "{net} is not inside any always-denied or internal range, so carving it out changes \
+                         nothing; allow it under roles.<name>.allow.cidrs instead"
+                    ),
+                    self.allow_ranges[i].net(),
+                ));
+            }
+        }
+        let for_all = self.allow_ranges.iter().zip(&carve_outs);
+        plan.carve_outs = for_all.clone().filter(|(c, _)| matches!(c, CarveOut::All(_))).map(|(_, n)| *n).collect();
+        let mut roles = Vec::with_capacity(self.roles.len());
+        for (name, role) in &self.roles {
+            let own = for_all.clone().filter(|(c, _)| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
+            roles.push(compile_role(&transitions, name, role)?.with_carve_outs(own.map(|(_, n)| *n).collect()));
+        }
+        Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| {
+            format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity").into()
+        })
     }
 }
 
-fn compile_role(name: &str, role: &RoleConfig) -> Role {
+/// A compile-time refusal, with the value it is about when there is one
+/// (its line is then found in the file).
+#[derive(Debug)]
+struct Refused {
+    message: String,
+    /// The field path and the value as written.
+    value: Option<(String, String)>,
+}
+
+impl Refused {
+    fn at(path: String, reason: String, value: IpNet) -> Self {
+        Refused { message: format!("{path}: {reason}"), value: Some((path, value.to_string())) }
+    }
+}
+
+impl From<String> for Refused {
+    fn from(message: String) -> Self {
+        Refused { message, value: None }
+    }
+}
+
+/// The 1-based line of `value` under the field `path` (`roles.ci.allow.cidrs[1]`):
+/// each key of the path is looked for in turn, then the value after the last.
+fn line_of(text: &str, path: &str, value: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    for key in path.split('.').map(|k| k.split('[').next().unwrap_or(k)) {
+        let key = format!("{key}:");
+        from += lines[from..].iter().position(|l| l.trim_start().trim_start_matches("- ").starts_with(&key))?;
+    }
+    lines[from..].iter().position(|l| l.contains(value)).map(|i| from + i + 1)
+}
+
+/// Rewrites rules that lie inside a declared NAT64 prefix as IPv4 ranges.
+fn unwrap_all(transitions: &Transitions, field: &str, nets: impl Iterator<Item = IpNet>) -> Result<Vec<IpNet>, Refused> {
+    nets.enumerate()
+        .map(|(i, net)| transitions.unwrap_rule(net).map_err(|e| Refused::at(format!("{field}[{i}]"), e, net)))
+        .collect()
+}
+
+fn compile_role(transitions: &Transitions, name: &str, role: &RoleConfig) -> Result<Role, Refused> {
     let allow = &role.allow;
     let ports = |list: &[NonZeroU16]| PortSet::new(list.iter().map(|p| p.get()));
-    Role::new(
-        name,
-        role.mode,
-        role.sni_check,
-        AllowList::new(
-            allow.domains.iter().map(|d| d.0.clone()),
-            allow.cidrs.iter().map(|c| c.0),
-            ports(&allow.http_ports),
-            ports(&allow.connect_ports),
-        ),
+    let cidrs = |field: &str, list: &[RuleCidr]| {
+        unwrap_all(transitions, &format!("roles.{name}.{field}"), list.iter().map(|c| c.0))
+    };
+    let allow_list = AllowList::new(
+        allow.domains.iter().map(|d| d.0.clone()),
+        cidrs("allow.cidrs", &allow.cidrs)?,
+        ports(&allow.http_ports),
+        ports(&allow.connect_ports),
     )
-    .with_deny(DenyList::new(role.deny.domains.iter().map(|d| d.0.clone()), role.deny.cidrs.iter().map(|c| c.0)))
+    .resolve_unlisted(allow.resolve_unlisted_names);
+    let deny = DenyList::new(role.deny.domains.iter().map(|d| d.0.clone()), cidrs("deny.cidrs", &role.deny.cidrs)?);
+    Ok(Role::new(name, role.mode, role.sni_check, allow_list).with_deny(deny))
 }
 
 #[cfg(test)]
@@ -486,7 +615,7 @@ mod tests {
 
     #[test]
     fn durations() {
-        let cases = [("500ms", Some(500)), ("10s", Some(10_000)), ("5m", Some(300_000)), ("1h", Some(3_600_000)), ("0s", None), ("10", None), ("s", None), ("1.5s", None), ("10 days", None)];
+        let cases = [("500ms", Some(500)), ("10s", Some(10_000)), ("5m", Some(300_000)), ("1h", Some(3_600_000)), ("0s", None), ("10", None), ("s", None), ("1.5s", None), ("10 days", None), ("168h", Some(604_800_000)), ("169h", None), ("5124095576030431h", None), ("18446744073709551615ms", None), ("99999999999999999999s", None)];
         for (text, want) in cases {
             let got = ConfigDuration::parse(text).ok().map(|d| d.0.as_millis() as u64);
             assert_eq!(got, want, "{text}");
@@ -503,7 +632,18 @@ mod tests {
             ("roles:\n  default:\n    allow:\n      domains: [\"2852039166\"]\n", 4, "non-canonical IPv4"),
             ("roles:\n  default:\n    allow:\n      cidrs: [10.0.0.1/8]\n", 4, "host bits set"),
             ("roles:\n  default:\n    allow:\n      cidrs: [not-a-cidr]\n", 4, "invalid CIDR"),
-            ("allow_ranges: [8.8.8.0/24]\nroles:\n  default: {}\n", 1, "not inside any always-denied range"),
+            ("allow_ranges: [8.8.8.0/24]\nroles:\n  default: {}\n", 1, "not inside any always-denied or internal range"),
+            ("roles:\n  default:\n    deny:\n      cidrs: [\"2001::/32\"]\n", 4, "Teredo prefix"),
+            ("roles:\n  default:\n    deny:\n      cidrs: [\"64:ff9b::/96\"]\n", 4, "covers a whole IPv6 transition form"),
+            ("internal_ranges: [\"::ffff:0:0/96\"]\nroles:\n  default: {}\n", 1, "covers a whole"),
+            ("nat64_prefixes: [\"2001:db8:64::/80\"]\nroles:\n  default: {}\n", 1, "must be /32, /40, /48, /56, /64 or /96"),
+            ("nat64_prefixes: [10.0.0.0/8]\nroles:\n  default: {}\n", 1, "must be IPv6"),
+            (
+                "nat64_prefixes: [\"2001:db8:64::/96\"]\nroles:\n  default:\n    allow:\n      cidrs:\n        - 8.8.8.0/24\n        - \"2001:db8:64::/96\"\n",
+                7,
+                "roles.default.allow.cidrs[1]: 2001:db8:64::/96 covers a whole",
+            ),
+            ("timeouts:\n  tunnel_idle: 5124095576030431h\nroles:\n  default: {}\n", 2, "must be at most 7 days"),
             ("roles:\n  default:\n    mode: permissive\n", 3, "unknown variant `permissive`"),
             ("roles:\n  default:\n    allow:\n      http_ports: [0]\n", 4, "nonzero"),
             ("roles:\n  default:\n    allow:\n      connect_ports: [70000]\n", 4, "70000"),
@@ -517,6 +657,29 @@ mod tests {
             assert!(msg.contains(reason), "want {reason:?} in {msg}");
             assert_eq!(err.line(), Some(*line), "{msg}");
         }
+    }
+
+    /// Rules written as transition prefixes become the IPv4 range they
+    /// stand for (at parse time, or at compile time inside a declared NAT64
+    /// prefix); carve-outs may lift internal ranges.
+    #[test]
+    fn transition_prefix_rules_and_internal_ranges() {
+        let yaml = "internal_ranges: [34.118.0.0/16, \"2600:1900:4000::/44\"]\n\
+                    nat64_prefixes: [\"2001:db8:64::/96\"]\n\
+                    allow_ranges: [34.118.5.0/24]\n\
+                    roles:\n  default:\n    allow:\n      cidrs: [\"::ffff:8.8.8.0/120\", \"2001:db8:64::808:400/120\"]\n\
+                    \x20   deny:\n      cidrs: [\"::ffff:8.8.8.8/128\"]\n";
+        let c = Config::from_yaml_str(yaml, "t.yaml").unwrap();
+        let cidrs: Vec<String> = c.roles["default"].allow.cidrs.iter().map(|r| r.0.to_string()).collect();
+        assert_eq!(cidrs, ["8.8.8.0/24", "2001:db8:64::808:400/120"]);
+        assert_eq!(c.roles["default"].deny.cidrs[0].0.to_string(), "8.8.8.8/32");
+        let p = c.compile().unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(p.denied_range(ip("34.118.1.1")), Some(crate::policy::ranges::RangeKind::Internal));
+        assert_eq!(p.denied_range(ip("34.118.5.1")), None, "carved out");
+        assert_eq!(p.denied_range(ip("2600:1900:4000::1")), Some(crate::policy::ranges::RangeKind::Internal));
+        assert_eq!(p.denied_range(ip("2001:db8:64::a9fe:a9fe")), Some(crate::policy::ranges::RangeKind::Metadata));
+        assert_eq!(p.denied_range(ip("2001:db8:64::808:808")), None);
     }
 
     #[test]

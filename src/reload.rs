@@ -60,11 +60,15 @@ impl Reloader {
     /// and compilation): call from a blocking context.
     pub fn reload(&self, trigger: Trigger) -> Result<u64, ConfigError> {
         let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(bytes) = std::fs::read(&self.path) {
-            *last_seen = fingerprint(&bytes);
-        }
         let file = self.path.display().to_string();
-        let compiled = Config::load(&self.path).and_then(|config| {
+        // One read serves both the fingerprint and the parse: a file being
+        // rewritten in place cannot be fingerprinted whole and parsed
+        // truncated, which would pin the old policy until the next change.
+        let read = std::fs::read(&self.path).map_err(|source| ConfigError::Io { file: file.clone(), source });
+        if let Ok(bytes) = &read {
+            *last_seen = fingerprint(bytes);
+        }
+        let compiled = read.and_then(|bytes| Config::from_bytes(&bytes, &file)).and_then(|config| {
             let generation = self.generation.load(Ordering::SeqCst) + 1;
             let snapshot = Snapshot::from_config(&config, generation)
                 .map_err(|message| ConfigError::Invalid { file: file.clone(), message, line: None })?;

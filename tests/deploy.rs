@@ -101,7 +101,7 @@ fn embedded_configs_are_valid() {
 fn container_config_is_the_shipped_policy() {
     let shipped: Value = serde_yaml_ng::from_str(&read("config/portcullis.yaml")).unwrap();
     let container: Value = serde_yaml_ng::from_str(&read("deploy/container/portcullis.yaml")).unwrap();
-    for key in ["roles", "allow_ranges", "timeouts", "dns", "limits", "reload"] {
+    for key in ["roles", "allow_ranges", "internal_ranges", "nat64_prefixes", "timeouts", "dns", "limits", "reload"] {
         assert_eq!(shipped[key], container[key], "{key} differs");
     }
     let (proxy, admin) = shipped_ports();

@@ -8,6 +8,7 @@
 pub mod cidr;
 pub mod domain;
 pub mod ranges;
+pub mod registry;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +18,7 @@ use ipnet::IpNet;
 use crate::target::{DomainName, Host, Target};
 use cidr::CidrTable;
 use domain::{DomainMatcher, DomainPattern};
-use ranges::RangeKind;
+use ranges::{Nat64Prefix, RangeKind, Transitions};
 
 /// How a role's allow-list is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -104,11 +105,13 @@ impl DenyReason {
             DenyReason::DeniedRange(Loopback) => "denied-range:loopback",
             DenyReason::DeniedRange(Private) => "denied-range:private",
             DenyReason::DeniedRange(Special) => "denied-range:special",
+            DenyReason::DeniedRange(Internal) => "denied-range:internal",
             DenyReason::DeniedName(Metadata) => "denied-name:metadata",
             DenyReason::DeniedName(LinkLocal) => "denied-name:link-local",
             DenyReason::DeniedName(Loopback) => "denied-name:loopback",
             DenyReason::DeniedName(Private) => "denied-name:private",
             DenyReason::DeniedName(Special) => "denied-name:special",
+            DenyReason::DeniedName(Internal) => "denied-name:internal",
             DenyReason::NotAllowListed => "not-allowlisted",
             DenyReason::PortNotAllowed => "port-not-allowed",
             DenyReason::DeniedByRole => "denied-by-role",
@@ -239,6 +242,10 @@ pub struct AllowList {
     cidrs: CidrTable<()>,
     http_ports: PortSet,
     connect_ports: PortSet,
+    /// False: CIDR rules admit IP literals only; a name that matches no
+    /// domain rule is denied without being resolved (no DNS query leaves
+    /// for it, which closes the exfiltration channel through denied names).
+    resolve_unlisted: bool,
 }
 
 impl AllowList {
@@ -254,7 +261,21 @@ impl AllowList {
             cidrs: CidrTable::new(cidrs.into_iter().map(|n| (n, ()))),
             http_ports,
             connect_ports,
+            resolve_unlisted: true,
         }
+    }
+
+    /// Sets whether CIDR rules may admit names (by resolving names that
+    /// match no domain rule) or IP literals only.
+    pub fn resolve_unlisted(mut self, resolve: bool) -> Self {
+        self.resolve_unlisted = resolve;
+        self
+    }
+
+    /// True when a name that matches no domain rule could still be admitted
+    /// by a CIDR rule once resolved.
+    fn cidrs_admit_names(&self) -> bool {
+        self.resolve_unlisted && !self.cidrs.is_empty()
     }
 
     fn ports(&self, kind: RequestKind) -> &PortSet {
@@ -268,25 +289,32 @@ impl AllowList {
         self.domains.lookup(name.as_str()).is_some()
     }
 
-    fn addr_allowed(&self, addr: IpAddr) -> bool {
-        self.cidrs.lookup(ranges::judged_address(addr)).is_some()
+    fn addr_allowed(&self, transitions: &Transitions, addr: IpAddr) -> bool {
+        self.cidrs.lookup(transitions.judged(addr)).is_some()
     }
 
     /// The part of the check that needs no addresses: the port, and for a
-    /// name when no CIDR rule could match its addresses, the name itself.
+    /// name when no CIDR rule could admit it through its addresses, the name
+    /// itself. A name denied here is never resolved.
     fn check_before_resolution(&self, kind: RequestKind, target: &Target) -> Result<(), DenyReason> {
         if !self.ports(kind).contains(target.port) {
             return Err(DenyReason::PortNotAllowed);
         }
         match &target.host {
-            Host::Name(name) if self.cidrs.is_empty() && !self.name_allowed(name) => {
+            Host::Name(name) if !self.cidrs_admit_names() && !self.name_allowed(name) => {
                 Err(DenyReason::NotAllowListed)
             }
             _ => Ok(()),
         }
     }
 
-    fn check(&self, kind: RequestKind, target: &Target, addrs: &[IpAddr]) -> Result<AllowedBy, DenyReason> {
+    fn check(
+        &self,
+        transitions: &Transitions,
+        kind: RequestKind,
+        target: &Target,
+        addrs: &[IpAddr],
+    ) -> Result<AllowedBy, DenyReason> {
         if !self.ports(kind).contains(target.port) {
             return Err(DenyReason::PortNotAllowed);
         }
@@ -294,8 +322,11 @@ impl AllowList {
             if self.name_allowed(name) {
                 return Ok(AllowedBy::Domain);
             }
+            if !self.resolve_unlisted {
+                return Err(DenyReason::NotAllowListed);
+            }
         }
-        if !addrs.is_empty() && addrs.iter().all(|a| self.addr_allowed(*a)) {
+        if !addrs.is_empty() && addrs.iter().all(|a| self.addr_allowed(transitions, *a)) {
             return Ok(AllowedBy::Cidr);
         }
         Err(DenyReason::NotAllowListed)
@@ -315,6 +346,11 @@ pub struct Role {
 }
 
 /// Destinations a role may never reach, on top of the always-denied ranges.
+///
+/// `domains` is a check on the requested name only: another name for the
+/// same address, or the address itself, is not caught by it. Pair it with
+/// `cidrs` to deny the addresses. A CIDR entry matches an address in its
+/// IPv6 spelling and in the IPv4 form a transition address carries.
 #[derive(Debug, Clone)]
 pub struct DenyList {
     domains: DomainMatcher<()>,
@@ -336,9 +372,12 @@ impl DenyList {
         }
     }
 
-    fn denies(&self, target: &Target, addrs: &[IpAddr]) -> bool {
+    fn denies(&self, transitions: &Transitions, target: &Target, addrs: &[IpAddr]) -> bool {
         let name_denied = matches!(&target.host, Host::Name(n) if self.domains.lookup(n.as_str()).is_some());
-        name_denied || addrs.iter().any(|a| self.cidrs.lookup(ranges::judged_address(*a)).is_some())
+        let addr_denied = |a: &IpAddr| {
+            self.cidrs.lookup(*a).is_some() || self.cidrs.lookup(transitions.judged(*a)).is_some()
+        };
+        name_denied || addrs.iter().any(addr_denied)
     }
 }
 
@@ -371,22 +410,39 @@ impl Role {
     }
 }
 
-/// Whether an address range is denied or carved out by the operator.
+/// Whether an address range is denied, or not denied inside a denied block
+/// (a globally reachable registry row, or the operator's carve-out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RangeVerdict {
     Denied(RangeKind),
-    CarvedOut,
+    NotDenied,
 }
 
-/// True when `net` overlaps an always-denied range, i.e. a carve-out for it
-/// would change something.
-pub fn overlaps_denied_range(net: &IpNet) -> bool {
-    ranges::denied_ranges().any(|(d, _)| d.contains(&net.network()) || net.contains(&d.network()))
+/// What the operator adds to the built-in address table.
+#[derive(Debug, Clone, Default)]
+pub struct AddressPlan {
+    /// Exceptions to the denied ranges, for every role.
+    pub carve_outs: Vec<IpNet>,
+    /// Ranges internal to this deployment (pod, service, node CIDRs, PUPI
+    /// ranges, global IPv6 cluster prefixes): denied as `internal`.
+    pub internal: Vec<IpNet>,
+    /// Network-specific NAT64 prefixes: unwrapped like `64:ff9b::/96`.
+    pub nat64: Vec<Nat64Prefix>,
+}
+
+impl AddressPlan {
+    /// True when `net` overlaps an always-denied or internal range, i.e. a
+    /// carve-out for it would change something.
+    pub fn overlaps_denied_range(&self, net: &IpNet) -> bool {
+        let overlaps = |d: &IpNet| d.contains(&net.network()) || net.contains(&d.network());
+        ranges::denied_ranges().any(|(d, _)| overlaps(&d)) || self.internal.iter().any(overlaps)
+    }
 }
 
 /// The compiled, immutable policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    transitions: Transitions,
     ranges: CidrTable<RangeVerdict>,
     /// Per role: its own table when it has role-specific carve-outs.
     role_ranges: Vec<Option<CidrTable<RangeVerdict>>>,
@@ -398,20 +454,23 @@ pub struct Policy {
 impl Policy {
     /// Compiles a policy. `default_role` names the role for clients without
     /// an identity and must be one of `roles`. Carve-outs lift the
-    /// always-denied ranges only where they are at least as specific.
-    pub fn new(roles: Vec<Role>, default_role: &str, carve_outs: &[IpNet]) -> Result<Self, PolicyError> {
+    /// always-denied and internal ranges only where they are at least as
+    /// specific.
+    pub fn new(roles: Vec<Role>, default_role: &str, plan: &AddressPlan) -> Result<Self, PolicyError> {
         let default_role = roles
             .iter()
             .position(|r| &*r.name == default_role)
             .map(RoleId)
             .ok_or_else(|| PolicyError::MissingRole(default_role.to_string()))?;
-        // Carve-outs come after the denied ranges so an identical prefix
-        // resolves to the carve-out.
+        // Later entries win for an identical prefix: internal ranges over
+        // the registry rows, carve-outs over both.
         let table = |extra: &[IpNet]| {
             CidrTable::new(
                 ranges::denied_ranges()
                     .map(|(n, k)| (n, RangeVerdict::Denied(k)))
-                    .chain(carve_outs.iter().chain(extra).map(|n| (*n, RangeVerdict::CarvedOut))),
+                    .chain(ranges::reachable_exceptions().map(|n| (n, RangeVerdict::NotDenied)))
+                    .chain(plan.internal.iter().map(|n| (*n, RangeVerdict::Denied(RangeKind::Internal))))
+                    .chain(plan.carve_outs.iter().chain(extra).map(|n| (*n, RangeVerdict::NotDenied))),
             )
         };
         let ranges = table(&[]);
@@ -426,7 +485,8 @@ impl Policy {
                 .chain(ranges::DENIED_NAME_SUFFIXES.iter().map(|(n, k)| (DomainPattern::parse(&format!("*.{n}")), *k)))
                 .map(|(p, k)| (p.expect("built-in denied names are valid"), k)),
         );
-        Ok(Policy { ranges, role_ranges, denied_names, roles, default_role })
+        let transitions = Transitions::new(plan.nat64.iter().copied());
+        Ok(Policy { transitions, ranges, role_ranges, denied_names, roles, default_role })
     }
 
     /// The role for clients without an identity.
@@ -446,18 +506,23 @@ impl Policy {
 
     /// The always-denied range an address falls in, unless carved out globally.
     pub fn denied_range(&self, addr: IpAddr) -> Option<RangeKind> {
-        Self::range_verdict(&self.ranges, addr)
+        self.range_verdict(&self.ranges, addr)
     }
 
     /// The always-denied range an address falls in for `role`, whose own
     /// carve-outs also count.
     pub fn denied_range_for(&self, role: RoleId, addr: IpAddr) -> Option<RangeKind> {
         let table = self.role_ranges[role.0].as_ref().unwrap_or(&self.ranges);
-        Self::range_verdict(table, addr)
+        self.range_verdict(table, addr)
     }
 
-    fn range_verdict(table: &CidrTable<RangeVerdict>, addr: IpAddr) -> Option<RangeKind> {
-        match table.lookup(ranges::judged_address(addr)) {
+    /// The transition forms in force (built in, plus declared NAT64 prefixes).
+    pub fn transitions(&self) -> &Transitions {
+        &self.transitions
+    }
+
+    fn range_verdict(&self, table: &CidrTable<RangeVerdict>, addr: IpAddr) -> Option<RangeKind> {
+        match table.lookup(self.transitions.judged(addr)) {
             Some(RangeVerdict::Denied(kind)) => Some(*kind),
             _ => None,
         }
@@ -479,7 +544,7 @@ impl Policy {
             return PreResolution::Decided(Decision::Deny(DenyReason::DeniedName(range)));
         }
         let role = self.role(role);
-        if role.deny.denies(target, &[]) {
+        if role.deny.denies(&self.transitions, target, &[]) {
             return PreResolution::Decided(Decision::Deny(DenyReason::DeniedByRole));
         }
         match role.allow.check_before_resolution(kind, target) {
@@ -500,12 +565,12 @@ impl Policy {
             return Decision::Deny(DenyReason::DeniedRange(range));
         }
         let role = self.role(role);
-        if role.deny.denies(target, addrs) {
+        if role.deny.denies(&self.transitions, target, addrs) {
             return Decision::Deny(DenyReason::DeniedByRole);
         }
         let checked = match role.mode {
             Mode::Open => Ok(AllowedBy::Open),
-            Mode::Enforce | Mode::Report => role.allow.check(kind, target, addrs),
+            Mode::Enforce | Mode::Report => role.allow.check(&self.transitions, kind, target, addrs),
         };
         let (rule, would_deny) = match (checked, role.mode) {
             (Ok(rule), _) => (rule, None),

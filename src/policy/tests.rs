@@ -9,7 +9,8 @@ fn policy(mode: Mode, domains: &[&str], cidrs: &[&str], carve_outs: &[&str]) -> 
         PortSet::new([443]),
     );
     let carve: Vec<IpNet> = carve_outs.iter().map(|c| c.parse().unwrap()).collect();
-    Policy::new(vec![Role::new("default", mode, true, allow)], "default", &carve).unwrap()
+    let plan = AddressPlan { carve_outs: carve, ..AddressPlan::default() };
+    Policy::new(vec![Role::new("default", mode, true, allow)], "default", &plan).unwrap()
 }
 
 #[test]
@@ -61,7 +62,8 @@ fn every_denied_range_and_transition_form() {
         ("ff02::1", Some(Special)),
         ("2001:db8::1", Some(Special)),
         ("100::1", Some(Special)),
-        ("100:0:0:1::1", None),
+        ("100:0:0:1::1", Some(Special)),
+        ("100:0:0:2::1", None),
         ("2606:4700:4700::1111", None),
         // Transition forms, judged by the IPv4 address they carry.
         ("::ffff:169.254.169.254", Some(Metadata)),
@@ -76,7 +78,8 @@ fn every_denied_range_and_transition_form() {
         ("64:ff9b::a9fe:a9fe", Some(Metadata)),
         ("64:ff9b::192.168.0.1", Some(Private)),
         ("64:ff9b::8.8.8.8", None),
-        ("64:ff9b:1::a00:1", Some(Private)),
+        ("64:ff9b:1::a00:1", Some(Special)),
+        ("64:ff9b:1::808:808", Some(Special)),
         ("2002:a9fe:a9fe::", Some(Metadata)),
         ("2002:7f00:1::1", Some(Loopback)),
         ("2002:0808:0808::1", None),
@@ -226,21 +229,28 @@ fn carve_outs_apply_only_where_as_specific() {
 #[test]
 fn carve_out_overlap_check() {
     for (net, want) in [("127.0.0.1/32", true), ("8.8.8.0/24", false), ("0.0.0.0/0", true), ("2001:4860::/32", false), ("fd00::/8", true)] {
-        assert_eq!(overlaps_denied_range(&net.parse().unwrap()), want, "{net}");
+        assert_eq!(AddressPlan::default().overlaps_denied_range(&net.parse().unwrap()), want, "{net}");
     }
 }
 
 #[test]
 fn missing_default_role_is_an_error() {
     let allow = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
-    let err = Policy::new(vec![Role::new("team-a", Mode::Enforce, true, allow)], "default", &[]).unwrap_err();
+    let err = Policy::new(vec![Role::new("team-a", Mode::Enforce, true, allow)], "default", &AddressPlan::default()).unwrap_err();
     assert_eq!(err, PolicyError::MissingRole("default".into()));
 }
 
 #[test]
 fn reason_codes_are_distinct() {
     use std::collections::HashSet;
-    let kinds = [RangeKind::Metadata, RangeKind::LinkLocal, RangeKind::Loopback, RangeKind::Private, RangeKind::Special];
+    let kinds = [
+        RangeKind::Metadata,
+        RangeKind::LinkLocal,
+        RangeKind::Loopback,
+        RangeKind::Private,
+        RangeKind::Special,
+        RangeKind::Internal,
+    ];
     let mut all: Vec<DenyReason> = kinds.iter().flat_map(|k| [DenyReason::DeniedRange(*k), DenyReason::DeniedName(*k)]).collect();
     all.extend([
         DenyReason::NotAllowListed,
@@ -256,4 +266,180 @@ fn reason_codes_are_distinct() {
     ]);
     let codes: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
     assert_eq!(codes.len(), all.len());
+}
+
+/// The IPv6 address that carries `v4` in a transition form (test helper).
+fn carrying(t: ranges::Transition, v4: std::net::Ipv4Addr) -> IpAddr {
+    use ranges::Transition::*;
+    let v4bits = u32::from(v4) as u128;
+    let bits: u128 = match t {
+        Mapped => 0xffff << 32 | v4bits,
+        Translated => 0xffff_0000 << 32 | v4bits,
+        Compatible => v4bits,
+        Nat64 => 0x0064_ff9b << 96 | v4bits,
+        SixToFour => 0x2002 << 112 | v4bits << 80 | 1,
+        Teredo => 0x2001_0000_4136_e378_8000_63bf_0000_0000 | (!u32::from(v4)) as u128,
+    };
+    IpAddr::V6(bits.into())
+}
+
+/// What the registry data says about `addr`: the treatment of the most
+/// specific row that contains it.
+fn expected(addr: IpAddr) -> Option<&'static registry::Row> {
+    registry::rows()
+        .filter(|row| row.net().contains(&addr))
+        .max_by_key(|row| row.net().prefix_len())
+}
+
+/// Walks every registry and extra row: the first, a middle and the last
+/// address of each is denied with the row's kind, or allowed for the reason
+/// written beside it, unless a more specific row says otherwise (checked
+/// against that row). Transition rows are judged by the IPv4 inside.
+#[test]
+fn every_registry_row_is_decided() {
+    use registry::{Source, Treatment};
+    let p = policy(Mode::Open, &[], &[], &[]);
+    let mut seen = (0, 0, 0);
+    for row in registry::rows() {
+        let net = row.net();
+        let (first, last) = match net {
+            IpNet::V4(n) => (u32::from(n.network()) as u128, u32::from(n.broadcast()) as u128),
+            IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+        };
+        for point in [first, first + (last - first) / 2, last] {
+            let addr = match net {
+                IpNet::V4(_) => IpAddr::V4((point as u32).into()),
+                IpNet::V6(_) => IpAddr::V6(point.into()),
+            };
+            let rule = expected(addr).expect("the row itself contains the address");
+            let got = p.denied_range(addr);
+            match rule.treatment {
+                Treatment::Deny(kind) => assert_eq!(got, Some(kind), "{addr} in {} ({})", rule.prefix, rule.name),
+                Treatment::Allow(why) => assert_eq!(got, None, "{addr} in {} should be allowed: {why}", rule.prefix),
+                // Judged by the IPv4 inside: checked below with chosen IPv4s.
+                Treatment::Unwrap(_) => {}
+            }
+        }
+        match row.treatment {
+            Treatment::Deny(_) => seen.0 += 1,
+            Treatment::Allow(_) => seen.1 += 1,
+            Treatment::Unwrap(t) => {
+                seen.2 += 1;
+                let meta = carrying(t, "169.254.169.254".parse().unwrap());
+                let private = carrying(t, "10.1.2.3".parse().unwrap());
+                let public = carrying(t, "8.8.8.8".parse().unwrap());
+                assert!(net.contains(&meta) && net.contains(&public), "{}: test helper builds {meta}", row.prefix);
+                assert_eq!(p.denied_range(meta), Some(RangeKind::Metadata), "{meta} ({})", row.name);
+                assert_eq!(p.denied_range(private), Some(RangeKind::Private), "{private} ({})", row.name);
+                assert_eq!(p.denied_range(public), None, "{public} ({})", row.name);
+            }
+        }
+        // The rule of the issue: a registry row not globally reachable is
+        // never allowed; N/A rows are the transition forms.
+        match (row.source, row.treatment) {
+            (Source::Iana { reachable: Some(false) }, Treatment::Allow(_)) => panic!("{} is not reachable", row.prefix),
+            (Source::Iana { reachable: None }, Treatment::Allow(_)) => panic!("{} is N/A", row.prefix),
+            _ => {}
+        }
+    }
+    assert_eq!(registry::IANA_V4.len(), 26, "IPv4 registry rows");
+    assert_eq!(registry::IANA_V6.len(), 25, "IPv6 registry rows");
+    assert!(seen.0 > 40 && seen.1 == 8 && seen.2 == 6, "{seen:?}");
+}
+
+#[test]
+fn internal_ranges_and_nat64_prefixes() {
+    let allow = AllowList::new([], ["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        carve_outs: vec!["10.96.5.0/24".parse().unwrap()],
+        internal: vec!["10.96.0.0/12".parse().unwrap(), "34.118.224.0/20".parse().unwrap(), "2600:1f14:abc::/48".parse().unwrap()],
+        nat64: vec![ranges::Nat64Prefix::new("2001:db8:64::/96".parse().unwrap()).unwrap()],
+    };
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
+    let cases: &[(&str, Option<RangeKind>)] = &[
+        ("34.118.230.1", Some(RangeKind::Internal)),
+        ("34.118.240.1", None),
+        ("10.96.0.1", Some(RangeKind::Internal)),
+        ("10.96.5.9", None),
+        ("10.112.0.1", Some(RangeKind::Private)),
+        ("2600:1f14:abc::7", Some(RangeKind::Internal)),
+        ("::ffff:34.118.230.1", Some(RangeKind::Internal)),
+        ("2001:db8:64::a9fe:a9fe", Some(RangeKind::Metadata)),
+        ("2001:db8:64::2276:e601", Some(RangeKind::Internal)),
+        ("2001:db8:64::808:808", None),
+        // Not declared: a documentation address, denied as itself.
+        ("2001:db8:65::808:808", Some(RangeKind::Special)),
+    ];
+    for (addr, want) in cases {
+        let ip: IpAddr = addr.parse().unwrap();
+        assert_eq!(p.denied_range(ip), *want, "{addr}");
+        let target = Target { host: Host::Ip(ip), port: 443 };
+        let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
+        match want {
+            Some(kind) => assert_eq!(got, Decision::Deny(DenyReason::DeniedRange(*kind)), "{addr}"),
+            None => assert!(matches!(got, Decision::Allow(_)), "{addr}: {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn role_deny_cidrs_match_raw_and_judged_addresses() {
+    let allow = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
+    let deny = DenyList::new([], ["8.8.8.0/24".parse().unwrap(), "2606:4700::/32".parse().unwrap(), "2000::/3".parse().unwrap()]);
+    let p = Policy::new(vec![Role::new("default", Mode::Open, true, allow).with_deny(deny)], "default", &AddressPlan::default())
+        .unwrap();
+    for (addr, denied) in [
+        ("8.8.8.8", true),
+        ("::ffff:8.8.8.8", true),
+        ("64:ff9b::808:808", true),
+        ("2002:808:808::1", true),
+        ("2606:4700::1111", true),
+        // 6to4 of a public IPv4 outside 8.8.8/24: inside the raw 2000::/3 deny.
+        ("2002:101:101::1", true),
+        ("1.1.1.1", false),
+    ] {
+        let ip: IpAddr = addr.parse().unwrap();
+        let target = Target { host: Host::Ip(ip), port: 443 };
+        let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
+        assert_eq!(got == Decision::Deny(DenyReason::DeniedByRole), denied, "{addr}: {got:?}");
+    }
+}
+
+#[test]
+fn unlisted_names_are_not_resolved_when_cidrs_admit_literals_only() {
+    let allow = |resolve| {
+        AllowList::new(
+            [DomainPattern::parse("example.com").unwrap()],
+            ["8.8.8.0/24".parse().unwrap()],
+            PortSet::new([80]),
+            PortSet::new([443]),
+        )
+        .resolve_unlisted(resolve)
+    };
+    let build = |resolve| {
+        Policy::new(vec![Role::new("default", Mode::Enforce, true, allow(resolve))], "default", &AddressPlan::default())
+            .unwrap()
+    };
+    let (resolving, literal_only) = (build(true), build(false));
+    let other = Target::parse_authority("exfil.example.net:443").unwrap();
+    let listed = Target::parse_authority("example.com:443").unwrap();
+    let literal = Target::parse_authority("8.8.8.8:443").unwrap();
+    let k = RequestKind::Connect;
+    assert!(matches!(resolving.pre_resolution(resolving.default_role(), k, &other), PreResolution::Resolve(_)));
+    assert_eq!(
+        literal_only.pre_resolution(literal_only.default_role(), k, &other),
+        PreResolution::Decided(Decision::Deny(DenyReason::NotAllowListed))
+    );
+    assert!(matches!(literal_only.pre_resolution(literal_only.default_role(), k, &listed), PreResolution::Resolve(_)));
+    assert!(matches!(
+        literal_only.pre_resolution(literal_only.default_role(), k, &literal),
+        PreResolution::Decided(Decision::Allow(_))
+    ));
+    // Even given addresses inside the CIDR rule, the name is not admitted.
+    let inside: IpAddr = "8.8.8.8".parse().unwrap();
+    assert_eq!(
+        literal_only.decide(literal_only.default_role(), k, &other, &[inside]),
+        Decision::Deny(DenyReason::NotAllowListed)
+    );
+    assert!(matches!(resolving.decide(resolving.default_role(), k, &other, &[inside]), Decision::Allow(_)));
 }

@@ -139,6 +139,15 @@ pub async fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Writes `text` to `name` in a per-process temporary directory tagged `tag`.
+pub fn temp_file(tag: &str, name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// A DNS server on loopback answering A and AAAA from a table; other names
 /// get NXDOMAIN. Counts the queries it answers per name.
 pub struct DnsServer {
