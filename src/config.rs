@@ -113,8 +113,18 @@ pub struct Timeouts {
 pub struct Limits {
     /// Open client connections in total.
     pub max_connections: usize,
-    /// Open client connections from one source IP address.
+    /// Open client connections from one source IP address. A connection
+    /// that became a tunnel keeps its slot for the tunnel's whole life.
     pub max_connections_per_client: usize,
+    /// Open CONNECT tunnels in total.
+    pub max_tunnels: usize,
+    /// Open CONNECT tunnels from one source IP address.
+    pub max_tunnels_per_client: usize,
+    /// Idle keep-alive connections to origins kept in total; the least
+    /// recently used goes first.
+    pub max_idle_upstream: usize,
+    /// Idle keep-alive connections kept per (role, destination address).
+    pub max_idle_upstream_per_destination: usize,
     /// Largest request head (request line and headers) a client may send,
     /// at least 8192. hyper enforces it per read buffer, so a head is
     /// refused (431, or 414 for a URI over 65,534 bytes) somewhere between
@@ -129,6 +139,10 @@ impl Default for Limits {
         Limits {
             max_connections: 10_000,
             max_connections_per_client: 1_000,
+            max_tunnels: 8_000,
+            max_tunnels_per_client: 500,
+            max_idle_upstream: 1_024,
+            max_idle_upstream_per_destination: 128,
             max_request_head_bytes: 64 * 1024,
             max_response_head_bytes: 256 * 1024,
         }

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// `portcullis_active_tunnels`.
     pub active_tunnels: IntGauge,
+    /// `portcullis_upstream_idle_connections`: pooled keep-alive connections.
+    pub upstream_idle: IntGauge,
+    /// `portcullis_revoked_total{kind}`: open tunnels and pooled connections
+    /// closed because a reload denies them.
+    pub revoked: IntCounterVec,
     /// `portcullis_relayed_bytes_total{direction}`.
     pub relayed_bytes: IntCounterVec,
     /// `portcullis_connections_refused_total{reason}`.
@@ -106,6 +111,12 @@ impl Metrics {
             ),
             active_connections: gauge("portcullis_active_connections", "Open client connections."),
             active_tunnels: gauge("portcullis_active_tunnels", "Open CONNECT tunnels."),
+            upstream_idle: gauge("portcullis_upstream_idle_connections", "Idle keep-alive connections to origins in the pool."),
+            revoked: counter_vec(
+                "portcullis_revoked_total",
+                "Open tunnels and pooled upstream connections closed because a reloaded policy denies them.",
+                &["kind"],
+            ),
             relayed_bytes: counter_vec(
                 "portcullis_relayed_bytes_total",
                 "Bytes relayed, counted when a request or tunnel finishes.",
@@ -128,8 +139,11 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["global_limit", "per_client_limit", "tls_handshake"] {
+        for reason in ["global_limit", "per_client_limit", "tunnel_limit", "per_client_tunnel_limit", "tls_handshake"] {
             metrics.refused(reason);
+        }
+        for kind in ["tunnel", "pooled"] {
+            metrics.revoked.with_label_values(&[kind]);
         }
         metrics
     }

@@ -12,6 +12,7 @@ pub mod registry;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -336,7 +337,7 @@ impl AllowList {
 /// A named set of rules applied to a class of clients.
 #[derive(Debug, Clone)]
 pub struct Role {
-    name: Box<str>,
+    name: Arc<str>,
     mode: Mode,
     sni_check: bool,
     allow: AllowList,
@@ -402,6 +403,11 @@ impl Role {
     /// The role's name as configured.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The role's name, shared (keys of per-role state such as the pool).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
     }
 
     /// The role's mode.

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
+use super::slots::ConnectionSlot;
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
@@ -67,16 +68,19 @@ pub async fn tunnel(
     target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
+    connection: Arc<ConnectionSlot>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
+    // Taken before dialing, so a client over its tunnel limit costs no
+    // upstream socket; held (with the client connection's slot) until the
+    // tunnel ends.
+    let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
     let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
     // The ClientHello is the head of a tunnel: it gets the head's time limit.
     let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
-    // Counted from here, before the 200 is sent, so a drain never misses it.
-    metrics.active_tunnels.inc();
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
@@ -99,7 +103,7 @@ pub async fn tunnel(
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
-        metrics.active_tunnels.dec();
+        drop((tunnel_slot, connection));
         record.emit();
     });
     Ok(Response::new(ProxyBody::empty()))

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use super::slots::LimitKind;
 use crate::access_log::Outcome;
 use crate::dns::ResolveError;
 use crate::policy::DenyReason;
@@ -28,6 +29,18 @@ pub enum ProxyError {
     /// The proxy tried and the network or the upstream failed.
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    /// A limit on open connections or tunnels refused the request.
+    #[error("too many open {}", over_limit_text(*.0))]
+    OverLimit(LimitKind),
+}
+
+fn over_limit_text(kind: LimitKind) -> &'static str {
+    match kind {
+        LimitKind::Connections => "connections",
+        LimitKind::ConnectionsPerClient => "connections from this client",
+        LimitKind::Tunnels => "tunnels",
+        LimitKind::TunnelsPerClient => "tunnels from this client",
+    }
 }
 
 fn denial_text(reason: DenyReason) -> &'static str {
@@ -88,6 +101,7 @@ impl ProxyError {
             ProxyError::Client(ClientError::OriginForm) => "origin-form",
             ProxyError::Denied(reason) => reason.as_str(),
             ProxyError::Upstream(e) => e.code(),
+            ProxyError::OverLimit(_) => "over-limit",
         }
     }
 
@@ -98,6 +112,7 @@ impl ProxyError {
             ProxyError::Client(ClientError::OriginForm) => Outcome::Error("origin-form"),
             ProxyError::Client(_) => Outcome::Deny(DenyReason::InvalidTarget),
             ProxyError::Upstream(e) => Outcome::Error(e.code()),
+            ProxyError::OverLimit(_) => Outcome::Error("over-limit"),
         }
     }
 
@@ -114,6 +129,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::OverLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -8,19 +8,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::future::Future;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use super::body::{CountedBody, ProxyBody};
 use super::connect::dial;
+use super::pool::{PoolKey, PoolLimits, Sender};
 use super::error::{ProxyError, UpstreamError};
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
@@ -28,76 +27,12 @@ use crate::metrics::Metrics;
 use crate::policy::Permit;
 use crate::target::Target;
 
-/// Idle upstream connections kept per destination address: enough for a
-/// few hundred concurrent clients of one busy API to keep reusing theirs
-/// (at 32, 50 concurrent clients already forced new connections).
-const MAX_IDLE_PER_ADDR: usize = 256;
-
 /// The `Via` value this proxy adds (RFC 9110 7.6.3).
 const VIA: &str = "1.1 portcullis";
 
-type Sender = SendRequest<CountedBody>;
-
-/// Idle keep-alive connections to origins, keyed by the address that was
-/// checked and dialed (never by name, so a pooled connection can only be
-/// reused for a request whose own decision permitted that same address).
-pub struct UpstreamPool {
-    idle: DashMap<SocketAddr, Vec<(Sender, Instant)>>,
-    idle_timeout: Duration,
-}
-
-impl UpstreamPool {
-    /// An empty pool whose connections expire after `idle_timeout`.
-    pub fn new(idle_timeout: Duration) -> Self {
-        UpstreamPool { idle: DashMap::new(), idle_timeout }
-    }
-
-    /// An open idle connection to one of `addrs`, if any. It may not have
-    /// signalled readiness yet (see [`forward`]).
-    fn checkout(&self, addrs: &[SocketAddr]) -> Option<(Sender, SocketAddr)> {
-        for addr in addrs {
-            let Some(mut entry) = self.idle.get_mut(addr) else { continue };
-            while let Some((sender, since)) = entry.pop() {
-                if since.elapsed() < self.idle_timeout && !sender.is_closed() {
-                    return Some((sender, *addr));
-                }
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose response has been read completely. Its
-    /// connection task may not have marked it ready for the next request
-    /// yet; only a closed one is dropped here.
-    fn checkin(&self, addr: SocketAddr, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut entry = self.idle.entry(addr).or_default();
-        if entry.len() < MAX_IDLE_PER_ADDR {
-            entry.push((sender, Instant::now()));
-        }
-    }
-
-    /// Drops expired and closed connections, and empty entries, so memory
-    /// does not grow with the number of distinct destinations.
-    fn reap(&self) {
-        let timeout = self.idle_timeout;
-        self.idle.retain(|_, conns| {
-            conns.retain(|(sender, since)| since.elapsed() < timeout && !sender.is_closed());
-            !conns.is_empty()
-        });
-    }
-
-    /// Number of idle connections held (for tests and metrics).
-    pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|e| e.len()).sum()
-    }
-}
-
 /// Periodically expires idle upstream connections.
 pub async fn reap_idle(shared: Arc<Shared>) {
-    let period = (shared.pool.idle_timeout / 2).max(Duration::from_millis(100));
+    let period = (shared.pool.idle_timeout() / 2).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
@@ -113,11 +48,12 @@ pub async fn forward(
     target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
+    role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let sent = Arc::new(AtomicU64::new(0));
     let mut upstream_req = rewrite_request(req, target, sent.clone());
     let timeouts = &snapshot.timeouts;
-    let pooled_ready = match shared.pool.checkout(permit.addrs()) {
+    let pooled_ready = match shared.pool.checkout(&role, permit.addrs()) {
         // A pooled connection becomes ready as soon as its connection task
         // has finished the previous exchange; one that fails (the origin
         // closed it) or takes too long is replaced by a new connection.
@@ -156,9 +92,13 @@ pub async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
     record.status = parts.status.as_u16();
+    let limits = PoolLimits {
+        max_total: snapshot.limits.max_idle_upstream,
+        max_per_key: snapshot.limits.max_idle_upstream_per_destination,
+    };
     let body = UpstreamBody {
         inner: body,
-        return_to: Some((shared.clone(), addr, sender)),
+        return_to: Some(PoolReturn { shared: shared.clone(), key: PoolKey { role, addr }, target: target.clone(), sender, limits }),
         sent,
         received: 0,
         record,
@@ -329,12 +269,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Where a finished upstream connection goes back to.
+struct PoolReturn {
+    shared: Arc<Shared>,
+    key: PoolKey,
+    target: Target,
+    sender: Sender,
+    limits: PoolLimits,
+}
+
 /// An upstream response body on its way to the client. When it ends, the
 /// upstream connection goes back to the pool; when it is dropped (ended or
 /// abandoned), the request's log line is written.
 pub struct UpstreamBody {
     inner: Incoming,
-    return_to: Option<(Arc<Shared>, SocketAddr, Sender)>,
+    return_to: Option<PoolReturn>,
     sent: Arc<AtomicU64>,
     received: u64,
     record: AccessRecord,
@@ -372,8 +321,8 @@ impl UpstreamBody {
     /// Returns the upstream connection to the pool; called once the whole
     /// response has been read, so the connection is ready for another request.
     fn release(&mut self) {
-        if let Some((shared, addr, sender)) = self.return_to.take() {
-            shared.pool.checkin(addr, sender);
+        if let Some(r) = self.return_to.take() {
+            r.shared.pool.checkin(r.key, r.target, r.sender, r.limits);
         }
     }
 }

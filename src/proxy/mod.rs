@@ -5,20 +5,21 @@ pub mod body;
 pub mod connect;
 pub mod error;
 pub mod forward;
+pub mod pool;
+pub mod slots;
 #[cfg(target_os = "linux")]
 mod splice;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use dashmap::DashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -74,10 +75,10 @@ pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
 /// State shared by every connection of one proxy.
 pub struct Shared {
     snapshot: SnapshotHandle,
-    pool: forward::UpstreamPool,
+    pool: pool::UpstreamPool,
     metrics: Arc<Metrics>,
-    /// Open connections per client IP; entries are removed at zero.
-    per_client: DashMap<IpAddr, usize>,
+    /// Open connections and tunnels, per client IP and in total.
+    slots: Arc<slots::Slots>,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -100,9 +101,9 @@ impl Server {
         metrics.policy_generation.set(snapshot.generation as i64);
         let shared = Arc::new(Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
-            pool: forward::UpstreamPool::new(idle),
+            pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),
+            slots: slots::Slots::new(metrics.clone()),
             metrics,
-            per_client: DashMap::new(),
         });
         Ok(Server { listener, shared })
     }
@@ -173,42 +174,23 @@ impl Server {
 
     /// Applies the connection limits, then serves the connection.
     fn admit(&self, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
-        let limits = self.shared.snapshot.load().limits.clone();
-        let shared = &self.shared;
-        if shared.metrics.active_connections.get() as usize >= limits.max_connections {
-            shared.metrics.refused("global_limit").inc();
-            tokio::spawn(refuse_over_limit(stream));
-            return;
+        match self.shared.slots.connection(client.ip(), &self.shared.snapshot.load().limits) {
+            Ok(slot) => {
+                let guard = ConnectionGuard { shared: self.shared.clone(), slot: Arc::new(slot) };
+                tokio::spawn(serve_connection(guard, stream, client, stop));
+            }
+            Err(_) => {
+                tokio::spawn(refuse_over_limit(stream));
+            }
         }
-        let mut count = shared.per_client.entry(client.ip()).or_insert(0);
-        if *count >= limits.max_connections_per_client {
-            drop(count);
-            shared.metrics.refused("per_client_limit").inc();
-            tokio::spawn(refuse_over_limit(stream));
-            return;
-        }
-        *count += 1;
-        drop(count);
-        shared.metrics.active_connections.inc();
-        let guard = ConnectionGuard { shared: shared.clone(), ip: client.ip() };
-        tokio::spawn(serve_connection(guard, stream, client, stop));
     }
 }
 
-/// Releases a connection's slot in the limits when the connection ends.
+/// A served connection: the shared state and its slot in the limits. The
+/// slot is shared with a tunnel the connection turns into.
 struct ConnectionGuard {
     shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.shared.metrics.active_connections.dec();
-        if let Some(mut count) = self.shared.per_client.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-        }
-        self.shared.per_client.remove_if(&self.ip, |_, count| *count == 0);
-    }
+    slot: Arc<slots::ConnectionSlot>,
 }
 
 /// Answers 503 without reading the request, then closes.
@@ -283,7 +265,8 @@ async fn serve_http<I>(
         let snapshot = shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), req));
+    let slot = guard.slot.clone();
+    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), slot.clone(), req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -311,6 +294,7 @@ async fn handle(
     shared: Arc<Shared>,
     client: SocketAddr,
     cert: Option<Arc<CertNames>>,
+    slot: Arc<slots::ConnectionSlot>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
@@ -326,7 +310,7 @@ async fn handle(
             record.identity = source.as_str();
             record.role = snapshot.policy.role(role).name().to_string();
             record.mode = snapshot.policy.role(role).mode();
-            route(&shared, &snapshot, role, &mut record, req).await
+            route(&shared, &snapshot, role, &mut record, slot, req).await
         }
         Err(reason) => Err(ProxyError::Denied(reason)),
     };
@@ -352,6 +336,7 @@ async fn route(
     snapshot: &Arc<Snapshot>,
     role: RoleId,
     record: &mut AccessRecord,
+    slot: Arc<slots::ConnectionSlot>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
@@ -359,8 +344,11 @@ async fn route(
     let target = parse_target(kind, &req, record)?;
     let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
     match kind {
-        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone()).await,
-        RequestKind::Http => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
+        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot).await,
+        RequestKind::Http => {
+            let role = snapshot.policy.role(role).shared_name();
+            forward::forward(shared, snapshot, permit, &target, req, record.clone(), role).await
+        }
     }
 }
 

@@ -1,0 +1,196 @@
+//! Resources are charged to the client that caused them: tunnels keep their
+//! connection's slot and have limits of their own, and pooled upstream
+//! connections are bounded and never shared between roles. Real sockets.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use portcullis::config::Config;
+use portcullis::metrics::Metrics;
+use portcullis::proxy::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+async fn start(yaml: &str) -> (SocketAddr, Arc<Metrics>) {
+    let yaml = format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}");
+    let config = Config::from_yaml_str(&yaml, "resources.yaml").expect("valid config");
+    let server = Server::bind(&config).await.expect("bind");
+    let (addr, metrics) = (server.local_addr().unwrap(), server.metrics());
+    tokio::spawn(server.run());
+    (addr, metrics)
+}
+
+/// A connection to the proxy from a chosen loopback source address.
+async fn connect_from(proxy: SocketAddr, source: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    socket.connect(proxy).await.unwrap()
+}
+
+/// `CONNECT authority` from `source`; the stream is returned open.
+async fn tunnel_from(proxy: SocketAddr, source: &str, authority: &str) -> (RawResponse, TcpStream) {
+    let mut stream = connect_from(proxy, source).await;
+    stream.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    let resp = read_response(&mut stream).await;
+    (resp, stream)
+}
+
+/// Waits (bounded by [`STEP`]) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The red team's F1: with limits 5/3 one client opened 200 tunnels. Now a
+/// tunnel keeps its connection's slot, tunnels have their own limits, and
+/// another client is served throughout.
+#[tokio::test]
+async fn tunnels_count_against_connection_and_tunnel_limits() {
+    let echo = start_tcp_echo().await;
+    let port = echo.port();
+    let (proxy, metrics) = start(&format!(
+        "limits:\n  max_connections: 6\n  max_connections_per_client: 3\n  max_tunnels: 4\n  max_tunnels_per_client: 2\n\
+         allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      connect_ports: [{port}]\n"
+    ))
+    .await;
+    let authority = format!("127.0.0.1:{port}");
+    let refused = |reason: &str| metrics.connections_refused.with_label_values(&[reason]).get();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (resp, mut stream) = tunnel_from(proxy, "127.0.0.1", &authority).await;
+        assert_eq!(resp.status, 200);
+        stream.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping", "the tunnel relays");
+        held.push(stream);
+    }
+    assert_eq!(metrics.active_tunnels.get(), 2);
+    assert_eq!(metrics.active_connections.get(), 2, "each tunnel still holds its client connection's slot");
+
+    let (resp, _) = tunnel_from(proxy, "127.0.0.1", &authority).await;
+    assert_eq!((resp.status, resp.header("x-portcullis-error")), (503, Some("over-limit")), "third tunnel of one client");
+    assert_eq!(refused("per_client_tunnel_limit"), 1);
+
+    // The connection limit counts the tunnels: a third plain connection
+    // fills the client's 3, a fourth is refused at accept.
+    let mut third = connect_from(proxy, "127.0.0.1").await;
+    third.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let _ = read_response(&mut third).await;
+    let mut fourth = connect_from(proxy, "127.0.0.1").await;
+    let resp = read_response(&mut fourth).await;
+    assert_eq!((resp.status, resp.header("x-portcullis-error")), (503, Some("over-limit")));
+    assert_eq!(refused("per_client_limit"), 1);
+
+    // Another client is served, up to the global tunnel limit.
+    for _ in 0..2 {
+        let (resp, stream) = tunnel_from(proxy, "127.0.0.2", &authority).await;
+        assert_eq!(resp.status, 200, "another client keeps being served");
+        held.push(stream);
+    }
+    let (resp, _) = tunnel_from(proxy, "127.0.0.3", &authority).await;
+    assert_eq!(resp.status, 503, "global tunnel limit");
+    assert_eq!(refused("tunnel_limit"), 1);
+
+    drop(held);
+    drop(third);
+    eventually("gauges back to zero", || metrics.active_tunnels.get() == 0 && metrics.active_connections.get() == 0).await;
+}
+
+/// An origin that answers every request with the client port it sees, so a
+/// test can tell which upstream connection carried a request. The first
+/// `together` requests are answered only once all of them have arrived, so
+/// they are in flight at the same time.
+async fn start_port_reporting_origin(together: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(together.max(1)));
+    let waiting = Arc::new(AtomicUsize::new(together));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else { return };
+            let (barrier, waiting) = (barrier.clone(), waiting.clone());
+            let service = hyper::service::service_fn(move |_req| {
+                let (barrier, waiting) = (barrier.clone(), waiting.clone());
+                async move {
+                    if waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1)).is_ok() {
+                        let _ = tokio::time::timeout(STEP, barrier.wait()).await;
+                    }
+                    let body = http_body_util::Full::new(bytes::Bytes::from(peer.port().to_string()));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+fn sha256_hex(secret: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The red team's F7: requests of two roles arrived on one upstream
+/// connection. Now the pool is keyed by role.
+#[tokio::test]
+async fn two_roles_never_share_a_pooled_upstream_connection() {
+    let origin = start_port_reporting_origin(0).await;
+    let port = origin.port();
+    let (proxy, _) = start(&format!(
+        "allow_ranges: [127.0.0.1/32]\nidentity:\n  credentials:\n    - {{token_sha256: \"{}\", role: team-a}}\n    - {{token_sha256: \"{}\", role: team-b}}\n\
+         roles:\n  default: {{}}\n  team-a:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{port}]}}\n  team-b:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{port}]}}\n",
+        sha256_hex("token-a"),
+        sha256_hex("token-b")
+    ))
+    .await;
+    let ask = |token: &'static str| async move {
+        let request = format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer {token}\r\n\r\n");
+        let resp = send_raw(proxy, &request).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.text()
+    };
+    let (a1, a2) = (ask("token-a").await, ask("token-a").await);
+    let (b1, b2) = (ask("token-b").await, ask("token-b").await);
+    assert_eq!(a1, a2, "a role reuses its own pooled connection");
+    assert_eq!(b1, b2, "a role reuses its own pooled connection");
+    assert_ne!(a1, b1, "two roles never share one");
+}
+
+/// Eight requests in flight at once need eight upstream connections; once
+/// done, the pool keeps at most `max_idle_upstream_per_destination` of them.
+#[tokio::test]
+async fn the_pool_keeps_at_most_its_bound() {
+    let origin = start_port_reporting_origin(8).await;
+    let port = origin.port();
+    let (proxy, metrics) = start(&format!(
+        "limits:\n  max_idle_upstream: 3\n  max_idle_upstream_per_destination: 2\nallow_ranges: [127.0.0.1/32]\n\
+         roles:\n  default:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{port}]}}\n"
+    ))
+    .await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(proxy, &url).await })
+        })
+        .collect();
+    let mut ports = std::collections::HashSet::new();
+    for r in requests {
+        let resp = r.await.unwrap();
+        assert_eq!(resp.status, 200);
+        ports.insert(resp.text());
+    }
+    assert_eq!(ports.len(), 8, "all eight were in flight together");
+    eventually("finished connections pooled", || metrics.upstream_idle.get() >= 1).await;
+    assert!(metrics.upstream_idle.get() <= 2, "pool holds {}", metrics.upstream_idle.get());
+}
