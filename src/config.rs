@@ -105,6 +105,8 @@ pub struct Timeouts {
     pub upstream_idle: ConfigDuration,
     /// On SIGTERM, in-flight requests and tunnels get this long to finish.
     pub shutdown_grace: ConfigDuration,
+    /// A tunnel is closed after this long however busy it is; none by default.
+    pub tunnel_max_lifetime: Option<ConfigDuration>,
 }
 
 /// Bounds on concurrent client connections.
@@ -174,6 +176,7 @@ impl Default for Timeouts {
             tunnel_idle: ConfigDuration(Duration::from_secs(300)),
             upstream_idle: ConfigDuration(Duration::from_secs(60)),
             shutdown_grace: ConfigDuration(Duration::from_secs(30)),
+            tunnel_max_lifetime: None,
         }
     }
 }

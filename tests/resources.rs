@@ -194,3 +194,93 @@ async fn the_pool_keeps_at_most_its_bound() {
     eventually("finished connections pooled", || metrics.upstream_idle.get() >= 1).await;
     assert!(metrics.upstream_idle.get() <= 2, "pool holds {}", metrics.upstream_idle.get());
 }
+
+/// A running binary whose stdout lines arrive on a channel.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Running {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let running = Running { child, lines };
+        running.wait_for("portcullis listening");
+        running
+    }
+
+    /// The next line containing `needle` (bounded by [`STEP`]).
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line with {needle}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reload that removes a destination closes an open tunnel to it within
+/// a second; the decision line says `revoked` and the counter moves. A
+/// tunnel the new policy still allows stays open.
+#[tokio::test]
+async fn a_reload_revokes_tunnels_it_denies() {
+    let (denied_echo, kept_echo) = (start_tcp_echo().await, start_tcp_echo().await);
+    let (proxy_port, admin_port) = (closed_port().await, closed_port().await);
+    let yaml = |ports: &str| {
+        format!(
+            "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\nreload:\n  interval: 100ms\n\
+             allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      connect_ports: [{ports}]\n"
+        )
+    };
+    let path = temp_file("revoke", "portcullis.yaml", &yaml(&format!("{}, {}", denied_echo.port(), kept_echo.port())));
+    let running = Running::start(&path);
+    let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let (resp, mut doomed) = connect(proxy, &format!("127.0.0.1:{}", denied_echo.port())).await;
+    assert_eq!(resp.status, 200);
+    let (resp, mut kept) = connect(proxy, &format!("127.0.0.1:{}", kept_echo.port())).await;
+    assert_eq!(resp.status, 200);
+
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, yaml(&kept_echo.port().to_string())).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    let changed = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(STEP, doomed.read(&mut buf)).await.expect("the revoked tunnel is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed, not data: {read:?}");
+    assert!(changed.elapsed() < std::time::Duration::from_secs(1), "closed {:?} after the change", changed.elapsed());
+    let line = running.wait_for("\"reason\":\"revoked\"");
+    assert!(line.contains(&format!("\"port\":{}", denied_echo.port())), "{line}");
+
+    kept.write_all(b"still here").await.unwrap();
+    let mut echo = [0u8; 10];
+    tokio::time::timeout(STEP, kept.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"still here", "a tunnel the new policy allows stays open");
+
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let metrics = send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await.text();
+    assert!(metrics.contains("portcullis_revoked_total{kind=\"tunnel\"} 1"), "{metrics}");
+}

@@ -94,6 +94,8 @@ pub enum DenyReason {
     SniTimeout,
     /// The request target could not be parsed strictly.
     InvalidTarget,
+    /// An open tunnel or pooled connection that a reloaded policy denies.
+    Revoked,
 }
 
 impl DenyReason {
@@ -123,6 +125,7 @@ impl DenyReason {
             DenyReason::NotTls => "not-tls",
             DenyReason::SniTimeout => "sni-timeout",
             DenyReason::InvalidTarget => "invalid-target",
+            DenyReason::Revoked => "revoked",
         }
     }
 

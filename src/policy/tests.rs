@@ -263,6 +263,7 @@ fn reason_codes_are_distinct() {
         DenyReason::SniMissing,
         DenyReason::NotTls,
         DenyReason::SniTimeout,
+        DenyReason::Revoked,
     ]);
     let codes: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
     assert_eq!(codes.len(), all.len());

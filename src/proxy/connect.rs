@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
+use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
@@ -69,6 +70,7 @@ pub async fn tunnel(
     req: Request<Incoming>,
     mut record: AccessRecord,
     connection: Arc<ConnectionSlot>,
+    role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
     // Taken before dialing, so a client over its tunnel limit costs no
@@ -81,28 +83,44 @@ pub async fn tunnel(
     let idle = snapshot.timeouts.tunnel_idle.0;
     // The ClientHello is the head of a tunnel: it gets the head's time limit.
     let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
+    let registration = Tunnels::register(shared, role, target.clone(), addr);
+    let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let outcome = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    // The plain listener: relay between the two sockets
-                    // directly, without a lock around the client stream.
-                    Ok(parts) => {
-                        let early = parts.read_buf.to_vec();
-                        serve_tunnel(parts.io.into_inner(), early, upstream, sni, idle).await
+                let served = async {
+                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                        // The plain listener: relay between the two sockets
+                        // directly, without a lock around the client stream.
+                        Ok(parts) => {
+                            let early = parts.read_buf.to_vec();
+                            serve_tunnel(parts.io.into_inner(), early, upstream, sni, idle).await
+                        }
+                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
                     }
-                    Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
                 };
-                match outcome {
-                    Ok((up, down)) => {
-                        record.bytes_in = up;
-                        record.bytes_out = down;
+                let end_of_life = async {
+                    match lifetime {
+                        Some(lifetime) => tokio::time::sleep(lifetime).await,
+                        None => std::future::pending().await,
                     }
-                    Err(reason) => record.outcome = Outcome::Deny(reason),
+                };
+                // Dropping `served` closes both sockets.
+                tokio::select! {
+                    outcome = served => match outcome {
+                        Ok((up, down)) => {
+                            record.bytes_in = up;
+                            record.bytes_out = down;
+                        }
+                        Err(reason) => record.outcome = Outcome::Deny(reason),
+                    },
+                    _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
+                    _ = end_of_life => record.outcome = Outcome::Error("tunnel-lifetime"),
                 }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
+        drop(registration);
         drop((tunnel_slot, connection));
         record.emit();
     });

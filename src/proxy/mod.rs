@@ -6,6 +6,7 @@ pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod pool;
+pub mod revoke;
 pub mod slots;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -79,6 +80,8 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     /// Open connections and tunnels, per client IP and in total.
     slots: Arc<slots::Slots>,
+    /// Open tunnels, for revocation on reload.
+    tunnels: revoke::Tunnels,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -103,6 +106,7 @@ impl Server {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),
             slots: slots::Slots::new(metrics.clone()),
+            tunnels: revoke::Tunnels::default(),
             metrics,
         });
         Ok(Server { listener, shared })
@@ -134,6 +138,7 @@ impl Server {
     /// configured grace period.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let _reaper = AbortOnDrop(tokio::spawn(forward::reap_idle(self.shared.clone())));
+        let _revoker = AbortOnDrop(tokio::spawn(revoke::on_reload(self.shared.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         loop {
@@ -344,7 +349,10 @@ async fn route(
     let target = parse_target(kind, &req, record)?;
     let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
     match kind {
-        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot).await,
+        RequestKind::Connect => {
+            let role = snapshot.policy.role(role).shared_name();
+            connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot, role).await
+        }
         RequestKind::Http => {
             let role = snapshot.policy.role(role).shared_name();
             forward::forward(shared, snapshot, permit, &target, req, record.clone(), role).await
