@@ -528,7 +528,9 @@ impl Config {
         let nat64: Vec<Nat64Prefix> = self.nat64_prefixes.iter().map(|n| n.0).collect();
         let transitions = Transitions::new(nat64.iter().copied());
         let internal = unwrap_all(&transitions, "internal_ranges", self.internal_ranges.iter().map(|r| r.0))?;
-        let mut plan = AddressPlan { carve_outs: Vec::new(), internal, nat64 };
+        let listeners = [self.listen, self.admin_listen].into_iter().filter(|l| l.port() != 0).collect();
+        let self_addrs = crate::host::interface_addrs();
+        let mut plan = AddressPlan { carve_outs: Vec::new(), internal, nat64, self_addrs, listeners };
         let carve_outs = unwrap_all(&transitions, "allow_ranges", self.allow_ranges.iter().map(CarveOut::net))?;
         for (i, net) in carve_outs.iter().enumerate() {
             if !plan.overlaps_denied_range(net) {

@@ -284,3 +284,38 @@ async fn a_reload_revokes_tunnels_it_denies() {
     let metrics = send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await.text();
     assert!(metrics.contains("portcullis_revoked_total{kind=\"tunnel\"} 1"), "{metrics}");
 }
+
+/// The red team's F4: nested CONNECTs through the proxy's own port. Its
+/// listening sockets are `denied-range:self` even where loopback is carved
+/// out, and a request carrying this process's `Via` is a loop (508).
+#[tokio::test]
+async fn the_proxy_never_proxies_to_itself() {
+    let origin = start_http_origin().await;
+    let proxy_port = closed_port().await;
+    let ports = format!("[{proxy_port}, {}]", origin.port());
+    let yaml = format!(
+        "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:0\nallow_ranges: [127.0.0.0/8]\n\
+         roles:\n  default:\n    mode: open\n    allow: {{http_ports: {ports}, connect_ports: {ports}}}\n"
+    );
+    let config = Config::from_yaml_str(&yaml, "self.yaml").unwrap();
+    let server = Server::bind(&config).await.unwrap();
+    let proxy = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+
+    for authority in [format!("127.0.0.1:{proxy_port}"), format!("[::ffff:127.0.0.1]:{proxy_port}")] {
+        let (resp, _) = connect(proxy, &authority).await;
+        assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")), "CONNECT {authority}");
+        let resp = get(proxy, &format!("http://{authority}/")).await;
+        assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")), "GET {authority}");
+    }
+
+    let url = format!("http://127.0.0.1:{}/headers", origin.port());
+    let resp = get(proxy, &url).await;
+    assert_eq!(resp.status, 200);
+    let via = resp.header("via").expect("the proxy adds Via").to_string();
+    assert!(resp.text().contains(&format!("via: {via}")), "the origin sees the same Via: {}", resp.text());
+    let looped = send_raw(proxy, &format!("GET {url} HTTP/1.1\r\nHost: x\r\nVia: 1.1 other-proxy, {via}\r\n\r\n")).await;
+    assert_eq!((looped.status, looped.header("x-portcullis-error")), (508, Some("loop-detected")));
+    let foreign = send_raw(proxy, &format!("GET {url} HTTP/1.1\r\nHost: x\r\nVia: 1.1 portcullis-00000000\r\n\r\n")).await;
+    assert_eq!(foreign.status, 200, "another Portcullis in the chain is not a loop");
+}

@@ -109,12 +109,14 @@ impl DenyReason {
             DenyReason::DeniedRange(Private) => "denied-range:private",
             DenyReason::DeniedRange(Special) => "denied-range:special",
             DenyReason::DeniedRange(Internal) => "denied-range:internal",
+            DenyReason::DeniedRange(SelfAddr) => "denied-range:self",
             DenyReason::DeniedName(Metadata) => "denied-name:metadata",
             DenyReason::DeniedName(LinkLocal) => "denied-name:link-local",
             DenyReason::DeniedName(Loopback) => "denied-name:loopback",
             DenyReason::DeniedName(Private) => "denied-name:private",
             DenyReason::DeniedName(Special) => "denied-name:special",
             DenyReason::DeniedName(Internal) => "denied-name:internal",
+            DenyReason::DeniedName(SelfAddr) => "denied-name:self",
             DenyReason::NotAllowListed => "not-allowlisted",
             DenyReason::PortNotAllowed => "port-not-allowed",
             DenyReason::DeniedByRole => "denied-by-role",
@@ -437,6 +439,12 @@ pub struct AddressPlan {
     pub internal: Vec<IpNet>,
     /// Network-specific NAT64 prefixes: unwrapped like `64:ff9b::/96`.
     pub nat64: Vec<Nat64Prefix>,
+    /// The proxy host's own addresses (loopback aside): denied as `self`
+    /// unless an exact carve-out names them.
+    pub self_addrs: Vec<IpAddr>,
+    /// The proxy's own listening sockets: denied as `self` whatever is
+    /// carved out (an unspecified address stands for every host address).
+    pub listeners: Vec<SocketAddr>,
 }
 
 impl AddressPlan {
@@ -452,6 +460,8 @@ impl AddressPlan {
 #[derive(Debug, Clone)]
 pub struct Policy {
     transitions: Transitions,
+    listeners: Box<[SocketAddr]>,
+    self_addrs: Box<[IpAddr]>,
     ranges: CidrTable<RangeVerdict>,
     /// Per role: its own table when it has role-specific carve-outs.
     role_ranges: Vec<Option<CidrTable<RangeVerdict>>>,
@@ -471,14 +481,18 @@ impl Policy {
             .position(|r| &*r.name == default_role)
             .map(RoleId)
             .ok_or_else(|| PolicyError::MissingRole(default_role.to_string()))?;
-        // Later entries win for an identical prefix: internal ranges over
-        // the registry rows, carve-outs over both.
+        // Loopback is left to its range (and the listener check): a carve-out
+        // of it is how tests and sidecars reach local origins.
+        let own: Vec<IpNet> = plan.self_addrs.iter().filter(|a| !a.is_loopback()).map(|a| IpNet::from(*a)).collect();
+        // Later entries win for an identical prefix: internal ranges and
+        // host addresses over the registry rows, carve-outs over all.
         let table = |extra: &[IpNet]| {
             CidrTable::new(
                 ranges::denied_ranges()
                     .map(|(n, k)| (n, RangeVerdict::Denied(k)))
                     .chain(ranges::reachable_exceptions().map(|n| (n, RangeVerdict::NotDenied)))
                     .chain(plan.internal.iter().map(|n| (*n, RangeVerdict::Denied(RangeKind::Internal))))
+                    .chain(own.iter().map(|n| (*n, RangeVerdict::Denied(RangeKind::SelfAddr))))
                     .chain(plan.carve_outs.iter().chain(extra).map(|n| (*n, RangeVerdict::NotDenied))),
             )
         };
@@ -495,7 +509,16 @@ impl Policy {
                 .map(|(p, k)| (p.expect("built-in denied names are valid"), k)),
         );
         let transitions = Transitions::new(plan.nat64.iter().copied());
-        Ok(Policy { transitions, ranges, role_ranges, denied_names, roles, default_role })
+        Ok(Policy {
+            transitions,
+            listeners: plan.listeners.iter().copied().collect(),
+            self_addrs: plan.self_addrs.iter().copied().collect(),
+            ranges,
+            role_ranges,
+            denied_names,
+            roles,
+            default_role,
+        })
     }
 
     /// The role for clients without an identity.
@@ -537,6 +560,16 @@ impl Policy {
         }
     }
 
+    /// True when `addr:port` is one of the proxy's own listening sockets.
+    fn is_own_listener(&self, addr: IpAddr, port: u16) -> bool {
+        let addr = self.transitions.judged(addr);
+        self.listeners.iter().any(|l| {
+            l.port() == port
+                && (l.ip().to_canonical() == addr
+                    || (l.ip().is_unspecified() && (addr.is_loopback() || self.self_addrs.contains(&addr))))
+        })
+    }
+
     /// The kind of an always-denied name.
     pub fn denied_name(&self, name: &DomainName) -> Option<RangeKind> {
         self.denied_names.lookup(name.as_str()).map(|m| *m.value())
@@ -572,6 +605,9 @@ impl Policy {
         }
         if let Some(range) = addrs.iter().find_map(|a| self.denied_range_for(role, *a)) {
             return Decision::Deny(DenyReason::DeniedRange(range));
+        }
+        if addrs.iter().any(|a| self.is_own_listener(*a, target.port)) {
+            return Decision::Deny(DenyReason::DeniedRange(RangeKind::SelfAddr));
         }
         let role = self.role(role);
         if role.deny.denies(&self.transitions, target, addrs) {

@@ -23,6 +23,8 @@ pub enum RangeKind {
     Special,
     /// A range the operator declared internal (`internal_ranges`).
     Internal,
+    /// An address of the proxy host itself, or one of its listeners.
+    SelfAddr,
 }
 
 impl RangeKind {
@@ -35,6 +37,7 @@ impl RangeKind {
             RangeKind::Private => "private",
             RangeKind::Special => "special",
             RangeKind::Internal => "internal",
+            RangeKind::SelfAddr => "self",
         }
     }
 }

@@ -250,6 +250,7 @@ fn reason_codes_are_distinct() {
         RangeKind::Private,
         RangeKind::Special,
         RangeKind::Internal,
+        RangeKind::SelfAddr,
     ];
     let mut all: Vec<DenyReason> = kinds.iter().flat_map(|k| [DenyReason::DeniedRange(*k), DenyReason::DeniedName(*k)]).collect();
     all.extend([
@@ -355,6 +356,7 @@ fn internal_ranges_and_nat64_prefixes() {
         carve_outs: vec!["10.96.5.0/24".parse().unwrap()],
         internal: vec!["10.96.0.0/12".parse().unwrap(), "34.118.224.0/20".parse().unwrap(), "2600:1f14:abc::/48".parse().unwrap()],
         nat64: vec![ranges::Nat64Prefix::new("2001:db8:64::/96".parse().unwrap()).unwrap()],
+        ..AddressPlan::default()
     };
     let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
     let cases: &[(&str, Option<RangeKind>)] = &[
@@ -443,4 +445,40 @@ fn unlisted_names_are_not_resolved_when_cidrs_admit_literals_only() {
         Decision::Deny(DenyReason::NotAllowListed)
     );
     assert!(matches!(resolving.decide(resolving.default_role(), k, &other, &[inside]), Decision::Allow(_)));
+}
+
+/// The proxy never proxies to itself: host addresses the built-in table
+/// does not deny become `self` (an exact carve-out lifts them), and its
+/// listening sockets are `self` whatever is carved out.
+#[test]
+fn own_addresses_and_listeners_are_denied() {
+    let allow = AllowList::new([], ["0.0.0.0/0".parse().unwrap()], PortSet::new([80, 3128, 9128]), PortSet::new([443, 3128, 9128]));
+    let plan = AddressPlan {
+        carve_outs: vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap(), "8.8.4.4/32".parse().unwrap()],
+        self_addrs: vec!["127.0.0.1".parse().unwrap(), "10.1.2.3".parse().unwrap(), "8.8.8.8".parse().unwrap(), "8.8.4.4".parse().unwrap()],
+        listeners: vec!["0.0.0.0:3128".parse().unwrap(), "127.0.0.1:9128".parse().unwrap()],
+        ..AddressPlan::default()
+    };
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
+    let selfish = Decision::Deny(DenyReason::DeniedRange(RangeKind::SelfAddr));
+    let cases: &[(&str, bool)] = &[
+        ("8.8.8.8:443", true),              // a public host address
+        ("[::ffff:8.8.8.8]:443", true),     // however spelled
+        ("8.8.4.4:443", false),             // exactly carved out
+        ("10.1.2.3:443", true),             // a wider carve-out does not expose the host
+        ("10.1.2.4:443", false),            // while the rest of it is carved out
+        ("127.0.0.1:80", false),            // loopback carved out
+        ("127.0.0.1:3128", true),           // but the proxy port on it is the proxy
+        ("10.1.2.3:3128", true),            // 0.0.0.0:3128 listens on every host address
+        ("8.8.4.4:3128", true),
+        ("127.0.0.1:9128", true),           // the admin listener
+        ("8.8.4.4:9128", false),            // admin listens on loopback only
+        ("10.9.9.9:3128", false),           // not a host address
+    ];
+    for (authority, denied) in cases {
+        let target = Target::parse_authority(authority).unwrap();
+        let Host::Ip(ip) = target.host else { unreachable!() };
+        let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
+        assert_eq!(got == selfish, *denied, "{authority}: {got:?}");
+    }
 }

@@ -29,6 +29,9 @@ pub enum ProxyError {
     /// The proxy tried and the network or the upstream failed.
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    /// The request already carries this process's `Via`: it has looped.
+    #[error("the request has already passed through this proxy")]
+    LoopDetected,
     /// A limit on open connections or tunnels refused the request.
     #[error("too many open {}", over_limit_text(*.0))]
     OverLimit(LimitKind),
@@ -102,6 +105,7 @@ impl ProxyError {
             ProxyError::Denied(reason) => reason.as_str(),
             ProxyError::Upstream(e) => e.code(),
             ProxyError::OverLimit(_) => "over-limit",
+            ProxyError::LoopDetected => "loop-detected",
         }
     }
 
@@ -113,6 +117,7 @@ impl ProxyError {
             ProxyError::Client(_) => Outcome::Deny(DenyReason::InvalidTarget),
             ProxyError::Upstream(e) => Outcome::Error(e.code()),
             ProxyError::OverLimit(_) => Outcome::Error("over-limit"),
+            ProxyError::LoopDetected => Outcome::Error("loop-detected"),
         }
     }
 
@@ -130,6 +135,7 @@ impl ProxyError {
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::OverLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 

@@ -27,8 +27,27 @@ use crate::metrics::Metrics;
 use crate::policy::Permit;
 use crate::target::Target;
 
-/// The `Via` value this proxy adds (RFC 9110 7.6.3).
-const VIA: &str = "1.1 portcullis";
+/// The `Via` value this proxy adds (RFC 9110 7.6.3): `1.1 portcullis-`
+/// and a pseudonym drawn once per process, so a request that comes back
+/// carrying it has looped through this very process (another Portcullis,
+/// a parent proxy, has another pseudonym).
+fn via() -> &'static HeaderValue {
+    static VIA: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    VIA.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let pseudonym = h.finish() as u32;
+        HeaderValue::try_from(format!("1.1 portcullis-{pseudonym:08x}")).expect("ASCII text is a valid header value")
+    })
+}
+
+/// True when the request already passed through this process.
+pub fn has_looped(headers: &HeaderMap) -> bool {
+    let own = via().as_bytes();
+    let ours = |v: &HeaderValue| v.as_bytes().split(|b| *b == b',').any(|hop| hop.trim_ascii() == own);
+    headers.get_all(header::VIA).iter().any(ours)
+}
 
 /// Periodically expires idle upstream connections.
 pub async fn reap_idle(shared: Arc<Shared>) {
@@ -90,7 +109,7 @@ pub async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
+    parts.headers.append(header::VIA, via().clone());
     record.status = parts.status.as_u16();
     let limits = PoolLimits {
         max_total: snapshot.limits.max_idle_upstream,
@@ -220,7 +239,7 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
     let host = HeaderValue::try_from(target.host_header(80))
         .expect("a parsed target is a DNS name or an IP literal, both valid header text");
     parts.headers.insert(header::HOST, host);
-    parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
+    parts.headers.append(header::VIA, via().clone());
     Request::from_parts(parts, CountedBody::new(body, sent))
 }
 

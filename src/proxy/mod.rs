@@ -347,6 +347,9 @@ async fn route(
     let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
+    if forward::has_looped(req.headers()) {
+        return Err(ProxyError::LoopDetected);
+    }
     let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
     match kind {
         RequestKind::Connect => {
