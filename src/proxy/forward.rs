@@ -269,9 +269,7 @@ impl tokio::io::AsyncWrite for IdleStream {
 /// Builds the origin-form request the upstream sees.
 fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>) -> Request<CountedBody> {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    // path_and_query of a parsed URI is always a valid origin-form target.
-    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     normalise_framing(&mut parts.headers);
     strip_hop_by_hop(&mut parts.headers);
@@ -282,6 +280,19 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
     parts.headers.insert(header::HOST, host);
     parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
     Request::from_parts(parts, CountedBody::new(body, sent))
+}
+
+/// The origin-form target (RFC 9112 3.2.1) of an absolute-form URI. A
+/// path-less URI with a query (`http://host?q=1`) keeps its query: the
+/// http crate yields `?q=1` for it, which needs the `/` in front.
+fn origin_form(uri: &Uri) -> Uri {
+    let Some(pq) = uri.path_and_query() else { return Uri::from_static("/") };
+    let target = match pq.as_str() {
+        with_path if with_path.starts_with('/') => Uri::try_from(with_path),
+        query_only => Uri::try_from(format!("/{query_only}")),
+    };
+    // path_and_query of a parsed URI is valid origin-form once it starts with '/'.
+    target.unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// Leaves at most one `Content-Length`, and none when the body was
@@ -411,6 +422,22 @@ mod tests {
             normalise_framing(&mut h);
             let got: Vec<&str> = h.get_all(header::CONTENT_LENGTH).iter().map(|v| v.to_str().unwrap()).collect();
             assert_eq!(got, *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let cases = [
+            ("http://a.test", "/"),
+            ("http://a.test/", "/"),
+            ("http://a.test?q=1", "/?q=1"),
+            ("http://a.test:8080?q=1&r=%20", "/?q=1&r=%20"),
+            ("http://a.test/p?q=1", "/p?q=1"),
+            ("http://a.test//evil.test/x", "//evil.test/x"),
+        ];
+        for (absolute, want) in cases {
+            let uri: Uri = absolute.parse().unwrap();
+            assert_eq!(origin_form(&uri).to_string(), want, "{absolute}");
         }
     }
 
