@@ -373,11 +373,17 @@ fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessR
         }
         Err(e) => {
             // Only the authority is logged for a refused target: a path or
-            // query string may carry secrets.
-            record.host = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            // query string may carry secrets, and so may userinfo (F5).
+            record.host = req.uri().authority().map(|a| without_userinfo(a.as_str()).to_string()).unwrap_or_default();
             Err(e)
         }
     }
+}
+
+/// `authority` with any `userinfo@` removed: everything up to the last '@'
+/// (a password may itself contain an unescaped '@').
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
 }
 
 fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Target, ProxyError> {
@@ -420,6 +426,25 @@ async fn authorize(
                 None => Outcome::Allow,
             };
             Ok(permit)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_userinfo;
+
+    #[test]
+    fn userinfo_is_cut_through_the_last_at() {
+        for (authority, logged) in [
+            ("allowed.test", "allowed.test"),
+            ("allowed.test:443", "allowed.test:443"),
+            ("alice:pw@allowed.test", "allowed.test"),
+            ("bob:p@ss@allowed.test:443", "allowed.test:443"),
+            ("@allowed.test", "allowed.test"),
+            ("user@", ""),
+        ] {
+            assert_eq!(without_userinfo(authority), logged, "{authority}");
         }
     }
 }
