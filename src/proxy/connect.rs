@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
+use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
@@ -80,12 +81,12 @@ pub async fn tunnel(
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let outcome = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                let outcome = match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
                     // The plain listener: relay between the two sockets
                     // directly, without a lock around the client stream.
                     Ok(parts) => {
                         let early = parts.read_buf.to_vec();
-                        serve_tunnel(parts.io.into_inner(), early, upstream, sni, idle).await
+                        serve_tunnel(parts.io.into_inner().into_inner(), early, upstream, sni, idle).await
                     }
                     Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
                 };

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -19,9 +18,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-use super::body::{CountedBody, ProxyBody};
+use super::body::{CountedBody, ProxyBody, Upload};
 use super::connect::dial;
-use super::error::{ProxyError, UpstreamError};
+use super::error::{ClientError, ProxyError, UpstreamError};
+use super::framing::Refusal;
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::metrics::Metrics;
@@ -114,8 +114,8 @@ pub async fn forward(
     req: Request<Incoming>,
     mut record: AccessRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut upstream_req = rewrite_request(req, target, sent.clone());
+    let upload = Arc::new(Upload::default());
+    let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;
     let pooled_ready = match shared.pool.checkout(permit.addrs()) {
         // A pooled connection becomes ready as soon as its connection task
@@ -137,6 +137,10 @@ pub async fn forward(
         match tokio::time::timeout(timeouts.upstream_response.0, sending).await {
             Err(_) => return Err(UpstreamError::ResponseTimeout.into()),
             Ok(Ok(response)) => break response,
+            Ok(Err(e)) if upload.broken() => {
+                tracing::debug!(error = %e.into_error(), "client request body broke off");
+                return Err(ClientError::Refused(Refusal::MalformedBody).into());
+            }
             Ok(Err(mut e)) => {
                 // A pooled connection the origin closed while idle: the
                 // request was not sent, so it is safe to send it on a new one.
@@ -159,7 +163,7 @@ pub async fn forward(
     let body = UpstreamBody {
         inner: body,
         return_to: Some((shared.clone(), addr, sender)),
-        sent,
+        upload,
         received: 0,
         record,
     };
@@ -267,7 +271,7 @@ impl tokio::io::AsyncWrite for IdleStream {
 }
 
 /// Builds the origin-form request the upstream sees.
-fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>) -> Request<CountedBody> {
+fn rewrite_request(req: Request<Incoming>, target: &Target, upload: Arc<Upload>) -> Request<CountedBody> {
     let (mut parts, body) = req.into_parts();
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
@@ -279,7 +283,7 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
         .expect("a parsed target is a DNS name or an IP literal, both valid header text");
     parts.headers.insert(header::HOST, host);
     parts.headers.append(header::VIA, HeaderValue::from_static(VIA));
-    Request::from_parts(parts, CountedBody::new(body, sent))
+    Request::from_parts(parts, CountedBody::new(body, upload))
 }
 
 /// The origin-form target (RFC 9112 3.2.1) of an absolute-form URI. A
@@ -346,7 +350,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct UpstreamBody {
     inner: Incoming,
     return_to: Option<(Arc<Shared>, SocketAddr, Sender)>,
-    sent: Arc<AtomicU64>,
+    upload: Arc<Upload>,
     received: u64,
     record: AccessRecord,
 }
@@ -395,7 +399,7 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.release();
         }
-        self.record.bytes_in = self.sent.load(Ordering::Relaxed);
+        self.record.bytes_in = self.upload.bytes();
         self.record.bytes_out = self.received;
         self.record.emit();
     }

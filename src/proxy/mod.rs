@@ -5,6 +5,7 @@ pub mod body;
 pub mod connect;
 pub mod error;
 pub mod forward;
+pub mod framing;
 #[cfg(target_os = "linux")]
 mod splice;
 
@@ -33,6 +34,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::target::Target;
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
+use framing::{WatchedIo, Wire};
 
 /// Everything a request needs that can change on reload, published as one
 /// snapshot so a request never mixes two configurations.
@@ -283,7 +285,13 @@ async fn serve_http<I>(
         let snapshot = shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), req));
+    let wire = Arc::new(Wire::default());
+    let io = WatchedIo::new(io, wire.clone(), max_head);
+    let service_wire = wire.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let conflicting = service_wire.next_request_conflicting();
+        handle(shared.clone(), client, cert.clone(), conflicting, req)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -302,6 +310,13 @@ async fn serve_http<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%client, error = %e, "client connection ended with an error");
+        if let Some((refusal, status)) = wire.refusal_of(&e) {
+            // hyper answered (or closed) before the service saw a request.
+            let mut record = AccessRecord::unparsed(client, guard.shared.metrics.clone());
+            record.outcome = Outcome::Refused(refusal);
+            record.status = status.map_or(0, |s| s.as_u16());
+            record.emit();
+        }
     }
     drop(guard);
 }
@@ -311,10 +326,16 @@ async fn handle(
     shared: Arc<Shared>,
     client: SocketAddr,
     cert: Option<Arc<CertNames>>,
+    conflicting_framing: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    // The edge comes first: a malformed request is refused whoever sends it.
+    if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
+        record.kind = Some(request_kind(req.method()));
+        return Ok(refuse(&shared, record, ClientError::Refused(refusal).into()));
+    }
     let identity = snapshot.identities.identify(
         &snapshot.policy,
         cert.as_deref(),
@@ -330,20 +351,30 @@ async fn handle(
         }
         Err(reason) => Err(ProxyError::Denied(reason)),
     };
-    let response = match routed {
+    Ok(match routed {
         Ok(response) => response,
-        Err(err) => {
-            record.outcome = err.outcome();
-            if let ProxyError::Upstream(e) = &err {
-                shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
-            }
-            let response = err.to_response();
-            record.status = response.status().as_u16();
-            record.emit();
-            response
-        }
-    };
-    Ok(response)
+        Err(err) => refuse(&shared, record, err),
+    })
+}
+
+/// The answer for a request that failed, with its log line and count.
+fn refuse(shared: &Shared, mut record: AccessRecord, err: ProxyError) -> Response<ProxyBody> {
+    record.outcome = err.outcome();
+    if let ProxyError::Upstream(e) = &err {
+        shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
+    }
+    let response = err.to_response();
+    record.status = response.status().as_u16();
+    record.emit();
+    response
+}
+
+fn request_kind(method: &Method) -> RequestKind {
+    if method == Method::CONNECT {
+        RequestKind::Connect
+    } else {
+        RequestKind::Http
+    }
 }
 
 /// Parses, decides and dispatches; the caller turns an error into a response.
@@ -354,7 +385,7 @@ async fn route(
     record: &mut AccessRecord,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
+    let kind = request_kind(req.method());
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
     let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
