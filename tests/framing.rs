@@ -294,7 +294,15 @@ async fn requests_hyper_refuses_leave_a_trace() {
         s.victim_untouched(name);
         s.still_serving().await;
     }
-    assert_eq!(requests(&s.metrics, "invalid", "malformed-request", ""), 3);
+    // An HTTP/2 preface: hyper closes without an answer.
+    let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+    let client = stream.local_addr().unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let (got, closed) = read_until_closed(&mut stream, STEP).await;
+    assert!(closed && got.is_empty(), "HTTP/2 preface: closed without an answer, got {:?}", String::from_utf8_lossy(&got));
+    assert_refusal_line(&line_of(client).await.1, "", "malformed-request", 0);
+    s.still_serving().await;
+    assert_eq!(requests(&s.metrics, "invalid", "malformed-request", ""), 4);
     assert_eq!(requests(&s.metrics, "invalid", "head-too-large", ""), 1);
     assert_eq!(requests(&s.metrics, "invalid", "uri-too-long", ""), 1);
 }
