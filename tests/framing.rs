@@ -164,6 +164,33 @@ async fn content_length_with_transfer_encoding_is_refused() {
     assert_eq!(requests(&s.metrics, "http", "conflicting-framing", ""), 3);
 }
 
+/// The watch follows bodies by their framing: pipelined requests whose
+/// bodies look like a conflicting head are all served, and the request
+/// after them that does carry both headers is the one refused.
+#[tokio::test]
+async fn bodies_that_look_like_heads_are_not_refused() {
+    let s = setup("").await;
+    let echo = format!("http://127.0.0.1:{}/echo", s.alive.port());
+    let decoy = format!("POST {}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", s.victim_url());
+    let pipelined = format!(
+        "POST {echo} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n{decoy}\
+         POST {echo} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{len:x};ext=1\r\n{decoy}\r\n0\r\nX-Trailer: 1\r\n\r\n\
+         GET {echo} HTTP/1.1\r\nHost: x\r\n\r\n",
+        len = decoy.len()
+    );
+    let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    for (i, body) in [decoy.as_str(), decoy.as_str(), ""].into_iter().enumerate() {
+        let resp = read_response(&mut stream).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, body), "request {i}");
+    }
+    let cl_te = format!("POST {echo} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    stream.write_all(cl_te.as_bytes()).await.unwrap();
+    let resp = read_response(&mut stream).await;
+    assert_eq!((resp.status, resp.header("x-portcullis-error")), (400, Some("conflicting-framing")));
+    s.victim_untouched("decoys");
+}
+
 /// RFC 9112 3.2: an HTTP/1.1 request needs one valid Host, even though the
 /// absolute-form target decides where it goes.
 #[tokio::test]

@@ -503,7 +503,8 @@ mod tests {
     fn heads_are_checked() {
         const HTTP_10: Version = Version::HTTP_10;
         const HTTP_11: Version = Version::HTTP_11;
-        let cases: [(&str, Version, &[(&str, &str)], Result<(), Refusal>); 15] = [
+        type Case = (&'static str, Version, &'static [(&'static str, &'static str)], Result<(), Refusal>);
+        let cases: [Case; 15] = [
             ("GET", HTTP_11, &[("host", "a.test")], Ok(())),
             ("GET", HTTP_11, &[("host", "a.test:8080")], Ok(())),
             ("GET", HTTP_11, &[("host", "[2001:db8::1]:443")], Ok(())),
