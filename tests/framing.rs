@@ -9,14 +9,15 @@ mod common;
 #[path = "common/hostile.rs"]
 mod hostile;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::*;
 use hostile::*;
 use portcullis::metrics::Metrics;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Decision lines of every proxy in this test process, as written.
 fn decision_log() -> &'static Mutex<Vec<u8>> {
@@ -72,6 +73,8 @@ fn requests(metrics: &Metrics, kind: &str, reason: &str, role: &str) -> u64 {
 /// A proxy that reaches loopback, a victim origin that must never receive a
 /// byte of a refused request, and an origin for the liveness checks.
 struct Setup {
+    /// The loopback address this test's clients connect from, its own.
+    source: IpAddr,
     proxy: SocketAddr,
     metrics: Arc<Metrics>,
     victim: SocketAddr,
@@ -89,7 +92,19 @@ async fn setup(timeouts: &str) -> Setup {
          allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
     );
     let (proxy, metrics) = start_proxy_with_metrics(&yaml).await;
-    Setup { proxy, metrics, victim, victim_log, alive }
+    static NEXT_SOURCE: AtomicU8 = AtomicU8::new(2);
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, NEXT_SOURCE.fetch_add(1, Ordering::Relaxed)));
+    Setup { source, proxy, metrics, victim, victim_log, alive }
+}
+
+/// A connection to `proxy` from `source`. Tests run in parallel and share
+/// one log, and the kernel may give the same client port to connections
+/// to different proxies: a source address per test keeps each decision
+/// line's client address unique.
+async fn open(source: IpAddr, proxy: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(proxy).await.unwrap()
 }
 
 impl Setup {
@@ -112,8 +127,8 @@ impl Setup {
 /// Sends `request` on a new connection (after `before`, answered first),
 /// and expects 400 with `reason`, then the connection closed. Returns the
 /// client address of the connection.
-async fn refused(proxy: SocketAddr, before: Option<&str>, request: &str, reason: &str) -> SocketAddr {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
+async fn refused(source: IpAddr, proxy: SocketAddr, before: Option<&str>, request: &str, reason: &str) -> SocketAddr {
+    let mut stream = open(source, proxy).await;
     let client = stream.local_addr().unwrap();
     if let Some(first) = before {
         stream.write_all(first.as_bytes()).await.unwrap();
@@ -155,7 +170,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
         ("second request of a keep-alive connection", Some(&alive), &cl_te),
     ];
     for (name, before, request) in cases {
-        let client = refused(s.proxy, before, request, "conflicting-framing").await;
+        let client = refused(s.source, s.proxy, before, request, "conflicting-framing").await;
         s.victim_untouched(name);
         s.still_serving().await;
         let lines = lines_of(client, 1 + usize::from(before.is_some())).await;
@@ -178,7 +193,7 @@ async fn bodies_that_look_like_heads_are_not_refused() {
          GET {echo} HTTP/1.1\r\nHost: x\r\n\r\n",
         len = decoy.len()
     );
-    let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+    let mut stream = open(s.source, s.proxy).await;
     stream.write_all(pipelined.as_bytes()).await.unwrap();
     for (i, body) in [decoy.as_str(), decoy.as_str(), ""].into_iter().enumerate() {
         let resp = read_response(&mut stream).await;
@@ -207,7 +222,7 @@ async fn missing_or_invalid_host_is_refused() {
         ("CONNECT without Host", format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n\r\n", s.victim.port()), "missing-host"),
     ];
     for (name, request, reason) in &cases {
-        let client = refused(s.proxy, None, request, reason).await;
+        let client = refused(s.source, s.proxy, None, request, reason).await;
         s.victim_untouched(name);
         s.still_serving().await;
         let kind = if request.starts_with("CONNECT") { "connect" } else { "http" };
@@ -240,7 +255,7 @@ async fn connect_with_a_body_is_refused() {
     ];
     for (name, request) in &cases {
         let dials = s.metrics.upstream_connect.get_sample_count();
-        let client = refused(s.proxy, None, request, "connect-with-body").await;
+        let client = refused(s.source, s.proxy, None, request, "connect-with-body").await;
         assert_eq!(s.metrics.upstream_connect.get_sample_count(), dials, "{name}: nothing was dialed");
         s.victim_untouched(name);
         s.still_serving().await;
@@ -280,7 +295,7 @@ async fn malformed_request_body_is_a_client_error() {
         ("bare LF hiding a header", format!("{head}5;a\nContent-Length: 5\r\nhello\r\n0\r\n\r\n")),
     ];
     for (name, request) in &cases {
-        let client = refused(proxy, None, request, "malformed-body").await;
+        let client = refused(s.source, proxy, None, request, "malformed-body").await;
         let (_, line) = line_of(client).await;
         assert_eq!((&line["decision"], &line["reason"], &line["status"]), (&"deny".into(), &"malformed-body".into(), &400.into()), "{name}: {line}");
         let resp = get(proxy, &format!("http://127.0.0.1:{}/alive", s.alive.port())).await;
@@ -309,7 +324,7 @@ async fn requests_hyper_refuses_leave_a_trace() {
         ("request line of 70 KB", format!("GET {u}/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000)), 414, "uri-too-long"),
     ];
     for (name, request, status, reason) in &cases {
-        let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+        let mut stream = open(s.source, s.proxy).await;
         let client = stream.local_addr().unwrap();
         let _ = stream.write_all(request.as_bytes()).await;
         assert_eq!(read_response(&mut stream).await.status, *status, "{name}");
@@ -322,7 +337,7 @@ async fn requests_hyper_refuses_leave_a_trace() {
         s.still_serving().await;
     }
     // An HTTP/2 preface: hyper closes without an answer.
-    let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+    let mut stream = open(s.source, s.proxy).await;
     let client = stream.local_addr().unwrap();
     stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
     let (got, closed) = read_until_closed(&mut stream, STEP).await;
@@ -344,23 +359,23 @@ async fn unfinished_heads_are_logged_idle_connections_are_not() {
         ["malformed-request", "head-timeout", "head-too-large"].iter().map(|r| requests(m, "invalid", r, "")).sum()
     };
     // An idle connection: no byte, then the header timeout.
-    let mut idle = TcpStream::connect(s.proxy).await.unwrap();
+    let mut idle = open(s.source, s.proxy).await;
     let (got, closed) = read_until_closed(&mut idle, STEP).await;
     assert!(closed && got.is_empty());
     // A client that leaves mid-head.
-    let mut gone = TcpStream::connect(s.proxy).await.unwrap();
+    let mut gone = open(s.source, s.proxy).await;
     gone.write_all(format!("GET {}/ HTTP/1.1\r\nHo", s.victim_url()).as_bytes()).await.unwrap();
     drop(gone);
     eventually("both connections ended", STEP, || s.metrics.active_connections.get() == 0).await;
     assert_eq!(total(&s.metrics), 0, "no refusal counted");
     // A keep-alive connection idle after a request: one line, the request's.
-    let mut kept = TcpStream::connect(s.proxy).await.unwrap();
+    let mut kept = open(s.source, s.proxy).await;
     let kept_client = kept.local_addr().unwrap();
     kept.write_all(format!("GET http://127.0.0.1:{}/ HTTP/1.1\r\nHost: x\r\n\r\n", s.alive.port()).as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut kept).await.status, 200);
     assert!(read_until_closed(&mut kept, STEP).await.1);
     // An unfinished head.
-    let mut slow = TcpStream::connect(s.proxy).await.unwrap();
+    let mut slow = open(s.source, s.proxy).await;
     let client = slow.local_addr().unwrap();
     slow.write_all(format!("GET {}/ HTTP/1.1\r\nHo", s.victim_url()).as_bytes()).await.unwrap();
     let (got, closed) = read_until_closed(&mut slow, STEP).await;
@@ -385,7 +400,7 @@ async fn userinfo_of_a_refused_target_is_never_logged() {
         (format!("GET http://carol:p@ss@127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), "ss@", "carol"),
     ];
     for (request, secret, user) in &cases {
-        let mut stream = TcpStream::connect(s.proxy).await.unwrap();
+        let mut stream = open(s.source, s.proxy).await;
         let client = stream.local_addr().unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
         let resp = read_response(&mut stream).await;
