@@ -574,6 +574,55 @@ mod tests {
         }
     }
 
+    /// Random sequences of requests, cut into random pieces: the watch
+    /// counts every head up to the first one hyper refuses or that carries
+    /// both headers, wherever the reads happen to split the stream.
+    #[test]
+    fn any_split_of_any_sequence_is_followed_the_same() {
+        let decoy = "GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        // (bytes, what the watch does after it: go on, or stop with or
+        // without noting a conflicting head)
+        let blocks: [(String, Option<bool>); 6] = [
+            ("GET http://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n".to_string(), None),
+            (format!("PUT http://a.test/ HTTP/1.1\r\nContent-Length: {}\r\n\r\n{decoy}", decoy.len()), None),
+            (format!("POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n{:X} ; x=y\r\n{decoy}\r\n0\r\nT: 1\r\n\r\n", decoy.len()), None),
+            ("\r\n".to_string(), None),
+            ("POST http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n".to_string(), Some(true)),
+            ("POST http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n".to_string(), Some(false)),
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |bound: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % bound
+        };
+        for _ in 0..500 {
+            let mut bytes = Vec::new();
+            let (mut heads, mut conflicting, mut stopped) = (0u64, 0u64, false);
+            for _ in 0..1 + next(6) {
+                let (block, stop) = &blocks[next(blocks.len())];
+                bytes.extend_from_slice(block.as_bytes());
+                if stopped || block == "\r\n" {
+                    continue;
+                }
+                heads += 1;
+                if let Some(noted) = stop {
+                    stopped = true;
+                    conflicting = if *noted { heads } else { 0 };
+                }
+            }
+            let wire = Arc::new(Wire::default());
+            let mut tracker = Tracker::new(wire.clone(), 1 << 16);
+            let mut rest = bytes.as_slice();
+            while !rest.is_empty() {
+                let (piece, after) = rest.split_at((1 + next(40)).min(rest.len()));
+                tracker.feed(piece);
+                rest = after;
+            }
+            let got = (tracker.heads, wire.conflicting_head.load(Ordering::Relaxed), tracker.position == Position::Off);
+            assert_eq!(got, (heads, conflicting, stopped), "{:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
     #[test]
     fn an_unfinished_head_is_noticed_and_blank_lines_are_not() {
         let wire = Arc::new(Wire::default());
