@@ -58,7 +58,8 @@ pub struct AccessRecord {
     /// `None` for a request hyper refused before it was parsed.
     pub method: Option<http::Method>,
     pub kind: Option<RequestKind>,
-    /// The target host as parsed, or the raw request target when it did not parse.
+    /// The target host as parsed, or the request's authority (userinfo cut
+    /// off) when it did not parse.
     pub host: String,
     pub port: u16,
     pub dialed: Option<SocketAddr>,
