@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::Metrics;
-
 use crate::policy::{DenyReason, Mode, RequestKind};
+use crate::proxy::framing::Refusal;
 
 /// How a request ended, as far as policy is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,8 +19,11 @@ pub enum Outcome {
     Allow,
     /// Allowed only because the role is in report mode.
     WouldDeny(DenyReason),
-    /// Denied by policy or refused as malformed.
+    /// Denied by policy or refused as an invalid target.
     Deny(DenyReason),
+    /// Refused at the edge as malformed (framing, Host, an unparsable or
+    /// oversize head); the decision is `deny`.
+    Refused(Refusal),
     /// Allowed, but the proxy could not complete it (code as in `X-Portcullis-Error`).
     Error(&'static str),
 }
@@ -32,7 +35,7 @@ impl Outcome {
             Outcome::Pending => "pending",
             Outcome::Allow => "allow",
             Outcome::WouldDeny(_) => "would_deny",
-            Outcome::Deny(_) => "deny",
+            Outcome::Deny(_) | Outcome::Refused(_) => "deny",
             Outcome::Error(_) => "error",
         }
     }
@@ -42,6 +45,7 @@ impl Outcome {
         match self {
             Outcome::Pending | Outcome::Allow => "",
             Outcome::WouldDeny(r) | Outcome::Deny(r) => r.as_str(),
+            Outcome::Refused(refusal) => refusal.as_str(),
             Outcome::Error(code) => code,
         }
     }
@@ -51,9 +55,11 @@ impl Outcome {
 #[derive(Clone)]
 pub struct AccessRecord {
     pub client: SocketAddr,
-    pub method: http::Method,
+    /// `None` for a request hyper refused before it was parsed.
+    pub method: Option<http::Method>,
     pub kind: Option<RequestKind>,
-    /// The target host as parsed, or the raw request target when it did not parse.
+    /// The target host as parsed, or the request's authority (userinfo cut
+    /// off) when it did not parse.
     pub host: String,
     pub port: u16,
     pub dialed: Option<SocketAddr>,
@@ -74,9 +80,15 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Starts a record for a request that just arrived.
     pub fn new(client: SocketAddr, method: http::Method, metrics: Arc<Metrics>) -> Self {
+        AccessRecord { method: Some(method), ..Self::unparsed(client, metrics) }
+    }
+
+    /// A record for a request refused before its head was parsed: no
+    /// method, no kind.
+    pub fn unparsed(client: SocketAddr, metrics: Arc<Metrics>) -> Self {
         AccessRecord {
             client,
-            method,
+            method: None,
             kind: None,
             host: String::new(),
             port: 0,
@@ -125,7 +137,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":");
         let _ = write!(out, "\"{}\"", self.client);
         out.extend_from_slice(b",\"method\":");
-        json_str(out, self.method.as_str());
+        json_str(out, self.method.as_ref().map_or("", http::Method::as_str));
         out.extend_from_slice(b",\"kind\":");
         json_str(out, self.kind.map_or("", RequestKind::as_str));
         out.extend_from_slice(b",\"host\":");

@@ -16,6 +16,7 @@ use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
 use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
+use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
@@ -89,12 +90,12 @@ pub async fn tunnel(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let served = async {
-                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
                         // The plain listener: relay between the two sockets
                         // directly, without a lock around the client stream.
                         Ok(parts) => {
                             let early = parts.read_buf.to_vec();
-                            serve_tunnel(parts.io.into_inner(), early, upstream, sni, idle).await
+                            serve_tunnel(parts.io.into_inner().into_inner(), early, upstream, sni, idle).await
                         }
                         Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
                     }

@@ -6,6 +6,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::slots::LimitKind;
+use super::framing::Refusal;
 use crate::access_log::Outcome;
 use crate::dns::ResolveError;
 use crate::policy::DenyReason;
@@ -63,6 +64,9 @@ pub enum ClientError {
     OriginForm,
     #[error("CONNECT requires an authority target (host:port)")]
     ConnectWithoutAuthority,
+    /// Malformed framing or head; the connection is closed after the answer.
+    #[error("{}", .0.describe())]
+    Refused(Refusal),
 }
 
 /// Failures past the policy: resolution, connection, upstream protocol.
@@ -102,6 +106,7 @@ impl ProxyError {
         match self {
             ProxyError::Client(ClientError::InvalidTarget(_) | ClientError::ConnectWithoutAuthority) => "invalid-target",
             ProxyError::Client(ClientError::OriginForm) => "origin-form",
+            ProxyError::Client(ClientError::Refused(refusal)) => refusal.as_str(),
             ProxyError::Denied(reason) => reason.as_str(),
             ProxyError::Upstream(e) => e.code(),
             ProxyError::OverLimit(_) => "over-limit",
@@ -114,6 +119,7 @@ impl ProxyError {
         match self {
             ProxyError::Denied(reason) => Outcome::Deny(*reason),
             ProxyError::Client(ClientError::OriginForm) => Outcome::Error("origin-form"),
+            ProxyError::Client(ClientError::Refused(refusal)) => Outcome::Refused(*refusal),
             ProxyError::Client(_) => Outcome::Deny(DenyReason::InvalidTarget),
             ProxyError::Upstream(e) => Outcome::Error(e.code()),
             ProxyError::OverLimit(_) => Outcome::Error("over-limit"),
@@ -139,6 +145,12 @@ impl ProxyError {
         }
     }
 
+    /// Whether the connection must close after the answer: after a framing
+    /// error, the next request could not be found reliably.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ProxyError::Client(ClientError::Refused(_)))
+    }
+
     /// The response the client sees: status, reason header, one-line body.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let header_name = match self {
@@ -154,6 +166,9 @@ impl ProxyError {
         if self.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             headers.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"portcullis\""));
             headers.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
+        }
+        if self.closes_connection() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, ProxyError::Client(ClientError::OriginForm)) {
             headers.insert(header::ALLOW, HeaderValue::from_static("CONNECT, GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));

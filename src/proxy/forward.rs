@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -17,10 +16,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{CountedBody, ProxyBody};
+use super::body::{CountedBody, ProxyBody, Upload};
 use super::connect::dial;
+use super::error::{ClientError, ProxyError, UpstreamError};
+use super::framing::Refusal;
 use super::pool::{PoolKey, PoolLimits, Sender};
-use super::error::{ProxyError, UpstreamError};
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::metrics::Metrics;
@@ -69,8 +69,8 @@ pub async fn forward(
     mut record: AccessRecord,
     role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut upstream_req = rewrite_request(req, target, sent.clone());
+    let upload = Arc::new(Upload::default());
+    let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;
     let pooled_ready = match shared.pool.checkout(&role, permit.addrs()) {
         // A pooled connection becomes ready as soon as its connection task
@@ -92,6 +92,10 @@ pub async fn forward(
         match tokio::time::timeout(timeouts.upstream_response.0, sending).await {
             Err(_) => return Err(UpstreamError::ResponseTimeout.into()),
             Ok(Ok(response)) => break response,
+            Ok(Err(e)) if upload.broken() => {
+                tracing::debug!(error = %e.into_error(), "client request body broke off");
+                return Err(ClientError::Refused(Refusal::MalformedBody).into());
+            }
             Ok(Err(mut e)) => {
                 // A pooled connection the origin closed while idle: the
                 // request was not sent, so it is safe to send it on a new one.
@@ -118,7 +122,7 @@ pub async fn forward(
     let body = UpstreamBody {
         inner: body,
         return_to: Some(PoolReturn { shared: shared.clone(), key: PoolKey { role, addr }, target: target.clone(), sender, limits }),
-        sent,
+        upload,
         received: 0,
         record,
     };
@@ -226,11 +230,9 @@ impl tokio::io::AsyncWrite for IdleStream {
 }
 
 /// Builds the origin-form request the upstream sees.
-fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>) -> Request<CountedBody> {
+fn rewrite_request(req: Request<Incoming>, target: &Target, upload: Arc<Upload>) -> Request<CountedBody> {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    // path_and_query of a parsed URI is always a valid origin-form target.
-    parts.uri = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     normalise_framing(&mut parts.headers);
     strip_hop_by_hop(&mut parts.headers);
@@ -240,7 +242,20 @@ fn rewrite_request(req: Request<Incoming>, target: &Target, sent: Arc<AtomicU64>
         .expect("a parsed target is a DNS name or an IP literal, both valid header text");
     parts.headers.insert(header::HOST, host);
     parts.headers.append(header::VIA, via().clone());
-    Request::from_parts(parts, CountedBody::new(body, sent))
+    Request::from_parts(parts, CountedBody::new(body, upload))
+}
+
+/// The origin-form target (RFC 9112 3.2.1) of an absolute-form URI. A
+/// path-less URI with a query (`http://host?q=1`) keeps its query: the
+/// http crate yields `?q=1` for it, which needs the `/` in front.
+fn origin_form(uri: &Uri) -> Uri {
+    let Some(pq) = uri.path_and_query() else { return Uri::from_static("/") };
+    let target = match pq.as_str() {
+        with_path if with_path.starts_with('/') => Uri::try_from(with_path),
+        query_only => Uri::try_from(format!("/{query_only}")),
+    };
+    // path_and_query of a parsed URI is valid origin-form once it starts with '/'.
+    target.unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// Leaves at most one `Content-Length`, and none when the body was
@@ -303,7 +318,7 @@ struct PoolReturn {
 pub struct UpstreamBody {
     inner: Incoming,
     return_to: Option<PoolReturn>,
-    sent: Arc<AtomicU64>,
+    upload: Arc<Upload>,
     received: u64,
     record: AccessRecord,
 }
@@ -352,7 +367,7 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.release();
         }
-        self.record.bytes_in = self.sent.load(Ordering::Relaxed);
+        self.record.bytes_in = self.upload.bytes();
         self.record.bytes_out = self.received;
         self.record.emit();
     }
@@ -379,6 +394,22 @@ mod tests {
             normalise_framing(&mut h);
             let got: Vec<&str> = h.get_all(header::CONTENT_LENGTH).iter().map(|v| v.to_str().unwrap()).collect();
             assert_eq!(got, *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let cases = [
+            ("http://a.test", "/"),
+            ("http://a.test/", "/"),
+            ("http://a.test?q=1", "/?q=1"),
+            ("http://a.test:8080?q=1&r=%20", "/?q=1&r=%20"),
+            ("http://a.test/p?q=1", "/p?q=1"),
+            ("http://a.test//evil.test/x", "//evil.test/x"),
+        ];
+        for (absolute, want) in cases {
+            let uri: Uri = absolute.parse().unwrap();
+            assert_eq!(origin_form(&uri).to_string(), want, "{absolute}");
         }
     }
 

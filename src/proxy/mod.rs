@@ -5,6 +5,7 @@ pub mod body;
 pub mod connect;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod pool;
 pub mod revoke;
 pub mod slots;
@@ -35,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::target::Target;
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
+use framing::{WatchedIo, Wire};
 
 /// Everything a request needs that can change on reload, published as one
 /// snapshot so a request never mixes two configurations.
@@ -270,8 +272,14 @@ async fn serve_http<I>(
         let snapshot = shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
+    let wire = Arc::new(Wire::default());
+    let io = WatchedIo::new(io, wire.clone(), max_head);
+    let service_wire = wire.clone();
     let slot = guard.slot.clone();
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), slot.clone(), req));
+    let service = hyper::service::service_fn(move |req| {
+        let conflicting = service_wire.next_request_conflicting();
+        handle(shared.clone(), client, cert.clone(), slot.clone(), conflicting, req)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -290,6 +298,13 @@ async fn serve_http<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%client, error = %e, "client connection ended with an error");
+        if let Some((refusal, status)) = wire.refusal_of(&e) {
+            // hyper answered (or closed) before the service saw a request.
+            let mut record = AccessRecord::unparsed(client, guard.shared.metrics.clone());
+            record.outcome = Outcome::Refused(refusal);
+            record.status = status.map_or(0, |s| s.as_u16());
+            record.emit();
+        }
     }
     drop(guard);
 }
@@ -300,10 +315,16 @@ async fn handle(
     client: SocketAddr,
     cert: Option<Arc<CertNames>>,
     slot: Arc<slots::ConnectionSlot>,
+    conflicting_framing: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    // The edge comes first: a malformed request is refused whoever sends it.
+    if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
+        record.kind = Some(request_kind(req.method()));
+        return Ok(refuse(&shared, record, ClientError::Refused(refusal).into()));
+    }
     let identity = snapshot.identities.identify(
         &snapshot.policy,
         cert.as_deref(),
@@ -319,20 +340,30 @@ async fn handle(
         }
         Err(reason) => Err(ProxyError::Denied(reason)),
     };
-    let response = match routed {
+    Ok(match routed {
         Ok(response) => response,
-        Err(err) => {
-            record.outcome = err.outcome();
-            if let ProxyError::Upstream(e) = &err {
-                shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
-            }
-            let response = err.to_response();
-            record.status = response.status().as_u16();
-            record.emit();
-            response
-        }
-    };
-    Ok(response)
+        Err(err) => refuse(&shared, record, err),
+    })
+}
+
+/// The answer for a request that failed, with its log line and count.
+fn refuse(shared: &Shared, mut record: AccessRecord, err: ProxyError) -> Response<ProxyBody> {
+    record.outcome = err.outcome();
+    if let ProxyError::Upstream(e) = &err {
+        shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
+    }
+    let response = err.to_response();
+    record.status = response.status().as_u16();
+    record.emit();
+    response
+}
+
+fn request_kind(method: &Method) -> RequestKind {
+    if method == Method::CONNECT {
+        RequestKind::Connect
+    } else {
+        RequestKind::Http
+    }
 }
 
 /// Parses, decides and dispatches; the caller turns an error into a response.
@@ -344,7 +375,7 @@ async fn route(
     slot: Arc<slots::ConnectionSlot>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
+    let kind = request_kind(req.method());
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
     if forward::has_looped(req.headers()) {
@@ -372,11 +403,17 @@ fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessR
         }
         Err(e) => {
             // Only the authority is logged for a refused target: a path or
-            // query string may carry secrets.
-            record.host = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            // query string may carry secrets, and so may userinfo (F5).
+            record.host = req.uri().authority().map(|a| without_userinfo(a.as_str()).to_string()).unwrap_or_default();
             Err(e)
         }
     }
+}
+
+/// `authority` with any `userinfo@` removed: everything up to the last '@'
+/// (a password may itself contain an unescaped '@').
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
 }
 
 fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Target, ProxyError> {
@@ -419,6 +456,25 @@ async fn authorize(
                 None => Outcome::Allow,
             };
             Ok(permit)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_userinfo;
+
+    #[test]
+    fn userinfo_is_cut_through_the_last_at() {
+        for (authority, logged) in [
+            ("allowed.test", "allowed.test"),
+            ("allowed.test:443", "allowed.test:443"),
+            ("alice:pw@allowed.test", "allowed.test"),
+            ("bob:p@ss@allowed.test:443", "allowed.test:443"),
+            ("@allowed.test", "allowed.test"),
+            ("user@", ""),
+        ] {
+            assert_eq!(without_userinfo(authority), logged, "{authority}");
         }
     }
 }
