@@ -18,7 +18,7 @@ use crate::reload::Reloader;
 /// Why the process could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: io::Error },
@@ -38,6 +38,13 @@ impl App {
     /// Loads the config file and binds both listeners.
     pub async fn start(path: &Path) -> Result<App, StartError> {
         let config = Config::load(path)?;
+        if let Some(nofile) = crate::host::raise_nofile_limit() {
+            config.limits.check_fds(nofile).map_err(|message| ConfigError::Invalid {
+                file: path.display().to_string(),
+                message: format!("limits: {message}"),
+                line: None,
+            })?;
+        }
         let snapshot = Snapshot::from_config(&config, 1).map_err(|message| ConfigError::Invalid {
             file: path.display().to_string(),
             message,

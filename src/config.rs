@@ -136,12 +136,49 @@ pub struct Limits {
     pub max_response_head_bytes: usize,
 }
 
+impl Limits {
+    /// Descriptors kept free for listeners, DNS sockets, the config file
+    /// and the log.
+    pub const RESERVED_FDS: u64 = 64;
+
+    /// The file descriptors these limits may need at once: each client
+    /// connection (a tunnel keeps its connection's slot) and the upstream
+    /// connection it may have open, every pooled idle connection, and a
+    /// reserve. Splice pipes are left out: when no descriptor is left for
+    /// one, a tunnel copies through user space instead.
+    pub fn fds_needed(&self) -> u64 {
+        2 * self.max_connections as u64 + self.max_idle_upstream as u64 + Self::RESERVED_FDS
+    }
+
+    /// Refuses limits that cannot be served within `nofile` descriptors,
+    /// with the numbers.
+    pub fn check_fds(&self, nofile: u64) -> Result<(), String> {
+        let need = self.fds_needed();
+        if need <= nofile {
+            return Ok(());
+        }
+        let fit = nofile.saturating_sub(self.max_idle_upstream as u64 + Self::RESERVED_FDS) / 2;
+        let lower = match fit {
+            0 => "lower limits.max_idle_upstream and limits.max_connections".to_string(),
+            fit => format!("lower limits.max_connections to {fit}"),
+        };
+        Err(format!(
+            "limits need up to {need} file descriptors (2 x max_connections {} + max_idle_upstream {} + {} reserved), \
+             but the open-file limit is {nofile}: {lower} or raise the limit \
+             (ulimit -n, systemd LimitNOFILE=, docker --ulimit nofile=)",
+            self.max_connections,
+            self.max_idle_upstream,
+            Self::RESERVED_FDS
+        ))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 10_000,
+            max_connections: 8_192,
             max_connections_per_client: 1_000,
-            max_tunnels: 8_000,
+            max_tunnels: 4_096,
             max_tunnels_per_client: 500,
             max_idle_upstream: 1_024,
             max_idle_upstream_per_destination: 128,

@@ -139,7 +139,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["global_limit", "per_client_limit", "tunnel_limit", "per_client_tunnel_limit", "tls_handshake"] {
+        for reason in ["global_limit", "per_client_limit", "tunnel_limit", "per_client_tunnel_limit", "tls_handshake", "fd_exhausted"] {
             metrics.refused(reason);
         }
         for kind in ["tunnel", "pooled"] {

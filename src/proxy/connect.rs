@@ -30,6 +30,10 @@ use crate::target::Target;
 /// transfer moves in large chunks.
 const RELAY_BUF_START: usize = 2 * 1024;
 const RELAY_BUF_MAX: usize = 128 * 1024;
+/// A grown buffer that sees no byte for this long shrinks back to the
+/// start size, so a tunnel that once moved a burst idles as cheaply as one
+/// that never did.
+const RELAY_QUIET: Duration = Duration::from_millis(250);
 
 /// Opens a TCP connection to the first reachable address of `permit`,
 /// trying them in order within one overall `timeout`. The permit is the only
@@ -305,7 +309,7 @@ where
 {
     let mut buf = vec![0u8; RELAY_BUF_START];
     loop {
-        let n = match reader.read(&mut buf).await {
+        let n = match read_or_shrink(reader, &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -330,6 +334,19 @@ where
     // EOF from this side: pass the half-close on so the peer sees it while
     // the other direction keeps flowing.
     let _ = writer.shutdown().await;
+}
+
+/// Reads into `buf`; a grown buffer that waits longer than [`RELAY_QUIET`]
+/// for data is replaced by a start-sized one first (reads are cancel-safe:
+/// nothing is lost by giving up the first wait).
+async fn read_or_shrink<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.len() > RELAY_BUF_START {
+        if let Ok(read) = tokio::time::timeout(RELAY_QUIET, reader.read(buf)).await {
+            return read;
+        }
+        *buf = vec![0u8; RELAY_BUF_START];
+    }
+    reader.read(buf).await
 }
 
 /// Relays the rest of a bulk transfer with `splice(2)` when both halves are
@@ -419,6 +436,26 @@ mod tests {
         r.read_to_string(&mut answer).await.unwrap();
         assert_eq!(answer, "got 5 bytes");
         assert_eq!(relay.await.unwrap(), (5, 11));
+    }
+
+    /// A grown relay buffer that waits past the quiet time is replaced by
+    /// a start-sized one; data that arrives in time is read into the big one.
+    #[tokio::test]
+    async fn grown_buffers_shrink_when_quiet() {
+        let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
+        let mut buf = vec![0u8; RELAY_BUF_MAX];
+        writer.write_all(b"now").await.unwrap();
+        assert_eq!(read_or_shrink(&mut reader, &mut buf).await.unwrap(), 3);
+        assert_eq!(buf.len(), RELAY_BUF_MAX, "busy: kept");
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(RELAY_QUIET * 2).await;
+            writer.write_all(b"later").await.unwrap();
+            writer
+        });
+        assert_eq!(read_or_shrink(&mut reader, &mut buf).await.unwrap(), 5);
+        assert_eq!(&buf[..5], b"later", "nothing lost across the shrink");
+        assert_eq!(buf.len(), RELAY_BUF_START, "quiet: shrunk");
+        drop(late.await.unwrap());
     }
 
     #[tokio::test]

@@ -151,7 +151,11 @@ impl Server {
             match accepted {
                 Ok((stream, client)) => self.admit(stream, client, stop_rx.clone()),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: back off instead of spinning, and
+                    // count it (the connection waits in the backlog).
+                    // EMFILE (24) and ENFILE (23), the same on Linux and the BSDs.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24));
+                    self.shared.metrics.refused(if out_of_fds { "fd_exhausted" } else { "accept_error" }).inc();
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
