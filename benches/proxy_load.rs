@@ -30,6 +30,11 @@ const PHASE: Duration = Duration::from_secs(3);
 const MAX_REQUESTS_PER_CLIENT: usize = 200_000;
 const BULK_BYTES: usize = 512 * 1024 * 1024;
 const IDLE_TUNNELS: usize = 10_000;
+/// Tunnels that move a burst before idling, and the burst: just under the
+/// largest relay buffer, so each direction's buffer grows to its maximum
+/// without the transfer turning into a splice (the red team's worst case).
+const BURST_TUNNELS: usize = 2_000;
+const BURST_BYTES: usize = 126 * 1024;
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
@@ -81,7 +86,10 @@ async fn run() {
     // The load generator (this process), the origins and the proxy.
     let pids = [std::process::id(), origins.id(), proxy.child.id()];
 
-    for clients in [1usize, 50, 500] {
+    // `PORTCULLIS_LOAD_ONLY=memory` runs only the idle-tunnel memory phases.
+    let only_memory = std::env::var("PORTCULLIS_LOAD_ONLY").is_ok_and(|v| v == "memory");
+    for clients in if only_memory { &[][..] } else { &[1usize, 50, 500][..] } {
+        let clients = *clients;
         let before = pids.map(cpu_secs);
         let direct = http_load(origin, None, clients).await;
         let middle = pids.map(cpu_secs);
@@ -96,20 +104,22 @@ async fn run() {
         println!("  CPU µs/request, via proxy: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
     }
 
-    let direct = new_connections(echo, None).await;
-    let proxied = new_connections(echo, Some(p)).await;
-    row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
+    if !only_memory {
+        let direct = new_connections(echo, None).await;
+        let proxied = new_connections(echo, Some(p)).await;
+        row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
 
-    let before = pids.map(cpu_secs);
-    let direct = bulk(source, None).await;
-    let middle = pids.map(cpu_secs);
-    let proxied = bulk(source, Some(p)).await;
-    let after = pids.map(cpu_secs);
-    row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
-    let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
-    println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
-    let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
-    println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+        let before = pids.map(cpu_secs);
+        let direct = bulk(source, None).await;
+        let middle = pids.map(cpu_secs);
+        let proxied = bulk(source, Some(p)).await;
+        let after = pids.map(cpu_secs);
+        row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
+        let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
+        println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+        let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
+        println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+    }
 
     let before = proxy.rss_kib();
     let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
@@ -120,7 +130,18 @@ async fn run() {
     println!("idle tunnels opened: {opened} (asked {IDLE_TUNNELS})");
     println!("proxy RSS before: {before} KiB, with tunnels: {after} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
     println!("RSS per idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
-    drop(held);
+    let mut held = held;
+    let rest = held.split_off(BURST_TUNNELS.min(opened));
+    let (held, burst) = bursts(held).await;
+    // Longer than the relay's quiet time, after which grown buffers shrink.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_bursts = proxy.rss_kib();
+    let per_burst_tunnel = (after_bursts.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;
+    let extra = after_bursts.saturating_sub(after) as f64 * 1024.0 / burst.max(1) as f64;
+    println!("{burst} of them moved a {} KiB burst each way, then all idled 1.5 s", BURST_BYTES / 1024);
+    println!("proxy RSS after bursts: {after_bursts} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
+    println!("RSS per idle tunnel after bursts: {per_burst_tunnel:.0} bytes; left behind per burst tunnel: {extra:.0} bytes");
+    drop((held, rest));
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
@@ -163,7 +184,7 @@ impl Proxy {
         std::fs::create_dir_all(&dir).unwrap();
         let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
         let config = format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nlimits: {{max_connections: 30000, max_connections_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nlimits: {{max_connections: 30000, max_connections_per_client: 30000, max_tunnels: 30000, max_tunnels_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
         );
         std::fs::write(dir.join("load.yaml"), config).unwrap();
         let child = Command::new(bin)
@@ -366,6 +387,38 @@ async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
         }
     }
     (got as f64 / 1e6 / started.elapsed().as_secs_f64(), got as f64 / 1e6)
+}
+
+/// Sends [`BURST_BYTES`] through each tunnel to the echo origin and reads
+/// them back, 50 tunnels at a time; stops after 60 s. Returns the tunnels
+/// (still open) and how many completed their burst.
+async fn bursts(tunnels: Vec<TcpStream>) -> (Vec<TcpStream>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kept = Vec::with_capacity(tunnels.len());
+    let mut done = 0;
+    let mut tunnels = tunnels.into_iter().peekable();
+    while tunnels.peek().is_some() && Instant::now() < deadline {
+        let mut batch = tokio::task::JoinSet::new();
+        for mut s in tunnels.by_ref().take(50) {
+            batch.spawn(async move {
+                let (mut r, mut w) = s.split();
+                let back = async {
+                    let mut got = vec![0u8; BURST_BYTES];
+                    r.read_exact(&mut got).await.map(|_| ())
+                };
+                let burst = vec![0x5au8; BURST_BYTES];
+                let (sent, read) = tokio::join!(w.write_all(&burst), back);
+                let ok = sent.is_ok() && read.is_ok();
+                (s, ok)
+            });
+        }
+        while let Some(Ok((s, ok))) = batch.join_next().await {
+            done += usize::from(ok);
+            kept.push(s);
+        }
+    }
+    kept.extend(tunnels);
+    (kept, done)
 }
 
 /// Opens up to `n` tunnels and keeps them open; stops early at the fd limit
