@@ -95,8 +95,11 @@ fn default_admin_listen() -> SocketAddr {
 pub struct Timeouts {
     /// Reading a request head (slowloris defence).
     pub request_header: ConfigDuration,
-    /// Establishing the upstream TCP connection.
+    /// Establishing the upstream TCP connection (all attempts together).
     pub upstream_connect: ConfigDuration,
+    /// Happy Eyeballs (RFC 8305): the next address is tried after this
+    /// long without an answer from the previous one.
+    pub connect_stagger: ConfigDuration,
     /// Waiting for the upstream response head on forwarded HTTP.
     pub upstream_response: ConfigDuration,
     /// A tunnel with no bytes in either direction for this long is closed.
@@ -209,6 +212,7 @@ impl Default for Timeouts {
         Timeouts {
             request_header: ConfigDuration(Duration::from_secs(10)),
             upstream_connect: ConfigDuration(Duration::from_secs(5)),
+            connect_stagger: ConfigDuration(Duration::from_millis(250)),
             upstream_response: ConfigDuration(Duration::from_secs(60)),
             tunnel_idle: ConfigDuration(Duration::from_secs(300)),
             upstream_idle: ConfigDuration(Duration::from_secs(60)),

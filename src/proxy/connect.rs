@@ -18,6 +18,7 @@ use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
+use crate::config::Timeouts;
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
 use crate::policy::{DenyReason, Permit};
@@ -35,31 +36,72 @@ const RELAY_BUF_MAX: usize = 128 * 1024;
 /// that never did.
 const RELAY_QUIET: Duration = Duration::from_millis(250);
 
-/// Opens a TCP connection to the first reachable address of `permit`,
-/// trying them in order within one overall `timeout`. The permit is the only
-/// way to name an address here: nothing unchecked can be dialed.
-pub async fn dial(permit: &Permit, timeout: Duration, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+/// Opens a TCP connection to a reachable address of `permit` within one
+/// overall `upstream_connect` timeout, racing the addresses Happy Eyeballs
+/// style (RFC 8305): families interleaved, the next attempt started after
+/// `connect_stagger` or as soon as one fails, the first to connect kept.
+/// The permit is the only way to name an address here: nothing unchecked
+/// can be dialed.
+pub async fn dial(permit: &Permit, timeouts: &Timeouts, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let started = Instant::now();
-    let dialed = dial_any(permit, timeout).await;
+    let dialed = dial_any(permit, timeouts.upstream_connect.0, timeouts.connect_stagger.0).await;
     metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
     dialed
 }
 
-async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = UpstreamError::ConnectTimeout;
-    for addr in permit.addrs() {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(*addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, *addr));
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => last = UpstreamError::Refused,
-            Ok(Err(e)) => last = UpstreamError::Unreachable(e),
-            Err(_) => return Err(UpstreamError::ConnectTimeout),
+/// The addresses in RFC 8305 §4 order: the family of the first answer
+/// first, then the two families alternating, each in answer order.
+fn interleaved(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
+    let (lead, other): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(addrs.len());
+    let (mut lead, mut other) = (lead.into_iter(), other.into_iter());
+    loop {
+        match (lead.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
         }
     }
-    Err(last)
+}
+
+async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut waiting = interleaved(permit.addrs()).into_iter();
+    // Dropping the set aborts the attempts that lost the race.
+    let mut attempts = tokio::task::JoinSet::new();
+    if waiting.len() == 0 {
+        return Err(UpstreamError::ConnectTimeout);
+    }
+    let next_attempt = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(next_attempt);
+    loop {
+        tokio::select! {
+            () = &mut next_attempt, if waiting.len() > 0 => {
+                if let Some(addr) = waiting.next() {
+                    attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+                }
+                next_attempt.as_mut().reset(tokio::time::Instant::now() + stagger);
+            }
+            Some(joined) = attempts.join_next() => match joined {
+                Ok((addr, Ok(stream))) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr));
+                }
+                Ok((addr, Err(e))) => {
+                    tracing::debug!(%addr, error = %e, "connect attempt failed");
+                    if attempts.is_empty() && waiting.len() == 0 {
+                        // The last attempt's failure stands for all of them.
+                        let refused = e.kind() == io::ErrorKind::ConnectionRefused;
+                        return Err(if refused { UpstreamError::Refused } else { UpstreamError::Unreachable(e) });
+                    }
+                    // A failure starts the next attempt at once.
+                    next_attempt.as_mut().reset(tokio::time::Instant::now());
+                }
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::ConnectTimeout),
+        }
+    }
 }
 
 /// Dials the permitted destination, answers 200 only once the upstream
@@ -82,7 +124,7 @@ pub async fn tunnel(
     // upstream socket; held (with the client connection's slot) until the
     // tunnel ends.
     let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
+    let (upstream, addr) = dial(&permit, &snapshot.timeouts, &metrics).await?;
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
@@ -456,6 +498,17 @@ mod tests {
         assert_eq!(&buf[..5], b"later", "nothing lost across the shrink");
         assert_eq!(buf.len(), RELAY_BUF_START, "quiet: shrunk");
         drop(late.await.unwrap());
+    }
+
+    #[test]
+    fn addresses_are_interleaved_by_family() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let input = [a("[2001:db8::1]:1"), a("[2001:db8::2]:1"), a("192.0.2.1:1"), a("[2001:db8::3]:1"), a("192.0.2.2:1")];
+        let want = [a("[2001:db8::1]:1"), a("192.0.2.1:1"), a("[2001:db8::2]:1"), a("192.0.2.2:1"), a("[2001:db8::3]:1")];
+        assert_eq!(interleaved(&input), want);
+        let v4_first = [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")];
+        assert_eq!(interleaved(&v4_first), [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")]);
+        assert!(interleaved(&[]).is_empty());
     }
 
     #[tokio::test]

@@ -130,7 +130,7 @@ pub async fn forward(
 }
 
 async fn connect(permit: &Permit, snapshot: &Snapshot, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
-    let (stream, addr) = dial(permit, snapshot.timeouts.upstream_connect.0, metrics).await?;
+    let (stream, addr) = dial(permit, &snapshot.timeouts, metrics).await?;
     let stream = IdleStream::new(stream, snapshot.timeouts.tunnel_idle.0);
     handshake(stream, snapshot.limits.max_response_head_bytes).await.map(|s| (s, addr))
 }
