@@ -63,6 +63,8 @@ pub struct AccessRecord {
     pub host: String,
     pub port: u16,
     pub dialed: Option<SocketAddr>,
+    /// Where the checked addresses came from (`dns`, `static`), if a name was resolved.
+    pub answer: &'static str,
     pub outcome: Outcome,
     pub role: String,
     /// Where the role came from: certificate, credentials, source, default.
@@ -93,6 +95,7 @@ impl AccessRecord {
             host: String::new(),
             port: 0,
             dialed: None,
+            answer: "",
             outcome: Outcome::Pending,
             role: String::new(),
             identity: "",
@@ -149,6 +152,8 @@ impl AccessRecord {
             }
             None => out.extend_from_slice(b"\"\""),
         }
+        out.extend_from_slice(b",\"answer\":");
+        json_str(out, self.answer);
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.outcome.decision());
         out.extend_from_slice(b",\"reason\":");
@@ -184,6 +189,7 @@ mod tests {
         record.host = "evil\"host\\\n\u{1}é".to_string();
         record.port = 8080;
         record.dialed = Some("[2001:db8::1]:443".parse().unwrap());
+        record.answer = "static";
         record.outcome = Outcome::WouldDeny(DenyReason::NotAllowListed);
         record.role = "team \"a\"".to_string();
         record.identity = "credentials";
@@ -216,6 +222,7 @@ mod tests {
         assert!(field("duration_ms").as_f64().is_some_and(|d| d >= 0.0));
         let timestamp = field("timestamp").as_str().unwrap();
         assert!(timestamp.len() == 27 && timestamp.ends_with('Z'), "{timestamp}");
-        assert_eq!(value.as_object().unwrap().len(), 18, "no other fields: {value}");
+        assert_eq!(field("answer"), "static");
+        assert_eq!(value.as_object().unwrap().len(), 19, "no other fields: {value}");
     }
 }

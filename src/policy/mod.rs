@@ -445,6 +445,39 @@ pub struct AddressPlan {
     /// The proxy's own listening sockets: denied as `self` whatever is
     /// carved out (an unspecified address stands for every host address).
     pub listeners: Vec<SocketAddr>,
+    /// Carve-outs bound to names.
+    pub named: Vec<NamedCarveOut>,
+}
+
+/// A carve-out that lifts a denied range only for requests naming one of
+/// `domains` (and, when given, on one of `ports`, for one of `roles`):
+/// never for an IP literal or another name resolving into it, and never
+/// for a metadata address.
+#[derive(Debug, Clone)]
+pub struct NamedCarveOut {
+    pub net: IpNet,
+    pub domains: Vec<DomainPattern>,
+    pub ports: Vec<u16>,
+    /// Role names; empty means every role.
+    pub roles: Vec<String>,
+}
+
+/// A compiled [`NamedCarveOut`].
+#[derive(Debug, Clone)]
+struct NameBinding {
+    net: IpNet,
+    domains: DomainMatcher<()>,
+    ports: Option<PortSet>,
+    roles: Option<Box<[RoleId]>>,
+}
+
+impl NameBinding {
+    fn lifts(&self, role: RoleId, name: &DomainName, port: u16, addr: IpAddr) -> bool {
+        self.net.contains(&addr)
+            && self.domains.lookup(name.as_str()).is_some()
+            && self.ports.as_ref().is_none_or(|p| p.contains(port))
+            && self.roles.as_ref().is_none_or(|r| r.contains(&role))
+    }
 }
 
 impl AddressPlan {
@@ -460,6 +493,7 @@ impl AddressPlan {
 #[derive(Debug, Clone)]
 pub struct Policy {
     transitions: Transitions,
+    bindings: Box<[NameBinding]>,
     listeners: Box<[SocketAddr]>,
     self_addrs: Box<[IpAddr]>,
     ranges: CidrTable<RangeVerdict>,
@@ -509,8 +543,29 @@ impl Policy {
                 .map(|(p, k)| (p.expect("built-in denied names are valid"), k)),
         );
         let transitions = Transitions::new(plan.nat64.iter().copied());
+        let bindings = plan
+            .named
+            .iter()
+            .map(|n| {
+                let roles = if n.roles.is_empty() {
+                    None
+                } else {
+                    let ids = n.roles.iter().map(|name| {
+                        roles.iter().position(|r| &*r.name == name).map(RoleId).ok_or_else(|| PolicyError::MissingRole(name.clone()))
+                    });
+                    Some(ids.collect::<Result<Box<[RoleId]>, _>>()?)
+                };
+                Ok(NameBinding {
+                    net: n.net,
+                    domains: DomainMatcher::new(n.domains.iter().map(|d| (d.clone(), ()))),
+                    ports: (!n.ports.is_empty()).then(|| PortSet::new(n.ports.iter().copied())),
+                    roles,
+                })
+            })
+            .collect::<Result<_, PolicyError>>()?;
         Ok(Policy {
             transitions,
+            bindings,
             listeners: plan.listeners.iter().copied().collect(),
             self_addrs: plan.self_addrs.iter().copied().collect(),
             ranges,
@@ -560,6 +615,14 @@ impl Policy {
         }
     }
 
+    /// True when a name-bound carve-out lifts the denied `kind` of `addr`
+    /// for this request. Metadata is never lifted.
+    fn bound_to_name(&self, role: RoleId, target: &Target, addr: IpAddr, kind: RangeKind) -> bool {
+        let Host::Name(name) = &target.host else { return false };
+        let addr = self.transitions.judged(addr);
+        kind != RangeKind::Metadata && self.bindings.iter().any(|b| b.lifts(role, name, target.port, addr))
+    }
+
     /// True when `addr:port` is one of the proxy's own listening sockets.
     fn is_own_listener(&self, addr: IpAddr, port: u16) -> bool {
         let addr = self.transitions.judged(addr);
@@ -603,7 +666,11 @@ impl Policy {
                 return Decision::Deny(DenyReason::DeniedName(range));
             }
         }
-        if let Some(range) = addrs.iter().find_map(|a| self.denied_range_for(role, *a)) {
+        let denied = addrs.iter().find_map(|a| {
+            let kind = self.denied_range_for(role, *a)?;
+            (!self.bound_to_name(role, target, *a, kind)).then_some(kind)
+        });
+        if let Some(range) = denied {
             return Decision::Deny(DenyReason::DeniedRange(range));
         }
         if addrs.iter().any(|a| self.is_own_listener(*a, target.port)) {

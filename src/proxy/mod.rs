@@ -445,6 +445,7 @@ async fn authorize(
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
         PreResolution::Resolve(name) => {
+            record.answer = if snapshot.resolver.pinned(name).is_some() { "static" } else { "dns" };
             let started = std::time::Instant::now();
             let resolved = snapshot.resolver.resolve(name).await;
             shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
