@@ -57,6 +57,9 @@ pub struct AccessRecord {
     pub host: String,
     pub port: u16,
     pub dialed: Option<SocketAddr>,
+    /// Where a redirected (transparent) connection was headed; logged only
+    /// when set.
+    pub original_dst: Option<SocketAddr>,
     pub outcome: Outcome,
     pub role: String,
     /// Where the role came from: certificate, credentials, source, default.
@@ -81,6 +84,7 @@ impl AccessRecord {
             host: String::new(),
             port: 0,
             dialed: None,
+            original_dst: None,
             outcome: Outcome::Pending,
             role: String::new(),
             identity: "",
@@ -136,6 +140,9 @@ impl AccessRecord {
                 let _ = write!(out, "\"{addr}\"");
             }
             None => out.extend_from_slice(b"\"\""),
+        }
+        if let Some(original) = self.original_dst {
+            let _ = write!(out, ",\"original_dst\":\"{original}\"");
         }
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.outcome.decision());

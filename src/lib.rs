@@ -14,6 +14,7 @@ pub mod dns;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod orig_dst;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

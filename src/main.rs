@@ -91,6 +91,7 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     tracing::info!(
         listen = %app.proxy_addr()?,
         admin = %app.admin_addr()?,
+        transparent = ?app.transparent_addr().transpose()?,
         config = %path.display(),
         "portcullis listening"
     );

@@ -7,6 +7,7 @@ pub mod error;
 pub mod forward;
 #[cfg(target_os = "linux")]
 mod splice;
+pub mod transparent;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -173,26 +174,31 @@ impl Server {
 
     /// Applies the connection limits, then serves the connection.
     fn admit(&self, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
-        let limits = self.shared.snapshot.load().limits.clone();
-        let shared = &self.shared;
-        if shared.metrics.active_connections.get() as usize >= limits.max_connections {
-            shared.metrics.refused("global_limit").inc();
-            tokio::spawn(refuse_over_limit(stream));
-            return;
-        }
-        let mut count = shared.per_client.entry(client.ip()).or_insert(0);
-        if *count >= limits.max_connections_per_client {
-            drop(count);
-            shared.metrics.refused("per_client_limit").inc();
-            tokio::spawn(refuse_over_limit(stream));
-            return;
-        }
-        *count += 1;
-        drop(count);
-        shared.metrics.active_connections.inc();
-        let guard = ConnectionGuard { shared: shared.clone(), ip: client.ip() };
-        tokio::spawn(serve_connection(guard, stream, client, stop));
+        match admit_slot(&self.shared, client.ip()) {
+            Some(guard) => tokio::spawn(serve_connection(guard, stream, client, stop)),
+            None => tokio::spawn(refuse_over_limit(stream)),
+        };
     }
+}
+
+/// Takes a connection slot for `ip` within the limits, or counts the
+/// refusal and returns `None`.
+fn admit_slot(shared: &Arc<Shared>, ip: IpAddr) -> Option<ConnectionGuard> {
+    let limits = shared.snapshot.load().limits.clone();
+    if shared.metrics.active_connections.get() as usize >= limits.max_connections {
+        shared.metrics.refused("global_limit").inc();
+        return None;
+    }
+    let mut count = shared.per_client.entry(ip).or_insert(0);
+    if *count >= limits.max_connections_per_client {
+        drop(count);
+        shared.metrics.refused("per_client_limit").inc();
+        return None;
+    }
+    *count += 1;
+    drop(count);
+    shared.metrics.active_connections.inc();
+    Some(ConnectionGuard { shared: shared.clone(), ip })
 }
 
 /// Releases a connection's slot in the limits when the connection ends.
@@ -274,16 +280,27 @@ async fn serve_http<I>(
     io: I,
     client: SocketAddr,
     cert: Option<Arc<CertNames>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shared = guard.shared.clone();
+    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), req));
+    serve_with(guard, io, client, service, stop).await
+}
+
+/// Serves HTTP/1 on a client connection with `service`, under the head
+/// limits, until the client is done or shutdown asks it to finish.
+async fn serve_with<I, S>(guard: ConnectionGuard, io: I, client: SocketAddr, service: S, mut stop: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
     let (header_timeout, max_head) = {
-        let snapshot = shared.snapshot.load();
+        let snapshot = guard.shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
-    let service = hyper::service::service_fn(move |req| handle(shared.clone(), client, cert.clone(), req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -330,7 +347,13 @@ async fn handle(
         }
         Err(reason) => Err(ProxyError::Denied(reason)),
     };
-    let response = match routed {
+    Ok(respond(&shared, record, routed))
+}
+
+/// The response for a routed request: the upstream's, or the error's, in
+/// which case the request's log line is written here.
+fn respond(shared: &Shared, mut record: AccessRecord, routed: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+    match routed {
         Ok(response) => response,
         Err(err) => {
             record.outcome = err.outcome();
@@ -342,8 +365,7 @@ async fn handle(
             record.emit();
             response
         }
-    };
-    Ok(response)
+    }
 }
 
 /// Parses, decides and dispatches; the caller turns an error into a response.
@@ -357,10 +379,10 @@ async fn route(
     let kind = if req.method() == Method::CONNECT { RequestKind::Connect } else { RequestKind::Http };
     record.kind = Some(kind);
     let target = parse_target(kind, &req, record)?;
-    let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
+    let permit = authorize(shared, snapshot, role, kind, &target, record, None).await?;
     match kind {
         RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone()).await,
-        RequestKind::Http => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
+        _ => forward::forward(shared, snapshot, permit, &target, req, record.clone()).await,
     }
 }
 
@@ -387,12 +409,14 @@ fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Ta
             Target::parse_authority(authority.as_str())
         }
         RequestKind::Http if req.uri().authority().is_none() => return Err(ClientError::OriginForm.into()),
-        RequestKind::Http => Target::parse_absolute(req.uri()),
+        _ => Target::parse_absolute(req.uri()),
     };
     Ok(parsed.map_err(ClientError::InvalidTarget)?)
 }
 
 /// Resolves if needed and asks the policy; returns the permit to dial.
+/// `original` is where a redirected connection was headed (transparent
+/// listener), so the policy can prefer it when it is a checked address.
 async fn authorize(
     shared: &Shared,
     snapshot: &Snapshot,
@@ -400,6 +424,7 @@ async fn authorize(
     kind: RequestKind,
     target: &Target,
     record: &mut AccessRecord,
+    original: Option<SocketAddr>,
 ) -> Result<Permit, ProxyError> {
     let policy = &snapshot.policy;
     let decision = match policy.pre_resolution(role, kind, target) {
@@ -409,7 +434,10 @@ async fn authorize(
             let resolved = snapshot.resolver.resolve(name).await;
             shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
             let addrs = resolved.map_err(UpstreamError::Resolve)?;
-            policy.decide(role, kind, target, &addrs)
+            match original {
+                None => policy.decide(role, kind, target, &addrs),
+                Some(original) => policy.decide_redirected(role, kind, target, &addrs, original.ip()),
+            }
         }
     };
     match decision {
