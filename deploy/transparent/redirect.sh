@@ -135,7 +135,7 @@ apply_nft() {
         [ -n "$excl6" ] && echo "    ip6 daddr { $excl6 } return"
         [ -n "$res4" ] && echo "    ip daddr { $res4 } tcp dport 53 return"
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } tcp dport 53 return"
-        echo "    redirect to :$PORT"
+        echo "    meta l4proto tcp redirect to :$PORT"
         echo "  }"
         echo "  chain output_udp {"
         echo "    type filter hook output priority 0; policy accept;"

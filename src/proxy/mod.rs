@@ -135,21 +135,7 @@ impl Server {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let _reaper = AbortOnDrop(tokio::spawn(forward::reap_idle(self.shared.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                _ = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((stream, client)) => self.admit(stream, client, stop_rx.clone()),
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+        accept_until(&self.listener, shutdown, |stream, client| self.admit(stream, client, stop_rx.clone())).await;
         drop(self.listener);
         let metrics = &self.shared.metrics;
         metrics.draining.set(1);
@@ -178,6 +164,26 @@ impl Server {
             Some(guard) => tokio::spawn(serve_connection(guard, stream, client, stop)),
             None => tokio::spawn(refuse_over_limit(stream)),
         };
+    }
+}
+
+/// Accepts on `listener`, handing each connection to `admit`, until
+/// `shutdown` completes.
+async fn accept_until(listener: &TcpListener, shutdown: impl Future<Output = ()>, mut admit: impl FnMut(TcpStream, SocketAddr)) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => return,
+        };
+        match accepted {
+            Ok((stream, client)) => admit(stream, client),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
-use super::{admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
+use super::{accept_until, admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
 use crate::access_log::{AccessRecord, Outcome};
 use crate::orig_dst;
 use crate::policy::{RequestKind, RoleId};
@@ -103,23 +103,16 @@ impl TransparentServer {
     /// as they hold the same connection slots.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                _ = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((stream, client)) => {
-                    let Some(guard) = admit_slot(&self.shared, client.ip()) else { continue };
-                    tokio::spawn(serve(guard, stream, client, self.own.clone(), stop_rx.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "transparent accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let shared = &self.shared;
+        let own = &self.own;
+        accept_until(&self.listener, shutdown, |stream, client| {
+            // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+            let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+            if let Some(guard) = admit_slot(shared, client.ip()) {
+                tokio::spawn(serve(guard, stream, client, own.clone(), stop_rx.clone()));
             }
-        }
+        })
+        .await;
         let _ = stop_tx.send(true);
     }
 }
