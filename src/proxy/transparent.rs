@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
 use super::{accept_until, admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
-use crate::access_log::{AccessRecord, Outcome};
+use crate::access_log::AccessRecord;
 use crate::orig_dst;
 use crate::policy::{RequestKind, RoleId};
 use crate::sni::{self, SniError};
@@ -270,7 +270,7 @@ async fn route(
 /// absolute-form authority, else the Host header) at the original port,
 /// which is where the client's packets went. Without either, the original
 /// destination itself.
-fn request_target(req: &Request<Incoming>, original: SocketAddr) -> Result<Target, ProxyError> {
+fn request_target<B>(req: &Request<B>, original: SocketAddr) -> Result<Target, ProxyError> {
     let named = match req.uri().authority() {
         Some(authority) => Some(authority.host().to_string()),
         None => match req.headers().get(http::header::HOST) {
@@ -320,7 +320,7 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
-    let dialed = match open(&shared, &snapshot, client, original, name, &mut record).await {
+    let dialed = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
         Ok(upstream) => upstream,
         Err(err) => {
             refuse(&shared, &mut record, &err);
@@ -349,6 +349,7 @@ async fn open(
     snapshot: &Snapshot,
     client: SocketAddr,
     original: SocketAddr,
+    kind: RequestKind,
     name: Option<String>,
     record: &mut AccessRecord,
 ) -> Result<TcpStream, ProxyError> {
@@ -360,7 +361,6 @@ async fn open(
     record.host = target.host.to_string();
     record.port = target.port;
     let role = identify(snapshot, client.ip(), record)?;
-    let kind = record.kind.unwrap_or(RequestKind::TransparentTcp);
     let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
     let (upstream, addr) = connect::dial(&permit, snapshot.timeouts.upstream_connect.0, &shared.metrics).await?;
     record.dialed = Some(addr);
@@ -369,10 +369,7 @@ async fn open(
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
 fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    record.outcome = match err {
-        ProxyError::Denied(reason) => Outcome::Deny(*reason),
-        _ => err.outcome(),
-    };
+    record.outcome = err.outcome();
     if let ProxyError::Upstream(e) = err {
         shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
     }
@@ -483,6 +480,30 @@ mod tests {
         let mut replayed = Vec::new();
         Prefixed::new(first, proxy_side).read_to_end(&mut replayed).await.unwrap();
         assert_eq!(replayed, sent);
+    }
+
+    #[test]
+    fn redirected_request_targets() {
+        let original: SocketAddr = "11.0.0.10:8080".parse().unwrap();
+        // (request target, Host header, want host:port | None for 400)
+        let cases: [(&str, Option<&str>, Option<&str>); 8] = [
+            ("/", Some("allowed.test"), Some("allowed.test:8080")),
+            ("/", Some("Allowed.TEST:9999"), Some("allowed.test:8080")),
+            ("/x?y", Some("[2600::10]:80"), Some("[2600::10]:8080")),
+            ("/", Some("11.0.0.20"), Some("11.0.0.20:8080")),
+            ("/", None, Some("11.0.0.10:8080")),
+            ("http://other.test/p", Some("allowed.test"), Some("other.test:8080")),
+            ("/", Some("bad host"), None),
+            ("/", Some("0x7f.1"), None),
+        ];
+        for (uri, host, want) in cases {
+            let mut req = Request::builder().uri(uri);
+            if let Some(host) = host {
+                req = req.header(http::header::HOST, host);
+            }
+            let got = request_target(&req.body(()).unwrap(), original).ok().map(|t| t.to_string());
+            assert_eq!(got.as_deref(), want, "{uri} Host: {host:?}");
+        }
     }
 
     #[test]
