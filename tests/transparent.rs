@@ -512,6 +512,7 @@ fn scenario(backend: &str, every_client: bool) {
         format!("raw-denied=tcp://{RAW_DENIED}:7000"),
         format!("tls-elsewhere=tls://{ELSEWHERE}:443/allowed.test"),
         format!("tls-elsewhere6=tls://[{ELSEWHERE_V6}]:443/allowed.test"),
+        format!("keepalive=keepalive://{ORIGIN}:80/allowed.test,unlisted.test,allowed.test"),
         format!("udp-dropped=udp://{ELSEWHERE}:9999"),
         format!("dns-allowed=dns://{NET_V4}:53/allowed.test"),
     ]);
@@ -521,6 +522,7 @@ fn scenario(backend: &str, every_client: bool) {
         assert_eq!(raw[case].status, 200, "{case}: {raw:?}");
         assert!(raw[case].body.contains(":443 host=allowed.test"), "{case}: {raw:?}");
     }
+    assert_eq!(raw["keepalive"].body, "200,403,200", "each request on a connection is decided on its own Host: {raw:?}");
     assert_eq!(raw["dns-allowed"].status, 1, "DNS to the configured resolver passes: {raw:?}");
 
     if every_client {

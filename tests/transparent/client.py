@@ -4,6 +4,9 @@ proxy configured. Each argument is `case=SPEC`; one JSON line per case.
 SPEC is an http(s) URL (urllib), or
   tcp://HOST:PORT          raw TCP: send "ping\\n", report what comes back
   tls://HOST:PORT/NAME     TLS with SNI NAME to HOST, then GET / with Host NAME
+  keepalive://HOST:PORT/N1,N2,...  one HTTP/1.1 connection, one GET per
+                           Host name in turn; status 0, body the statuses
+                           joined by commas
   udp://HOST:PORT          send one datagram (nothing to report but errors)
   dns://HOST:PORT/NAME     one DNS A query over UDP; status 1 when answered
 """
@@ -62,6 +65,24 @@ def tls(rest):
     return {"status": int(head.split(b" ")[1]), "body": body.decode(errors="replace")}
 
 
+def keepalive(rest):
+    netloc, names = rest.split("/", 1)
+    statuses = []
+    with socket.create_connection(host_port(netloc), timeout=TIMEOUT) as s:
+        reader = s.makefile("rb")
+        for name in names.split(","):
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+            status = int(reader.readline().split(b" ")[1])
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                key, _, value = line.decode().partition(":")
+                if key.strip().lower() == "content-length":
+                    length = int(value)
+            reader.read(length)
+            statuses.append(str(status))
+    return {"status": 0, "body": ",".join(statuses)}
+
+
 def udp(netloc):
     host, port = host_port(netloc)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -85,7 +106,7 @@ def run(spec):
     scheme, _, rest = spec.partition("://")
     if scheme in ("http", "https"):
         return http(spec)
-    return {"tcp": tcp, "tls": tls, "udp": udp, "dns": dns}[scheme](rest)
+    return {"tcp": tcp, "tls": tls, "keepalive": keepalive, "udp": udp, "dns": dns}[scheme](rest)
 
 
 for arg in sys.argv[1:]:
