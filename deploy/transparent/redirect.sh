@@ -24,7 +24,8 @@
 #                                iptables when it works here, else nft)
 #
 # What stays direct: the exempt uid, loopback (127.0.0.0/8, ::1), the
-# exclusions, and TCP DNS to the resolvers. Everything else on TCP, IPv4
+# exclusions, and TCP DNS to the resolvers. TCP packets conntrack finds
+# INVALID are dropped, so none leaves untranslated. Everything else on TCP, IPv4
 # and IPv6, reaches Portcullis, which decides it with the same policy as
 # the explicit proxy. UDP is dropped, so QUIC/HTTP3 clients fall back to
 # TCP (they do: browsers, curl, and HTTP libraries retry over TCP/TLS).
@@ -68,6 +69,10 @@ iptables_family() {
         $ipt -w -t nat -A OUTPUT -p tcp -j PORTCULLIS_OUTPUT
     $ipt -w -t filter -C OUTPUT -p udp -j PORTCULLIS_UDP 2>/dev/null ||
         $ipt -w -t filter -A OUTPUT -p udp -j PORTCULLIS_UDP
+    # NAT applies per connection; a TCP packet conntrack calls INVALID (out
+    # of window, say) would leave untranslated, to the original address.
+    $ipt -w -t filter -C OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP 2>/dev/null ||
+        $ipt -w -t filter -A OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP
 
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -m owner --uid-owner "$PROXY_UID" -j RETURN
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$loopback" -j RETURN
@@ -87,7 +92,7 @@ iptables_family() {
 
 # True when address/CIDR $2 belongs to the family of command $1.
 family_matches() {
-    if [ "$1" = ip6tables ]; then is_v6 "$2"; else ! is_v6 "$2"; fi
+    if is_v6 "$2"; then [ "$1" = ip6tables ]; else [ "$1" = iptables ]; fi
 }
 
 apply_iptables() {
@@ -137,8 +142,11 @@ apply_nft() {
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } tcp dport 53 return"
         echo "    meta l4proto tcp redirect to :$PORT"
         echo "  }"
-        echo "  chain output_udp {"
+        echo "  chain output_filter {"
         echo "    type filter hook output priority 0; policy accept;"
+        # NAT applies per connection; an INVALID TCP packet (out of window,
+        # say) would leave untranslated, to the original address.
+        echo "    meta l4proto tcp ct state invalid drop"
         echo "    meta l4proto != udp accept"
         echo "    ip daddr 127.0.0.0/8 accept"
         echo "    ip6 daddr ::1 accept"
