@@ -38,7 +38,7 @@ use crate::target::{Host, Target};
 /// Why a redirected connection was closed before anything was decided.
 /// Counted in `portcullis_connections_refused_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+enum Refusal {
     /// Its original destination is one of this proxy's own listeners (or
     /// it was not redirected at all): serving it would loop.
     Loop,
@@ -48,7 +48,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The metric label.
-    pub const fn as_str(self) -> &'static str {
+    const fn as_str(self) -> &'static str {
         match self {
             Refusal::Loop => "transparent_loop",
             Refusal::NoOriginalDst => "transparent_no_original_dst",
@@ -58,7 +58,7 @@ impl Refusal {
 
 /// What the first bytes of a redirected connection are.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FirstBytes {
+enum FirstBytes {
     /// A TLS ClientHello, with its server name when it carries one.
     Tls(Option<String>),
     /// An HTTP/1.x request line.
@@ -120,7 +120,7 @@ impl TransparentServer {
 /// True when `original` names one of this process's listeners, or the
 /// connection's own local address (a client that connected to the
 /// transparent port directly).
-pub fn is_own_listener(original: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
+fn is_own_listener(original: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
     let original = SocketAddr::new(original.ip().to_canonical(), original.port());
     if original == SocketAddr::new(local.ip().to_canonical(), local.port()) {
         return true;
@@ -172,7 +172,7 @@ async fn serve(
 /// Reads the first bytes, at most `limit` long and about `max_line` bytes
 /// for a request line (a ClientHello gets up to [`sni::MAX_PEEK`]), and
 /// says what they are. The bytes read are returned to be replayed.
-pub async fn classify<S>(stream: &mut S, limit: Duration, max_line: usize) -> (FirstBytes, Vec<u8>)
+async fn classify<S>(stream: &mut S, limit: Duration, max_line: usize) -> (FirstBytes, Vec<u8>)
 where
     S: AsyncRead + Unpin,
 {
@@ -378,7 +378,7 @@ fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
 
 /// A connection whose first bytes were already read: they are read again
 /// first, then the socket. Writes go straight to the socket.
-pub struct Prefixed<S> {
+struct Prefixed<S> {
     prefix: Vec<u8>,
     read: usize,
     inner: S,
@@ -386,7 +386,7 @@ pub struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     /// Replays `prefix` before reading from `inner`.
-    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
         Prefixed { prefix, read: 0, inner }
     }
 }
