@@ -24,6 +24,9 @@ RUN cargo build --release --locked --bin portcullis
 #   docker build --target redirect -t portcullis-redirect .
 # It runs once per pod as root with NET_ADMIN and NET_RAW only, then exits.
 FROM debian:bookworm-slim AS redirect
+# Unpinned on purpose: bookworm's stable iptables/nftables, security fixes
+# included; an exact pin stops building once the archive moves on.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables nftables \
     && rm -rf /var/lib/apt/lists/*
