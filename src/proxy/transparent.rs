@@ -67,9 +67,6 @@ enum FirstBytes {
     Other,
 }
 
-/// The longest request line looked at before calling the bytes "other".
-const MAX_REQUEST_LINE: usize = 8 * 1024;
-
 /// The transparent listener, sharing its proxy's snapshot, connection
 /// pool, limits and metrics.
 pub struct TransparentServer {
@@ -157,7 +154,8 @@ async fn serve(
         let snapshot = guard.shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
-    let (first_bytes, first) = classify(&mut stream, limit, max_head.min(MAX_REQUEST_LINE)).await;
+    // A request line is part of the head: the head's size limit applies.
+    let (first_bytes, first) = classify(&mut stream, limit, max_head).await;
     match first_bytes {
         FirstBytes::Http => {
             let shared = guard.shared.clone();
