@@ -290,7 +290,7 @@ fn redirect_image_runs_the_shipped_script() {
         .collect();
     assert!(stage.iter().any(|l| *l == format!("COPY {REDIRECT_SCRIPT} /usr/local/bin/redirect.sh")), "{stage:?}");
     assert!(stage.iter().any(|l| l.starts_with("ENTRYPOINT") && l.contains("/usr/local/bin/redirect.sh")), "{stage:?}");
-    let last_from = dockerfile.lines().filter(|l| l.starts_with("FROM ")).last().unwrap();
+    let last_from = dockerfile.lines().rfind(|l| l.starts_with("FROM ")).unwrap();
     assert!(last_from.contains("distroless"), "the proxy image stays the default (last) target: {last_from}");
 }
 

@@ -179,12 +179,9 @@ where
     let _ = tokio::time::timeout(limit, async {
         let mut chunk = [0u8; 4096];
         loop {
-            match judge(&buf, max_line) {
-                Some(decided) => {
-                    verdict = decided;
-                    return;
-                }
-                None => {}
+            if let Some(decided) = judge(&buf, max_line) {
+                verdict = decided;
+                return;
             }
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
