@@ -65,6 +65,9 @@ pub struct AccessRecord {
     pub dialed: Option<SocketAddr>,
     /// Where the checked addresses came from (`dns`, `static`), if a name was resolved.
     pub answer: &'static str,
+    /// Where a redirected (transparent) connection was headed; logged only
+    /// when set.
+    pub original_dst: Option<SocketAddr>,
     pub outcome: Outcome,
     pub role: String,
     /// Where the role came from: certificate, credentials, source, default.
@@ -96,6 +99,7 @@ impl AccessRecord {
             port: 0,
             dialed: None,
             answer: "",
+            original_dst: None,
             outcome: Outcome::Pending,
             role: String::new(),
             identity: "",
@@ -154,6 +158,9 @@ impl AccessRecord {
         }
         out.extend_from_slice(b",\"answer\":");
         json_str(out, self.answer);
+        if let Some(original) = self.original_dst {
+            let _ = write!(out, ",\"original_dst\":\"{original}\"");
+        }
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.outcome.decision());
         out.extend_from_slice(b",\"reason\":");

@@ -51,6 +51,10 @@ pub struct Config {
     /// Where the admin endpoints (metrics, health) listen.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Where connections redirected by netfilter (`REDIRECT`) arrive; off
+    /// when absent. See `deploy/transparent/redirect.sh`.
+    #[serde(default)]
+    pub transparent_listen: Option<SocketAddr>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]

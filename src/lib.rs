@@ -15,6 +15,7 @@ pub mod host;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod orig_dst;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -54,6 +54,15 @@ pub enum RequestKind {
     Http,
     /// A CONNECT tunnel.
     Connect,
+    /// A plain HTTP request on a redirected connection, named by its Host
+    /// header; HTTP ports apply.
+    TransparentHttp,
+    /// A redirected TLS connection, named by its ClientHello's SNI;
+    /// CONNECT ports apply.
+    TransparentTls,
+    /// A redirected connection with no name, decided on its original
+    /// destination; CONNECT ports apply.
+    TransparentTcp,
 }
 
 impl RequestKind {
@@ -62,6 +71,9 @@ impl RequestKind {
         match self {
             RequestKind::Http => "http",
             RequestKind::Connect => "connect",
+            RequestKind::TransparentHttp => "transparent-http",
+            RequestKind::TransparentTls => "transparent-tls",
+            RequestKind::TransparentTcp => "transparent-tcp",
         }
     }
 }
@@ -204,6 +216,17 @@ impl Permit {
     pub fn would_deny(&self) -> Option<DenyReason> {
         self.would_deny
     }
+
+    /// Narrows the permit to `original` when it is one of the checked
+    /// addresses; otherwise leaves every checked address, so an unchecked
+    /// address can never enter a permit this way.
+    fn toward(mut self, original: IpAddr) -> Permit {
+        let original = original.to_canonical();
+        if let Some(addr) = self.addrs.iter().copied().find(|a| a.ip() == original) {
+            self.addrs = vec![addr];
+        }
+        self
+    }
 }
 
 /// The outcome of a policy check.
@@ -286,8 +309,8 @@ impl AllowList {
 
     fn ports(&self, kind: RequestKind) -> &PortSet {
         match kind {
-            RequestKind::Http => &self.http_ports,
-            RequestKind::Connect => &self.connect_ports,
+            RequestKind::Http | RequestKind::TransparentHttp => &self.http_ports,
+            RequestKind::Connect | RequestKind::TransparentTls | RequestKind::TransparentTcp => &self.connect_ports,
         }
     }
 
@@ -696,6 +719,26 @@ impl Policy {
         let sni_check = role.sni_check && rule == AllowedBy::Domain;
         Decision::Allow(Permit { addrs, rule, would_deny, sni_check })
     }
+
+    /// [`Policy::decide`] for a connection redirected to the transparent
+    /// listener, whose packets were headed for `original`: the decision is
+    /// the same, and an allowed permit is narrowed to `original` when that
+    /// is one of the checked addresses. Otherwise the permit keeps the
+    /// checked addresses of the name (a client with another DNS view, or one
+    /// lying in its SNI/Host): `original` itself is never dialed unchecked.
+    pub fn decide_redirected(
+        &self,
+        role: RoleId,
+        kind: RequestKind,
+        target: &Target,
+        addrs: &[IpAddr],
+        original: IpAddr,
+    ) -> Decision {
+        match self.decide(role, kind, target, addrs) {
+            Decision::Allow(permit) => Decision::Allow(permit.toward(original)),
+            deny => deny,
+        }
+    }
 }
 
 /// A policy that cannot be compiled.
@@ -707,3 +750,5 @@ pub enum PolicyError {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transparent_tests;

@@ -304,7 +304,7 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
+pub(super) async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
 where
     C: ClientStream,
 {
