@@ -156,6 +156,32 @@ fn alert_rules_are_valid_and_the_prometheusrule_carries_the_same_groups() {
     }
 }
 
+/// The compose demo's Prometheus mounts the shipped rule file where its
+/// config loads it from, and that config passes `promtool check config`
+/// (run on a copy that names the file in this checkout).
+#[test]
+fn the_compose_prometheus_loads_the_shipped_rules() {
+    let compose = read_yaml(&root().join("docker-compose.yml"));
+    let mounts = compose["services"]["prometheus"]["volumes"].as_sequence().expect("prometheus volumes");
+    let mounted = mounts
+        .iter()
+        .filter_map(|m| m.as_str()?.strip_prefix("./deploy/monitoring/portcullis-rules.yaml:"))
+        .map(|rest| rest.trim_end_matches(":ro").to_string())
+        .next()
+        .expect("the compose Prometheus mounts deploy/monitoring/portcullis-rules.yaml");
+    let config_path = root().join("deploy/compose/prometheus.yml");
+    let config = read_yaml(&config_path);
+    let loaded: Vec<&str> = config["rule_files"].as_sequence().expect("rule_files").iter().filter_map(Yaml::as_str).collect();
+    assert_eq!(loaded, [mounted.as_str()]);
+    let dir = temp_dir("compose");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let local = text.replace(&mounted, &monitoring("portcullis-rules.yaml").display().to_string());
+    assert_ne!(local, text);
+    std::fs::write(dir.join("prometheus.yml"), local).unwrap();
+    let out = promtool(&["check", "config", "prometheus.yml"], &dir);
+    assert!(out.contains(&format!("SUCCESS: {} rules found", alert_names().len())), "{out}");
+}
+
 /// One `alert_rule_test` entry of a promtool test file.
 #[derive(Deserialize)]
 struct AlertTest {
