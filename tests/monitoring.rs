@@ -140,6 +140,7 @@ fn alert_rules_are_valid_and_the_prometheusrule_carries_the_same_groups() {
     let names = alert_names();
     let wanted = [
         "PortcullisMetadataAccessAttempted",
+        "PortcullisTunnelSniRefused",
         "PortcullisReloadFailed",
         "PortcullisDenyRateSpike",
         "PortcullisUpstreamErrorRatio",
