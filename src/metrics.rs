@@ -299,3 +299,40 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes count under both the direction and the role; a request that
+    /// moved nothing (refused before a role was known) adds no series.
+    #[test]
+    fn bytes_count_by_direction_and_role() {
+        let metrics = Metrics::new();
+        metrics.count_bytes("", 0, 0);
+        metrics.count_bytes("team-a", 3, 4);
+        metrics.count_bytes("team-b", 0, 10);
+        let text = metrics.render();
+        for (series, value) in [
+            ("portcullis_relayed_bytes_total{direction=\"client_to_upstream\"}", 3),
+            ("portcullis_relayed_bytes_total{direction=\"upstream_to_client\"}", 14),
+            ("portcullis_role_relayed_bytes_total{direction=\"client_to_upstream\",role=\"team-a\"}", 3),
+            ("portcullis_role_relayed_bytes_total{direction=\"upstream_to_client\",role=\"team-a\"}", 4),
+            ("portcullis_role_relayed_bytes_total{direction=\"upstream_to_client\",role=\"team-b\"}", 10),
+        ] {
+            assert!(text.lines().any(|l| l == format!("{series} {value}")), "{series} {value} in:\n{text}");
+        }
+        assert!(!text.contains("role=\"\""), "{text}");
+    }
+
+    /// The descriptor gauges are read at render: at least the standard
+    /// streams are open, and the count is under the limit.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn descriptors_are_read_at_render() {
+        let metrics = Metrics::new();
+        metrics.render();
+        let (open, max) = (metrics.descriptors.open.get(), metrics.descriptors.max.get());
+        assert!(open >= 3 && open < max, "{open} of {max}");
+    }
+}

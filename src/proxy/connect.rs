@@ -521,6 +521,24 @@ mod tests {
         drop(late.await.unwrap());
     }
 
+    /// Each flush adds only what moved since the last one, so the periodic
+    /// flushes and the final one add up to the tunnel's totals.
+    #[test]
+    fn meter_adds_only_what_moved_since_the_last_flush() {
+        let metrics = Metrics::new();
+        let mut meter = TunnelMeter::new(metrics.relayed_bytes_for("team-a"));
+        let counted = |role: &str, direction: &str| {
+            let all = metrics.relayed_bytes.with_label_values(&[direction]).get();
+            let by_role = metrics.role_relayed_bytes.with_label_values(&[role, direction]).get();
+            assert_eq!(all, by_role, "{direction}");
+            all
+        };
+        for (up, down) in [(0, 0), (10, 0), (10, 5), (250, 5), (250, 5), (1 << 40, 7)] {
+            meter.flush(up, down);
+            assert_eq!((counted("team-a", "client_to_upstream"), counted("team-a", "upstream_to_client")), (up, down));
+        }
+    }
+
     #[tokio::test]
     async fn idle_tunnel_is_closed() {
         let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
