@@ -719,4 +719,34 @@ async fn a_real_prometheus_scrapes_the_proxy_and_the_metadata_alert_fires() {
     assert_eq!(labels.get("severity").map(String::as_str), Some("critical"));
     assert_eq!(labels.get("job").map(String::as_str), Some("portcullis"));
     assert!(prometheus.alerts("PortcullisDown").await.is_empty());
+
+    // Every dashboard query runs against the real data; the decision and
+    // metadata panels show the request just made.
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(monitoring("portcullis-dashboard.json")).unwrap()).unwrap();
+    let mut answered = BTreeMap::new();
+    for expr in dashboard_exprs(&dashboard) {
+        let result = prometheus.query(&expr).await;
+        answered.insert(expr, result);
+    }
+    let metadata_panel = answered
+        .iter()
+        .find(|(expr, _)| expr.contains("denied-(range|name):metadata"))
+        .map(|(_, result)| result)
+        .expect("a metadata panel");
+    assert_eq!(metadata_panel.len(), 1);
+    let attempts: f64 = metadata_panel[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(attempts > 0.0, "metadata attempts shown as {attempts}");
+    // A rate needs two samples of the new series: wait for the next scrapes.
+    let decisions = answered
+        .keys()
+        .find(|expr| expr.starts_with("sum by (role, decision, reason) (rate(portcullis_requests_total"))
+        .expect("the decisions panel");
+    wait_for("the metadata deny in the decisions panel", PROMETHEUS_STEP, || async {
+        let result = prometheus.query(decisions).await;
+        result
+            .iter()
+            .any(|s| s["metric"]["reason"] == "denied-range:metadata" && s["metric"]["role"] == "default")
+            .then_some(())
+    })
+    .await;
 }
