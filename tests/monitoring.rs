@@ -749,4 +749,6 @@ async fn a_real_prometheus_scrapes_the_proxy_and_the_metadata_alert_fires() {
             .then_some(())
     })
     .await;
+    drop(prometheus);
+    let _ = std::fs::remove_dir_all(&dir);
 }
