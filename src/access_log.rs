@@ -78,6 +78,10 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     /// Bytes from the destination to the client (response body, tunnel downstream).
     pub bytes_out: u64,
+    /// The part of (`bytes_in`, `bytes_out`) already added to the
+    /// relayed-bytes metrics while the request ran (an open tunnel's live
+    /// counting); `emit` adds only the rest.
+    pub bytes_metered: (u64, u64),
     pub started: Instant,
     metrics: Arc<Metrics>,
 }
@@ -107,6 +111,7 @@ impl AccessRecord {
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
+            bytes_metered: (0, 0),
             started: Instant::now(),
             metrics,
         }
@@ -120,7 +125,11 @@ impl AccessRecord {
             code => code,
         };
         self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
-        self.metrics.count_bytes(self.bytes_in, self.bytes_out);
+        self.metrics.count_bytes(
+            &self.role,
+            self.bytes_in.saturating_sub(self.bytes_metered.0),
+            self.bytes_out.saturating_sub(self.bytes_metered.1),
+        );
         if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
             return;
         }

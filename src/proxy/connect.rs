@@ -19,7 +19,7 @@ use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
 use crate::config::Timeouts;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RelayedBytes};
 use crate::access_log::{AccessRecord, Outcome};
 use crate::policy::{DenyReason, Permit};
 use crate::sni::{self, SniError};
@@ -35,6 +35,9 @@ const RELAY_BUF_MAX: usize = 128 * 1024;
 /// start size, so a tunnel that once moved a burst idles as cheaply as one
 /// that never did.
 const RELAY_QUIET: Duration = Duration::from_millis(250);
+/// How often an open tunnel adds the bytes it relayed since the last time
+/// to the metrics, so a long transfer shows on a graph while it runs.
+const METER_EVERY: Duration = Duration::from_secs(2);
 
 /// Opens a TCP connection to a reachable address of `permit` within one
 /// overall `upstream_connect` timeout, racing the addresses Happy Eyeballs
@@ -130,20 +133,24 @@ pub async fn tunnel(
     let idle = snapshot.timeouts.tunnel_idle.0;
     // The ClientHello is the head of a tunnel: it gets the head's time limit.
     let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
+    let mut meter = TunnelMeter::new(metrics.relayed_bytes_for(&role));
     let registration = Tunnels::register(shared, role, target.clone(), addr);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
+                let opened = Instant::now();
+                let counts = RelayCounts::default();
                 let served = async {
                     match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
                         // The plain listener: relay between the two sockets
                         // directly, without a lock around the client stream.
                         Ok(parts) => {
                             let early = parts.read_buf.to_vec();
-                            serve_tunnel(parts.io.into_inner().into_inner(), early, upstream, sni, idle).await
+                            let client = parts.io.into_inner().into_inner();
+                            serve_tunnel(client, early, upstream, sni, idle, &counts).await
                         }
-                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
+                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle, &counts).await,
                     }
                 };
                 let end_of_life = async {
@@ -154,16 +161,18 @@ pub async fn tunnel(
                 };
                 // Dropping `served` closes both sockets.
                 tokio::select! {
-                    outcome = served => match outcome {
-                        Ok((up, down)) => {
-                            record.bytes_in = up;
-                            record.bytes_out = down;
-                        }
-                        Err(reason) => record.outcome = Outcome::Deny(reason),
+                    outcome = served => if let Err(reason) = outcome {
+                        record.outcome = Outcome::Deny(reason);
                     },
                     _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
                     _ = end_of_life => record.outcome = Outcome::Error("tunnel-lifetime"),
+                    never = meter.run(&counts) => match never {},
                 }
+                let (up, down) = counts.get();
+                meter.flush(up, down);
+                (record.bytes_in, record.bytes_out) = (up, down);
+                record.bytes_metered = (up, down);
+                metrics.tunnel_duration.observe(opened.elapsed().as_secs_f64());
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -182,7 +191,8 @@ async fn serve_tunnel<C>(
     mut upstream: TcpStream,
     sni: Option<(String, Duration)>,
     idle: Duration,
-) -> Result<(u64, u64), DenyReason>
+    counts: &RelayCounts,
+) -> Result<(), DenyReason>
 where
     C: ClientStream,
 {
@@ -196,7 +206,8 @@ where
             }
         },
     };
-    Ok(relay_after(client, upstream, first, idle).await)
+    relay_after(client, upstream, first, idle, counts).await;
+    Ok(())
 }
 
 /// A client side of a tunnel that can be split into independent halves.
@@ -304,21 +315,64 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-pub(super) async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
+pub(super) async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
 where
     C: ClientStream,
 {
-    let already = first.len() as u64;
     if !first.is_empty() {
         match tokio::time::timeout(idle, upstream.write_all(&first)).await {
-            Ok(Ok(())) => {}
-            _ => return (0, 0),
-        }
+            Ok(Ok(())) => counts.sent.fetch_add(first.len() as u64, Ordering::Relaxed),
+            _ => return,
+        };
     }
     // The ClientHello buffer is not kept for the life of the tunnel.
     drop(first);
-    let (up, down) = relay(client, upstream, idle).await;
-    (up + already, down)
+    relay_counted(client, upstream, idle, counts).await;
+}
+
+/// Bytes a tunnel has relayed so far, per direction. Each direction's copy
+/// loop is the only writer of its counter; the tunnel's [`TunnelMeter`]
+/// reads both every few seconds, so the shared metrics are not touched per read.
+#[derive(Default)]
+pub struct RelayCounts {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl RelayCounts {
+    /// (client→upstream, upstream→client) bytes so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
+    }
+}
+
+/// Adds an open tunnel's relayed bytes to the metrics: every
+/// [`METER_EVERY`] what moved since the last time, and the rest at the end,
+/// so the totals match the log line's and nothing is counted twice.
+struct TunnelMeter {
+    bytes: RelayedBytes,
+    counted: (u64, u64),
+}
+
+impl TunnelMeter {
+    fn new(bytes: RelayedBytes) -> Self {
+        TunnelMeter { bytes, counted: (0, 0) }
+    }
+
+    /// Adds the difference between (`up`, `down`) and what was counted.
+    fn flush(&mut self, up: u64, down: u64) {
+        self.bytes.add(up - self.counted.0, down - self.counted.1);
+        self.counted = (up, down);
+    }
+
+    /// Flushes `counts` every [`METER_EVERY`]; never completes.
+    async fn run(&mut self, counts: &RelayCounts) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(METER_EVERY).await;
+            let (up, down) = counts.get();
+            self.flush(up, down);
+        }
+    }
 }
 
 /// Copies both directions until each has seen EOF (propagating half-close)
@@ -327,21 +381,30 @@ pub async fn relay<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u
 where
     C: ClientStream,
 {
+    let counts = RelayCounts::default();
+    relay_counted(client, upstream, idle, &counts).await;
+    counts.get()
+}
+
+/// [`relay`], counting into `counts` as bytes move, so they can be read
+/// while the relay runs.
+pub async fn relay_counted<C>(client: C, upstream: TcpStream, idle: Duration, counts: &RelayCounts)
+where
+    C: ClientStream,
+{
     let (mut client_read, mut client_write) = client.halves();
     let (mut up_read, mut up_write) = upstream.into_split();
     let activity = Activity::new();
-    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::join!(
-            copy_half(&mut client_read, &mut up_write, &sent, &activity),
-            copy_half(&mut up_read, &mut client_write, &received, &activity),
+            copy_half(&mut client_read, &mut up_write, &counts.sent, &activity),
+            copy_half(&mut up_read, &mut client_write, &counts.received, &activity),
         )
     };
     tokio::select! {
         _ = both => {}
         _ = activity.idle_for(idle) => tracing::debug!("tunnel idle timeout"),
     }
-    (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed))
 }
 
 async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
@@ -509,6 +572,24 @@ mod tests {
         let v4_first = [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")];
         assert_eq!(interleaved(&v4_first), [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")]);
         assert!(interleaved(&[]).is_empty());
+    }
+
+    /// Each flush adds only what moved since the last one, so the periodic
+    /// flushes and the final one add up to the tunnel's totals.
+    #[test]
+    fn meter_adds_only_what_moved_since_the_last_flush() {
+        let metrics = Metrics::new();
+        let mut meter = TunnelMeter::new(metrics.relayed_bytes_for("team-a"));
+        let counted = |role: &str, direction: &str| {
+            let all = metrics.relayed_bytes.with_label_values(&[direction]).get();
+            let by_role = metrics.role_relayed_bytes.with_label_values(&[role, direction]).get();
+            assert_eq!(all, by_role, "{direction}");
+            all
+        };
+        for (up, down) in [(0, 0), (10, 0), (10, 5), (250, 5), (250, 5), (1 << 40, 7)] {
+            meter.flush(up, down);
+            assert_eq!((counted("team-a", "client_to_upstream"), counted("team-a", "upstream_to_client")), (up, down));
+        }
     }
 
     #[tokio::test]

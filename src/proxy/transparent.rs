@@ -331,13 +331,12 @@ async fn relay(
         }
     };
     let idle = snapshot.timeouts.tunnel_idle.0;
+    let counts = connect::RelayCounts::default();
     tokio::select! {
-        (up, down) = connect::relay_after(stream, dialed, first, idle) => {
-            record.bytes_in = up;
-            record.bytes_out = down;
-        }
+        () = connect::relay_after(stream, dialed, first, idle, &counts) => {}
         _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
     }
+    (record.bytes_in, record.bytes_out) = counts.get();
     drop((tunnel_slot, registration));
     record.emit();
     drop(guard);
