@@ -81,8 +81,43 @@ pub struct Config {
     /// judged by the IPv4 address they carry, like `64:ff9b::/96`.
     #[serde(default)]
     pub nat64_prefixes: Vec<Nat64Rule>,
+    /// A parent proxy that allowed requests leave through.
+    #[serde(default)]
+    pub upstream_proxy: Option<UpstreamProxyConfig>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
+}
+
+/// `upstream_proxy`: allowed requests of `roles` (every role when empty)
+/// leave through a parent proxy, except those to `except` destinations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamProxyConfig {
+    /// `http://host:port` of the parent.
+    pub url: ParentUrlConfig,
+    /// An environment variable holding `user:password` for Basic auth to the parent.
+    #[serde(default)]
+    pub credentials_env: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Destinations reached directly.
+    #[serde(default)]
+    pub except: DenyConfig,
+}
+
+/// The parent's URL, validated while parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentUrlConfig {
+    pub authority: String,
+}
+
+impl<'de> Deserialize<'de> for ParentUrlConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::proxy::parent::ParentUrl::parse(&text)
+            .map(|u| ParentUrlConfig { authority: u.authority })
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -592,6 +627,12 @@ impl Config {
         }
         let policy = self.compile_policy()?;
         crate::identity::Identities::compile(&self.identity, &policy)?;
+        if let Some(parent) = &self.upstream_proxy {
+            if let Some(missing) = parent.roles.iter().find(|r| !self.roles.contains_key(*r)) {
+                return Err(format!("upstream_proxy.roles: role {missing:?} is not defined under roles").into());
+            }
+            crate::proxy::parent::Parent::compile(parent)?;
+        }
         if let Some(tls) = &self.tls {
             crate::tls::server_config(tls)?;
         }

@@ -96,3 +96,133 @@ async fn pinned_names_need_no_dns_and_are_still_checked() {
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:metadata")));
     assert!(dns.queries.lock().unwrap().is_empty(), "no query: {:?}", dns.queries.lock().unwrap());
 }
+
+/// What the test parent proxy saw: each request line and its credentials.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// A parent proxy for tests: requires `Proxy-Authorization: Basic
+/// base64(want)` (407 otherwise), answers other statuses when told to,
+/// tunnels `CONNECT` to the named address, and answers absolute-form
+/// requests itself with the request line it saw.
+async fn start_parent(want: &'static str, status: u16) -> (SocketAddr, Seen) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Default::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let line = head.lines().next().unwrap_or_default().to_string();
+                let auth = head.lines().find_map(|l| {
+                    let (name, value) = l.split_once(": ")?;
+                    name.eq_ignore_ascii_case("proxy-authorization").then(|| value.to_string())
+                });
+                log.lock().unwrap().push((line.clone(), auth.clone()));
+                use base64::Engine as _;
+                let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(want));
+                let answer = |code: u16, body: &str| format!("HTTP/1.1 {code} X\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                if auth.as_deref() != Some(expected.as_str()) {
+                    let _ = s.write_all(answer(407, "").as_bytes()).await;
+                    return;
+                }
+                if status != 200 {
+                    let _ = s.write_all(answer(status, "").as_bytes()).await;
+                    return;
+                }
+                match line.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next()) {
+                    Some(authority) => {
+                        let Ok(mut up) = TcpStream::connect(authority).await else { return };
+                        let _ = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                    None => {
+                        let _ = s.write_all(answer(200, &format!("parent saw {line}")).as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn parent_config(parent: SocketAddr, env: &str, ports: &str, dns: SocketAddr) -> String {
+    format!(
+        "dns:\n  nameservers: [\"{dns}\"]\n  timeout: 1s\nupstream_proxy:\n  url: http://{parent}\n  credentials_env: {env}\n\
+         allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [web.test]\n      cidrs: [127.0.0.1/32]\n      \
+         http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+    )
+}
+
+/// Allowed requests leave through the parent with its credentials: tunnels
+/// as `CONNECT` and plain HTTP in absolute form, both naming the checked
+/// address; a denied destination never reaches the parent.
+#[tokio::test]
+async fn allowed_requests_leave_through_the_parent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    std::env::set_var("PORTCULLIS_TEST_PARENT_OK", "relay:s3cret");
+    let (parent, seen) = start_parent("relay:s3cret", 200).await;
+    let echo = start_tcp_echo().await;
+    let dns = start_dns(&[("web.test", &["127.0.0.1"]), ("not-listed.test", &["8.8.8.8"])]).await;
+    let ports = format!("80, {}", echo.port());
+    let proxy = start_proxy(&parent_config(parent, "PORTCULLIS_TEST_PARENT_OK", &ports, dns.addr)).await;
+
+    let (resp, mut tunnel) = connect(proxy, &format!("127.0.0.1:{}", echo.port())).await;
+    assert_eq!(resp.status, 200);
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping", "relayed through the parent");
+
+    let resp = get(proxy, &format!("http://web.test:{}/path?q=1", echo.port())).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), format!("parent saw GET http://127.0.0.1:{}/path?q=1 HTTP/1.1", echo.port()));
+
+    let before = seen.lock().unwrap().len();
+    let resp = get(proxy, "http://169.254.169.254/latest/meta-data/").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:metadata")));
+    let resp = get(proxy, "http://not-listed.test/").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("not-allowlisted")));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), before, "a denied request never reaches the parent");
+    assert_eq!(seen[0].0, format!("CONNECT 127.0.0.1:{} HTTP/1.1", echo.port()));
+    assert!(seen.iter().all(|(_, auth)| auth.as_deref() == Some("Basic cmVsYXk6czNjcmV0")), "{seen:?}");
+}
+
+/// A parent that refuses the credentials, refuses the request, or cannot be
+/// reached gives 502 with its own reason code.
+#[tokio::test]
+async fn parent_failures_are_502_with_their_own_codes() {
+    std::env::set_var("PORTCULLIS_TEST_PARENT_BAD", "relay:wrong");
+    let echo = start_tcp_echo().await;
+    let dns = start_dns(&[("web.test", &["127.0.0.1"])]).await;
+    let ports = format!("{}", echo.port());
+    let target = format!("127.0.0.1:{}", echo.port());
+    let (strict, _) = start_parent("relay:s3cret", 200).await;
+    let (refusing, _) = start_parent("relay:wrong", 403).await;
+    let gone = SocketAddr::from(([127, 0, 0, 1], closed_port().await));
+    for (parent, code) in [(strict, "parent-auth-failed"), (refusing, "parent-refused"), (gone, "parent-unreachable")] {
+        let proxy = start_proxy(&parent_config(parent, "PORTCULLIS_TEST_PARENT_BAD", &ports, dns.addr)).await;
+        let (resp, _) = connect(proxy, &target).await;
+        assert_eq!((resp.status, resp.header("x-portcullis-error")), (502, Some(code)), "CONNECT via {parent}");
+        let resp = get(proxy, &format!("http://web.test:{}/", echo.port())).await;
+        if code == "parent-refused" {
+            // Plain HTTP: a parent's 403 cannot be told from the origin's; it is relayed.
+            assert_eq!(resp.status, 403, "GET via {parent}");
+        } else {
+            // A 407 can only be the parent's: never passed on as our own challenge.
+            assert_eq!((resp.status, resp.header("x-portcullis-error")), (502, Some(code)), "GET via {parent}");
+        }
+    }
+}

@@ -127,7 +127,12 @@ pub async fn tunnel(
     // upstream socket; held (with the client connection's slot) until the
     // tunnel ends.
     let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = dial(&permit, &snapshot.timeouts, &metrics).await?;
+    let (upstream, addr) = match &snapshot.parent {
+        Some(parent) if parent.applies(&role, target, permit.addrs()) => {
+            parent.tunnel(&permit, snapshot.timeouts.upstream_connect.0).await?
+        }
+        _ => dial(&permit, &snapshot.timeouts, &metrics).await?,
+    };
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;

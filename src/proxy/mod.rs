@@ -6,6 +6,7 @@ pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod parent;
 pub mod pool;
 pub mod revoke;
 pub mod slots;
@@ -49,6 +50,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resolver: Resolver,
+    /// The parent proxy, when one is configured.
+    pub parent: Option<parent::Parent>,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
 }
@@ -68,6 +71,7 @@ impl Snapshot {
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
+            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
             generation,
         })
     }
