@@ -79,6 +79,10 @@ pub struct Config {
     pub nat64_prefixes: Vec<Nat64Rule>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
+    /// A line added to the body of every policy deny (e.g. where to request
+    /// access); a role's own `deny_message` replaces it for that role.
+    #[serde(default)]
+    pub deny_message: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -217,6 +221,10 @@ pub struct RoleConfig {
     pub allow: AllowConfig,
     #[serde(default)]
     pub deny: DenyConfig,
+    /// This role's line in the body of its policy denies, instead of the
+    /// global `deny_message`.
+    #[serde(default)]
+    pub deny_message: Option<String>,
 }
 
 /// Destinations a role may never reach, whatever its allow-list or mode.

@@ -184,11 +184,16 @@ async fn denied_destinations_get_403_with_reason() {
         let resp = get(proxy, &format!("http://{host}/latest/meta-data/")).await;
         assert_eq!(resp.status, 403, "GET {host}");
         assert_eq!(resp.header("x-portcullis-deny"), Some(reason), "GET {host}");
-        assert!(resp.text().contains(reason) && resp.text().ends_with('\n'), "one-line body: {}", resp.text());
-        assert_eq!(resp.text().lines().count(), 1);
+        assert_eq!(resp.reason, format!("Forbidden (portcullis: {reason})"), "GET {host}");
+        let body = resp.text();
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines[0], format!("portcullis: {reason}: destination denied by policy"), "GET {host}");
+        assert!(lines[1].starts_with("host: ") && lines[2..] == ["port: 80", "role: default"], "{body}");
+        assert!(!body.contains("meta-data"), "the path is never echoed: {body}");
         let (resp, _) = connect(proxy, &format!("{host}:443")).await;
         assert_eq!(resp.status, 403, "CONNECT {host}");
         assert_eq!(resp.header("x-portcullis-deny"), Some(reason), "CONNECT {host}");
+        assert_eq!(resp.reason, format!("Forbidden (portcullis: {reason})"), "CONNECT {host}");
     }
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod pool;
+pub mod repeats;
 pub mod revoke;
 pub mod slots;
 #[cfg(target_os = "linux")]
@@ -31,7 +32,7 @@ use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::Metrics;
 use crate::dns::Resolver;
 use crate::identity::{CertNames, Identities};
-use crate::policy::{Decision, Permit, Policy, PreResolution, RequestKind, RoleId};
+use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
 use tokio_rustls::TlsAcceptor;
 use crate::target::Target;
 use body::ProxyBody;
@@ -48,6 +49,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resolver: Resolver,
+    /// The operator's lines for deny bodies.
+    pub deny_messages: error::DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
 }
@@ -67,6 +70,7 @@ impl Snapshot {
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
+            deny_messages: error::DenyMessages::from_config(config),
             generation,
         })
     }
@@ -84,6 +88,8 @@ pub struct Shared {
     slots: Arc<slots::Slots>,
     /// Open tunnels, for revocation on reload.
     tunnels: revoke::Tunnels,
+    /// Recent wrong credentials per client, to thin out repeats.
+    auth_failures: repeats::AuthFailures,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -109,6 +115,7 @@ impl Server {
             pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),
             slots: slots::Slots::new(metrics.clone()),
             tunnels: revoke::Tunnels::default(),
+            auth_failures: repeats::AuthFailures::default(),
             metrics,
         });
         Ok(Server { listener, shared })
@@ -204,7 +211,7 @@ struct ConnectionGuard {
 async fn refuse_over_limit(mut stream: TcpStream) {
     const BODY: &str = "portcullis: over-limit: too many connections\n";
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\n{}: over-limit\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        "HTTP/1.1 503 Service Unavailable (portcullis: over-limit)\r\n{}: over-limit\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         error::ERROR_HEADER,
         BODY.len()
     );
@@ -320,10 +327,11 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    let json = error::accepts_json(req.headers().get(http::header::ACCEPT));
     // The edge comes first: a malformed request is refused whoever sends it.
     if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
         record.kind = Some(request_kind(req.method()));
-        return Ok(refuse(&shared, record, ClientError::Refused(refusal).into()));
+        return Ok(refuse(&shared, &snapshot, record, ClientError::Refused(refusal).into(), json));
     }
     let identity = snapshot.identities.identify(
         &snapshot.policy,
@@ -336,25 +344,60 @@ async fn handle(
             record.identity = source.as_str();
             record.role = snapshot.policy.role(role).name().to_string();
             record.mode = snapshot.policy.role(role).mode();
-            route(&shared, &snapshot, role, &mut record, slot, req).await
+            match route(&shared, &snapshot, role, &mut record, slot, req).await {
+                Err(ProxyError::Denied(reason)) => Err(ProxyError::Denied(snapshot.identities.challenge(source, reason))),
+                routed => routed,
+            }
         }
-        Err(reason) => Err(ProxyError::Denied(reason)),
+        Err(reason) => {
+            // The 407 line names what the client wanted to reach.
+            let kind = request_kind(req.method());
+            record.kind = Some(kind);
+            let _ = parse_target(kind, &req, &mut record);
+            Err(ProxyError::Denied(reason))
+        }
     };
     Ok(match routed {
         Ok(response) => response,
-        Err(err) => refuse(&shared, record, err),
+        Err(err) => refuse(&shared, &snapshot, record, err, json),
     })
 }
 
 /// The answer for a request that failed, with its log line and count.
-fn refuse(shared: &Shared, mut record: AccessRecord, err: ProxyError) -> Response<ProxyBody> {
+fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: ProxyError, json: bool) -> Response<ProxyBody> {
     record.outcome = err.outcome();
     if let ProxyError::Upstream(e) = &err {
         shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
     }
-    let response = err.to_response();
+    let failure = match err {
+        ProxyError::Denied(DenyReason::AuthFailed) => {
+            shared.auth_failures.record(record.client.ip(), std::time::Instant::now())
+        }
+        _ => repeats::Failure::First,
+    };
+    let role = (!record.role.is_empty()).then_some(record.role.as_str());
+    let answer = error::Answer {
+        // A parsed target always has a port (CONNECT requires one, an
+        // absolute URI gets its scheme's); an unparsed one is not echoed.
+        target: (record.port != 0).then_some((record.host.as_str(), record.port)),
+        role,
+        deny_message: snapshot.deny_messages.for_role(role),
+        json,
+        close: matches!(failure, repeats::Failure::Repeat { .. }),
+    };
+    let response = err.to_response(&answer);
     record.status = response.status().as_u16();
-    record.emit();
+    match failure {
+        repeats::Failure::Repeat { log: false } => {
+            shared.metrics.auth_failures_repeated.inc();
+            record.count();
+        }
+        repeats::Failure::Repeat { log: true } => {
+            shared.metrics.auth_failures_repeated.inc();
+            record.emit();
+        }
+        repeats::Failure::First => record.emit(),
+    }
     response
 }
 

@@ -206,6 +206,8 @@ pub async fn start_dns(records: &[(&str, &[&str])]) -> DnsServer {
 #[derive(Debug)]
 pub struct RawResponse {
     pub status: u16,
+    /// The status line's reason phrase.
+    pub reason: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -235,6 +237,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap();
     let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let reason = status_line.splitn(3, ' ').nth(2).unwrap_or("").to_string();
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
         .map(|l| {
@@ -242,7 +245,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
             (n.trim().to_string(), v.trim().to_string())
         })
         .collect();
-    let mut resp = RawResponse { status, headers, body: Vec::new() };
+    let mut resp = RawResponse { status, reason, headers, body: Vec::new() };
     if let Some(len) = resp.header("content-length").map(|v| v.parse::<usize>().unwrap()) {
         let mut body = vec![0u8; len];
         tokio::time::timeout(STEP, stream.read_exact(&mut body)).await.expect("body in time").unwrap();
