@@ -375,3 +375,41 @@ async fn connect_relays_bytes_sent_with_the_request_head() {
     tokio::time::timeout(STEP, stream.read_to_string(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(echoed, "early bytes|late bytes");
 }
+
+/// A CONNECT to a port of `http_ports` only (undici tunnels `http://` URLs
+/// so): plain HTTP naming the CONNECT host is relayed; another host, or
+/// bytes that are not an HTTP request, close the tunnel unrelayed.
+#[tokio::test]
+async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  request_header: 1s\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n      connect_ports: [443]\n",
+        dns.addr
+    ))
+    .await;
+    let authority = format!("origin.test:{port}");
+    let (resp, mut stream) = connect(proxy, &authority).await;
+    assert_eq!(resp.status, 200);
+    stream.write_all(format!("GET /headers HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    let relayed = read_response(&mut stream).await;
+    assert_eq!(relayed.status, 200);
+    assert!(relayed.text().starts_with("GET /headers\n"), "{}", relayed.text());
+
+    let (_, mut stream) = connect(proxy, &authority).await;
+    stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();
+    let refused = read_response(&mut stream).await;
+    assert_eq!((refused.status, refused.header("x-portcullis-deny")), (403, Some("host-mismatch")));
+    assert_eq!(refused.reason, "Forbidden (portcullis: host-mismatch)");
+
+    let (_, mut stream) = connect(proxy, &authority).await;
+    stream.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed in time");
+    assert!(read.is_err() || rest.is_empty(), "not-http: closed without an answer, got {rest:?}");
+
+    // A port in neither list is still refused before any tunnel.
+    let (resp, _) = connect(proxy, "origin.test:8443").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("port-not-allowed")));
+}

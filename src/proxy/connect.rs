@@ -14,13 +14,14 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
+use super::tunnel_http::{self, Start};
 use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
 use crate::metrics::Metrics;
 use crate::access_log::{AccessRecord, Outcome};
-use crate::policy::{DenyReason, Permit};
+use crate::policy::{DenyReason, Permit, TunnelStart};
 use crate::sni::{self, SniError};
 use crate::target::Target;
 
@@ -61,8 +62,9 @@ async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, Sock
 /// Dials the permitted destination, answers 200 only once the upstream
 /// connection is up, and relays bytes until both sides are done or the
 /// tunnel is idle for too long. When the permit asks for it, the client's
-/// first bytes must be a TLS ClientHello naming the CONNECT host before
-/// anything reaches the upstream. The log line is written when it closes.
+/// first bytes must be a TLS ClientHello naming the CONNECT host, or on a
+/// port of `http_ports` a plain HTTP request naming it, before anything
+/// reaches the upstream. The log line is written when it closes.
 pub async fn tunnel(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
@@ -82,8 +84,7 @@ pub async fn tunnel(
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
-    // The ClientHello is the head of a tunnel: it gets the head's time limit.
-    let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
+    let sni = StartCheck::of(&permit, target, snapshot);
     let registration = Tunnels::register(shared, role, target.clone(), addr);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
@@ -128,21 +129,103 @@ pub async fn tunnel(
     Ok(Response::new(ProxyBody::empty()))
 }
 
-/// The SNI check (when asked for), then the relay. `early` holds bytes the
-/// client sent right behind its CONNECT head.
+/// What a tunnel's first bytes are checked for before anything reaches the
+/// upstream: the SNI check, and on a port of `http_ports` the plain HTTP
+/// Host check (see [`tunnel_http`]).
+struct StartCheck {
+    target: Target,
+    /// The first bytes are the head of a tunnel: they get the head's time limit.
+    limit: Duration,
+    max_head: usize,
+    sni: bool,
+    start: TunnelStart,
+}
+
+impl StartCheck {
+    /// The checks a permit asks for; `None` when the tunnel may start with anything.
+    fn of(permit: &Permit, target: &Target, snapshot: &Snapshot) -> Option<Self> {
+        let start = permit.tunnel_start();
+        (permit.sni_check() || start != TunnelStart::Any).then(|| StartCheck {
+            target: target.clone(),
+            limit: snapshot.timeouts.request_header.0,
+            max_head: snapshot.limits.max_request_head_bytes,
+            sni: permit.sni_check(),
+            start,
+        })
+    }
+
+    /// Returns the bytes read when the tunnel may go on; otherwise the
+    /// reason, after telling the client why where it can understand it.
+    async fn run<C>(&self, client: &mut C, early: Vec<u8>) -> Result<Vec<u8>, DenyReason>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.start == TunnelStart::Any {
+            return check_sni(client, early, &self.target.host.to_string(), self.limit).await;
+        }
+        let mut buf = early;
+        let start = tokio::time::timeout(self.limit, read_start(client, &mut buf, &self.target, self.max_head))
+            .await
+            .unwrap_or(Start::Incomplete);
+        match (start, self.start) {
+            (Start::Http(Ok(())), _) => Ok(buf),
+            (Start::Http(Err(reason)), _) => {
+                let answer = super::error::raw_answer(
+                    http::StatusCode::FORBIDDEN,
+                    super::error::DENY_HEADER,
+                    reason.as_str(),
+                    "the request does not name the CONNECT host",
+                );
+                let _ = client.write_all(answer.as_bytes()).await;
+                let _ = client.shutdown().await;
+                Err(reason)
+            }
+            (_, TunnelStart::CheckedHttp) => {
+                let _ = client.shutdown().await;
+                Err(DenyReason::NotHttp)
+            }
+            _ if self.sni => check_sni(client, buf, &self.target.host.to_string(), self.limit).await,
+            _ => Ok(buf),
+        }
+    }
+}
+
+/// Reads until the first bytes can be classified, the client stops
+/// sending, or an HTTP head would pass `max_head` bytes.
+async fn read_start<C>(client: &mut C, buf: &mut Vec<u8>, target: &Target, max_head: usize) -> Start
+where
+    C: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tunnel_http::classify(buf, target) {
+            Start::Incomplete if buf.len() < max_head => {}
+            Start::Incomplete => return Start::Other,
+            decided => return decided,
+        }
+        let room = (max_head - buf.len()).min(chunk.len());
+        match client.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return Start::Incomplete,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The checks on the first bytes (when asked for), then the relay. `early`
+/// holds bytes the client sent right behind its CONNECT head.
 async fn serve_tunnel<C>(
     mut client: C,
     early: Vec<u8>,
     mut upstream: TcpStream,
-    sni: Option<(String, Duration)>,
+    check: Option<StartCheck>,
     idle: Duration,
 ) -> Result<(u64, u64), DenyReason>
 where
     C: ClientStream,
 {
-    let first = match sni {
+    let first = match check {
         None => early,
-        Some((host, limit)) => match check_sni(&mut client, early, &host, limit).await {
+        Some(check) => match check.run(&mut client, early).await {
             Ok(first) => first,
             Err(reason) => {
                 let _ = upstream.shutdown().await;

@@ -209,6 +209,21 @@ pub fn reason_phrase(status: StatusCode, code: &'static str) -> ReasonPhrase {
     ReasonPhrase::try_from(phrase).unwrap_or_else(|_| ReasonPhrase::from_static(b"Refused by portcullis"))
 }
 
+/// A complete HTTP/1.1 answer for places without a hyper connection (a
+/// connection refused before its request is read, a tunnel's first request):
+/// the code in the reason phrase and in `header`, a one-line body, and
+/// `connection: close`.
+pub fn raw_answer(status: StatusCode, header: &str, code: &'static str, message: &str) -> String {
+    let body = format!("portcullis: {code}: {message}\n");
+    let reason = reason_phrase(status, code);
+    format!(
+        "HTTP/1.1 {} {}\r\n{header}: {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        String::from_utf8_lossy(reason.as_bytes()),
+        body.len()
+    )
+}
+
 /// What the answer to a refused request may say about the request: only
 /// what the proxy parsed (never the path, query or credentials).
 #[derive(Debug, Clone, Copy, Default)]

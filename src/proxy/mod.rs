@@ -10,6 +10,7 @@ pub mod pool;
 pub mod repeats;
 pub mod revoke;
 pub mod slots;
+pub mod tunnel_http;
 #[cfg(target_os = "linux")]
 mod splice;
 
@@ -209,11 +210,11 @@ struct ConnectionGuard {
 
 /// Answers 503 without reading the request, then closes.
 async fn refuse_over_limit(mut stream: TcpStream) {
-    const BODY: &str = "portcullis: over-limit: too many connections\n";
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable (portcullis: over-limit)\r\n{}: over-limit\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+    let response = error::raw_answer(
+        http::StatusCode::SERVICE_UNAVAILABLE,
         error::ERROR_HEADER,
-        BODY.len()
+        "over-limit",
+        "too many connections",
     );
     let refusal = async {
         stream.write_all(response.as_bytes()).await?;
