@@ -413,3 +413,39 @@ async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
     let (resp, _) = connect(proxy, "origin.test:8443").await;
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("port-not-allowed")));
 }
+
+/// The deny body names the code, the target as parsed and the role, with
+/// the operator's line (the role's own over the global one); as JSON when
+/// Accept asks. Failures carry no operator line.
+#[tokio::test]
+async fn deny_bodies_in_text_and_json_with_the_operators_line() {
+    let proxy = start_proxy(
+        "deny_message: \"ask in #egress\"\nroles:\n  default:\n    deny_message: \"default role: file a ticket\"\n    allow:\n      domains: [allowed.example]\n",
+    )
+    .await;
+    // Userinfo in the URI is refused as an invalid target, and not echoed.
+    let with_userinfo = "GET http://user:secret@denied.example/private?token=1 HTTP/1.1\r\nHost: denied.example\r\nAccept: application/json\r\n\r\n";
+    let invalid = send_raw(proxy, with_userinfo).await;
+    assert_eq!(invalid.status, 400);
+    assert!(!invalid.text().contains("secret") && !invalid.text().contains("token"), "{}", invalid.text());
+    let request = "GET http://denied.example/private?token=1 HTTP/1.1\r\nHost: denied.example\r\nAccept: text/html, application/json\r\n\r\n";
+    let resp = send_raw(proxy, request).await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("a JSON body");
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "reason": "not-allowlisted",
+            "message": "destination denied by policy",
+            "host": "denied.example",
+            "port": 80,
+            "role": "default",
+            "deny_message": "default role: file a ticket",
+        })
+    );
+    let text = get(proxy, "http://denied.example/private?token=1").await;
+    assert_eq!(text.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert!(text.text().ends_with("role: default\ndefault role: file a ticket\n"), "{}", text.text());
+    assert!(!text.text().contains("private") && !text.text().contains("token"), "{}", text.text());
+}

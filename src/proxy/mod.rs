@@ -388,18 +388,24 @@ fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: P
     };
     let response = err.to_response(&answer);
     record.status = response.status().as_u16();
-    match failure {
-        repeats::Failure::Repeat { log: false } => {
-            shared.metrics.auth_failures_repeated.inc();
-            record.count();
-        }
-        repeats::Failure::Repeat { log: true } => {
-            shared.metrics.auth_failures_repeated.inc();
-            record.emit();
-        }
-        repeats::Failure::First => record.emit(),
-    }
+    log_refusal(shared, &record, failure);
     response
+}
+
+/// Logs and counts a refusal; a repeated credential failure is counted,
+/// and logged only when its client is due a line.
+fn log_refusal(shared: &Shared, record: &AccessRecord, failure: repeats::Failure) {
+    match failure {
+        repeats::Failure::First => record.emit(),
+        repeats::Failure::Repeat { log } => {
+            shared.metrics.auth_failures_repeated.inc();
+            if log {
+                record.emit();
+            } else {
+                record.count();
+            }
+        }
+    }
 }
 
 fn request_kind(method: &Method) -> RequestKind {
