@@ -377,8 +377,9 @@ async fn connect_relays_bytes_sent_with_the_request_head() {
 }
 
 /// A CONNECT to a port of `http_ports` only (undici tunnels `http://` URLs
-/// so): plain HTTP naming the CONNECT host is relayed; another host, or
-/// bytes that are not an HTTP request, close the tunnel unrelayed.
+/// so): plain HTTP naming the CONNECT host is served, request by request;
+/// a request naming another host (first or later), or bytes that are not an
+/// HTTP request, close the tunnel.
 #[tokio::test]
 async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
     let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
@@ -396,6 +397,14 @@ async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
     let relayed = read_response(&mut stream).await;
     assert_eq!(relayed.status, 200);
     assert!(relayed.text().starts_with("GET /headers\n"), "{}", relayed.text());
+    // The same tunnel carries more requests, each checked.
+    stream.write_all(format!("POST /echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\n\r\nhello").as_bytes()).await.unwrap();
+    let echoed = read_response(&mut stream).await;
+    assert_eq!((echoed.status, echoed.text().as_str()), (200, "hello"));
+    stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();
+    let later = read_response(&mut stream).await;
+    assert_eq!((later.status, later.header("x-portcullis-deny")), (403, Some("host-mismatch")));
+    assert_eq!(later.header("connection"), Some("close"));
 
     let (_, mut stream) = connect(proxy, &authority).await;
     stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();
@@ -448,4 +457,47 @@ async fn deny_bodies_in_text_and_json_with_the_operators_line() {
     assert_eq!(text.header("content-type"), Some("text/plain; charset=utf-8"));
     assert!(text.text().ends_with("role: default\ndefault role: file a ticket\n"), "{}", text.text());
     assert!(!text.text().contains("private") && !text.text().contains("token"), "{}", text.text());
+}
+
+/// A plain-HTTP tunnel whose origin switches protocols (101) goes on as a
+/// raw tunnel in both directions.
+#[tokio::test]
+async fn plain_http_tunnel_relays_an_upgrade() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap() == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nhi").await.unwrap();
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n",
+        dns.addr
+    ))
+    .await;
+    let (resp, mut stream) = connect(proxy, &format!("origin.test:{port}")).await;
+    assert_eq!(resp.status, 200);
+    stream
+        .write_all(format!("GET /ws HTTP/1.1\r\nHost: origin.test:{port}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let switched = read_response(&mut stream).await;
+    assert_eq!(switched.status, 101);
+    let mut greeting = [0u8; 2];
+    tokio::time::timeout(STEP, stream.read_exact(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(&greeting, b"hi");
+    stream.write_all(b"echo me").await.unwrap();
+    let mut echoed = [0u8; 7];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"echo me");
 }

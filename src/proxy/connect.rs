@@ -63,8 +63,8 @@ async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, Sock
 /// connection is up, and relays bytes until both sides are done or the
 /// tunnel is idle for too long. When the permit asks for it, the client's
 /// first bytes must be a TLS ClientHello naming the CONNECT host, or on a
-/// port of `http_ports` a plain HTTP request naming it, before anything
-/// reaches the upstream. The log line is written when it closes.
+/// port of `http_ports` plain HTTP whose every request names it, before
+/// anything reaches the upstream. The log line is written when it closes.
 pub async fn tunnel(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
@@ -154,40 +154,39 @@ impl StartCheck {
         })
     }
 
-    /// Returns the bytes read when the tunnel may go on; otherwise the
+    /// How the tunnel goes on, with the bytes read so far; otherwise the
     /// reason, after telling the client why where it can understand it.
-    async fn run<C>(&self, client: &mut C, early: Vec<u8>) -> Result<Vec<u8>, DenyReason>
+    async fn run<C>(&self, client: &mut C, early: Vec<u8>) -> Result<Started, DenyReason>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        let host = self.target.host.to_string();
         if self.start == TunnelStart::Any {
-            return check_sni(client, early, &self.target.host.to_string(), self.limit).await;
+            return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
         }
         let mut buf = early;
         let start = tokio::time::timeout(self.limit, read_start(client, &mut buf, &self.target, self.max_head))
             .await
             .unwrap_or(Start::Incomplete);
         match (start, self.start) {
-            (Start::Http(Ok(())), _) => Ok(buf),
-            (Start::Http(Err(reason)), _) => {
-                let answer = super::error::raw_answer(
-                    http::StatusCode::FORBIDDEN,
-                    super::error::DENY_HEADER,
-                    reason.as_str(),
-                    "the request does not name the CONNECT host",
-                );
-                let _ = client.write_all(answer.as_bytes()).await;
-                let _ = client.shutdown().await;
-                Err(reason)
-            }
+            // Every request, this one included, is checked as it is served.
+            (Start::Http(_), _) => Ok(Started::PlainHttp(buf)),
             (_, TunnelStart::CheckedHttp) => {
                 let _ = client.shutdown().await;
                 Err(DenyReason::NotHttp)
             }
-            _ if self.sni => check_sni(client, buf, &self.target.host.to_string(), self.limit).await,
-            _ => Ok(buf),
+            _ if self.sni => check_sni(client, buf, &host, self.limit).await.map(Started::Relay),
+            _ => Ok(Started::Relay(buf)),
         }
     }
+}
+
+/// How a tunnel goes on once its first bytes passed the checks.
+enum Started {
+    /// Relay bytes both ways, these first.
+    Relay(Vec<u8>),
+    /// Serve plain HTTP request by request, these bytes first.
+    PlainHttp(Vec<u8>),
 }
 
 /// Reads until the first bytes can be classified, the client stops
@@ -211,8 +210,9 @@ where
     }
 }
 
-/// The checks on the first bytes (when asked for), then the relay. `early`
-/// holds bytes the client sent right behind its CONNECT head.
+/// The checks on the first bytes (when asked for), then the relay, or for
+/// plain HTTP the request-by-request service. `early` holds bytes the
+/// client sent right behind its CONNECT head.
 async fn serve_tunnel<C>(
     mut client: C,
     early: Vec<u8>,
@@ -221,19 +221,19 @@ async fn serve_tunnel<C>(
     idle: Duration,
 ) -> Result<(u64, u64), DenyReason>
 where
-    C: ClientStream,
+    C: ClientStream + 'static,
 {
-    let first = match check {
-        None => early,
-        Some(check) => match check.run(&mut client, early).await {
-            Ok(first) => first,
-            Err(reason) => {
-                let _ = upstream.shutdown().await;
-                return Err(reason);
-            }
-        },
+    let Some(check) = check else {
+        return Ok(relay_after(client, upstream, early, idle).await);
     };
-    Ok(relay_after(client, upstream, first, idle).await)
+    match check.run(&mut client, early).await {
+        Ok(Started::Relay(first)) => Ok(relay_after(client, upstream, first, idle).await),
+        Ok(Started::PlainHttp(first)) => tunnel_http::serve(client, first, upstream, check.target, idle).await,
+        Err(reason) => {
+            let _ = upstream.shutdown().await;
+            Err(reason)
+        }
+    }
 }
 
 /// A client side of a tunnel that can be split into independent halves.

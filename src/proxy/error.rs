@@ -210,7 +210,7 @@ pub fn reason_phrase(status: StatusCode, code: &'static str) -> ReasonPhrase {
 }
 
 /// A complete HTTP/1.1 answer for places without a hyper connection (a
-/// connection refused before its request is read, a tunnel's first request):
+/// connection refused before its request is read):
 /// the code in the reason phrase and in `header`, a one-line body, and
 /// `connection: close`.
 pub fn raw_answer(status: StatusCode, header: &str, code: &'static str, message: &str) -> String {

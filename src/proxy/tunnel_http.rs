@@ -1,11 +1,27 @@
 //! Plain HTTP inside a CONNECT tunnel: the plain-text analogue of the SNI
 //! check. Clients such as undici's `EnvHttpProxyAgent` tunnel `http://` URLs
-//! with `CONNECT host:80`; such a tunnel is allowed when its first request
-//! head names the CONNECT host, in `Host` and in an absolute-form target.
-//!
-//! Only the first request head is read, as only the ClientHello is for TLS:
-//! later requests on the same tunnel are relayed unread.
+//! with `CONNECT host:80`. A tunnel whose first bytes are an HTTP/1.x request
+//! head is served request by request: every request must name the CONNECT
+//! host (in `Host` and in an absolute-form target) and is sent to the
+//! already-dialed upstream; one that names another host gets
+//! `403 host-mismatch` and the tunnel closes.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::error::{Answer, ProxyError, UpstreamError};
 use crate::policy::DenyReason;
 use crate::target::Target;
 
@@ -47,22 +63,185 @@ pub fn classify(buf: &[u8], target: &Target) -> Start {
 /// an absolute-form target must name them too, since an origin obeys it
 /// over `Host` (RFC 9112 3.2.2). A CONNECT inside the tunnel names nothing.
 fn names_target(req: &httparse::Request<'_, '_>, target: &Target) -> Result<(), DenyReason> {
+    let hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value);
+    check_names(hosts, req.path.unwrap_or(""), req.method == Some("CONNECT"), target)
+}
+
+/// [`names_target`] for a request hyper has parsed.
+fn request_names_target<B>(req: &Request<B>, target: &Target) -> Result<(), DenyReason> {
+    let hosts = req.headers().get_all(http::header::HOST).iter().map(|v| v.as_bytes());
+    let form = req.uri().to_string();
+    check_names(hosts, &form, req.method() == http::Method::CONNECT, target)
+}
+
+fn check_names<'h>(
+    mut hosts: impl Iterator<Item = &'h [u8]>,
+    request_target: &str,
+    connect: bool,
+    target: &Target,
+) -> Result<(), DenyReason> {
     let names = |authority: &str| Target::parse_host_header(authority, target.port).is_ok_and(|t| t == *target);
-    let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => std::str::from_utf8(h.value).map_err(|_| DenyReason::HostMismatch)?,
+        (Some(h), None) => std::str::from_utf8(h).map_err(|_| DenyReason::HostMismatch)?,
         _ => return Err(DenyReason::HostMismatch),
     };
-    if !names(host.trim()) {
+    if connect || !names(host.trim()) {
         return Err(DenyReason::HostMismatch);
     }
-    let path = req.path.unwrap_or("");
-    if path.starts_with('/') || path == "*" {
+    if request_target.starts_with('/') || request_target == "*" {
         return Ok(());
     }
-    match path.parse::<http::Uri>().ok().and_then(|uri| uri.authority().cloned()) {
-        Some(authority) if req.method != Some("CONNECT") && names(authority.as_str()) => Ok(()),
+    match request_target.parse::<http::Uri>().ok().and_then(|uri| uri.authority().cloned()) {
+        Some(authority) if names(authority.as_str()) => Ok(()),
         _ => Err(DenyReason::HostMismatch),
+    }
+}
+
+/// Serves a tunnel that started with plain HTTP: `early` (the bytes already
+/// read) and the rest of `client` are parsed as HTTP/1 requests, each
+/// checked against `target` and sent to `upstream`. `idle` bounds the wait
+/// for a request head. Returns the bytes read from and written to the
+/// client, or `host-mismatch` once a request named another host.
+pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, target: Target, idle: Duration) -> Result<(u64, u64), DenyReason>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok((sender, upstream_conn)) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await else {
+        return Ok((0, 0));
+    };
+    let upstream_conn = tokio::spawn(upstream_conn.with_upgrades());
+    let mismatch = Arc::new(AtomicBool::new(false));
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel();
+    let upgrade_tx = Arc::new(std::sync::Mutex::new(Some(upgrade_tx)));
+    let service_mismatch = mismatch.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (sender, target, mismatch, upgrade) = (sender.clone(), target.clone(), service_mismatch.clone(), upgrade_tx.clone());
+        async move { Ok::<_, std::convert::Infallible>(exchange(req, &sender, &target, &mismatch, &upgrade).await) }
+    });
+    let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counted = Counted { early, pos: 0, inner: client, read: read.clone(), written: written.clone() };
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(TokioIo::new(counted), service)
+        .with_upgrades()
+        .await;
+    if mismatch.load(Ordering::Relaxed) {
+        upstream_conn.abort();
+        return Err(DenyReason::HostMismatch);
+    }
+    // A 101 answer: both sides are handed over and relayed as a raw tunnel,
+    // inside this future, so idle timeout, revocation and limits still apply.
+    if let Ok(upgrade) = upgrade_rx.await {
+        relay_upgraded(upgrade, idle).await;
+    }
+    upstream_conn.abort();
+    // The client side of an upgrade still runs through `Counted`.
+    Ok((read.load(Ordering::Relaxed), written.load(Ordering::Relaxed)))
+}
+
+type TunnelBody = Either<Incoming, ProxyBody>;
+
+/// Both halves of a connection that switched protocols (101).
+type Upgrade = (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade);
+
+/// Where the one upgrade a connection can make is handed to [`serve`].
+type UpgradeSlot = std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Upgrade>>>;
+
+/// Relays an upgraded connection: the upstream is the dialed TCP socket
+/// again, and whatever the origin sent behind its 101 goes first.
+async fn relay_upgraded((client, upstream): Upgrade, idle: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
+    let Ok(parts) = upstream.downcast::<TokioIo<TcpStream>>() else { return };
+    let mut client = TokioIo::new(client);
+    if client.write_all(&parts.read_buf).await.is_ok() {
+        super::connect::relay(client, parts.io.into_inner(), idle).await;
+    }
+}
+
+/// One request of a plain-HTTP tunnel: checked, sent upstream, and its
+/// response passed back; an upgrade (101) is relayed as a raw tunnel.
+async fn exchange(
+    mut req: Request<Incoming>,
+    sender: &tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>,
+    target: &Target,
+    mismatch: &AtomicBool,
+    upgrade: &UpgradeSlot,
+) -> Response<TunnelBody> {
+    let host = target.host.to_string();
+    let answer = Answer { target: Some((&host, target.port)), close: true, ..Answer::default() };
+    if let Err(reason) = request_names_target(&req, target) {
+        mismatch.store(true, Ordering::Relaxed);
+        return ProxyError::Denied(reason).to_response(&answer).map(Either::Right);
+    }
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let mut sender = sender.lock().await;
+    let sent = match sender.ready().await {
+        Ok(()) => sender.send_request(req).await,
+        Err(e) => Err(e),
+    };
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => return ProxyError::Upstream(UpstreamError::Protocol(e)).to_response(&answer).map(Either::Right),
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        if let Some(slot) = upgrade.lock().ok().and_then(|mut slot| slot.take()) {
+            let _ = slot.send((client_upgrade, upstream_upgrade));
+        }
+    }
+    resp.map(Either::Left)
+}
+
+/// The client side of a plain-HTTP tunnel: the bytes read before it was
+/// recognised come first, and every byte either way is counted.
+struct Counted<C> {
+    early: Vec<u8>,
+    pos: usize,
+    inner: C,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.early.len() {
+            let n = (this.early.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.early[this.pos..this.pos + n]);
+            this.pos += n;
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+            if this.pos == this.early.len() {
+                this.early = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &polled {
+            this.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
