@@ -501,3 +501,26 @@ async fn plain_http_tunnel_relays_an_upgrade() {
     tokio::time::timeout(STEP, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(&echoed, b"echo me");
 }
+
+/// A plain-HTTP tunnel whose client stalls mid-body is closed after
+/// `timeouts.tunnel_idle`, like a raw tunnel.
+#[tokio::test]
+async fn plain_http_tunnel_with_a_stalled_body_is_closed_when_idle() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  tunnel_idle: 300ms\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n",
+        dns.addr
+    ))
+    .await;
+    let (_, mut stream) = connect(proxy, &format!("origin.test:{port}")).await;
+    let started = std::time::Instant::now();
+    stream
+        .write_all(format!("POST /echo HTTP/1.1\r\nHost: origin.test:{port}\r\nContent-Length: 10\r\n\r\nab").as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed within the step");
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+}

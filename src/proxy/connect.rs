@@ -228,7 +228,10 @@ where
     };
     match check.run(&mut client, early).await {
         Ok(Started::Relay(first)) => Ok(relay_after(client, upstream, first, idle).await),
-        Ok(Started::PlainHttp(first)) => tunnel_http::serve(client, first, upstream, check.target, idle).await,
+        Ok(Started::PlainHttp(first)) => {
+            let limits = tunnel_http::Limits { header: check.limit, idle };
+            tunnel_http::serve(client, first, upstream, check.target, limits).await
+        }
         Err(reason) => {
             let _ = upstream.shutdown().await;
             Err(reason)
@@ -449,22 +452,22 @@ async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &mut Vec<u8>, _: &A
 }
 
 /// The time of the last byte moved, shared by both directions of a tunnel.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
+    pub(super) async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let due = last + idle;

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::connect::Activity;
 use super::error::{Answer, ProxyError, UpstreamError};
 use crate::policy::DenyReason;
 use crate::target::Target;
@@ -97,12 +98,21 @@ fn check_names<'h>(
     }
 }
 
+/// The time bounds of a plain-HTTP tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// For each request head, and between requests (as on the proxy port).
+    pub header: Duration,
+    /// With no byte moving to or from the client (a stalled body).
+    pub idle: Duration,
+}
+
 /// Serves a tunnel that started with plain HTTP: `early` (the bytes already
 /// read) and the rest of `client` are parsed as HTTP/1 requests, each
-/// checked against `target` and sent to `upstream`. `idle` bounds the wait
-/// for a request head. Returns the bytes read from and written to the
-/// client, or `host-mismatch` once a request named another host.
-pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, target: Target, idle: Duration) -> Result<(u64, u64), DenyReason>
+/// checked against `target` and sent to `upstream`. Returns the bytes read
+/// from and written to the client, or `host-mismatch` once a request named
+/// another host.
+pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, target: Target, limits: Limits) -> Result<(u64, u64), DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -120,13 +130,17 @@ where
         async move { Ok::<_, std::convert::Infallible>(exchange(req, &sender, &target, &mismatch, &upgrade).await) }
     });
     let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let counted = Counted { early, pos: 0, inner: client, read: read.clone(), written: written.clone() };
-    let _ = hyper::server::conn::http1::Builder::new()
+    let activity = Arc::new(Activity::new());
+    let counted = Counted { early, pos: 0, inner: client, read: read.clone(), written: written.clone(), activity: activity.clone() };
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(idle)
+        .header_read_timeout(limits.header)
         .serve_connection(TokioIo::new(counted), service)
-        .with_upgrades()
-        .await;
+        .with_upgrades();
+    tokio::select! {
+        _ = conn => {}
+        _ = activity.idle_for(limits.idle) => tracing::debug!("plain-HTTP tunnel idle timeout"),
+    }
     if mismatch.load(Ordering::Relaxed) {
         upstream_conn.abort();
         return Err(DenyReason::HostMismatch);
@@ -134,7 +148,7 @@ where
     // A 101 answer: both sides are handed over and relayed as a raw tunnel,
     // inside this future, so idle timeout, revocation and limits still apply.
     if let Ok(upgrade) = upgrade_rx.await {
-        relay_upgraded(upgrade, idle).await;
+        relay_upgraded(upgrade, limits.idle).await;
     }
     upstream_conn.abort();
     // The client side of an upgrade still runs through `Counted`.
@@ -203,6 +217,7 @@ struct Counted<C> {
     inner: C,
     read: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    activity: Arc<Activity>,
 }
 
 impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
@@ -221,7 +236,11 @@ impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.activity.touch();
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
         polled
     }
 }
@@ -231,6 +250,7 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &polled {
+            this.activity.touch();
             this.written.fetch_add(*n as u64, Ordering::Relaxed);
         }
         polled
