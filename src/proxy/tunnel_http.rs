@@ -42,6 +42,13 @@ pub enum Start {
     Other,
 }
 
+/// The request methods that mark a tunnel as plain HTTP (RFC 9110 9.3 and
+/// PATCH). Only these are waited for: another protocol whose first bytes
+/// merely look like a token (`round 0`) is told apart at once instead of
+/// after the head timeout.
+const METHODS: [&[u8]; 9] =
+    [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ", b"PATCH "];
+
 /// Classifies the bytes a tunnel's client has sent so far against the
 /// CONNECT `target`.
 pub fn classify(buf: &[u8], target: &Target) -> Start {
@@ -49,6 +56,10 @@ pub fn classify(buf: &[u8], target: &Target) -> Start {
         None => return Start::Incomplete,
         Some(22) => return Start::Tls,
         Some(_) => {}
+    }
+    if !METHODS.iter().any(|m| buf.starts_with(m)) {
+        let may_become = METHODS.iter().any(|m| buf.len() < m.len() && m.starts_with(buf));
+        return if may_become { Start::Incomplete } else { Start::Other };
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -291,6 +302,10 @@ mod tests {
             (b"CONNECT other.test:80 HTTP/1.1\r\nHost: origin.test\r\n\r\n", mismatch.clone()),
             (b"GET / HTTP/1.1\r\nHost: user@origin.test\r\n\r\n", mismatch.clone()),
             (b"SSH-2.0-OpenSSH_9.6\r\n", Start::Other),
+            (b"GE", Start::Incomplete),
+            (b"round 0", Start::Other),
+            (b"PROPFIND / HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Other),
+            (b"get / HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Other),
             (b"\x00\x01binary", Start::Other),
         ] {
             assert_eq!(classify(bytes, &target), expected, "{:?}", String::from_utf8_lossy(bytes));
