@@ -165,12 +165,10 @@ impl StartCheck {
             return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
         }
         let mut buf = early;
-        let start = tokio::time::timeout(self.limit, read_start(client, &mut buf, &self.target, self.max_head))
-            .await
-            .unwrap_or(Start::Incomplete);
+        let start = tokio::time::timeout(self.limit, read_start(client, &mut buf)).await.unwrap_or(Start::Incomplete);
         match (start, self.start) {
             // Every request, this one included, is checked as it is served.
-            (Start::Http(_), _) => Ok(Started::PlainHttp(buf)),
+            (Start::Http, _) => Ok(Started::PlainHttp(buf)),
             (_, TunnelStart::CheckedHttp) => {
                 let _ = client.shutdown().await;
                 Err(DenyReason::NotHttp)
@@ -189,21 +187,19 @@ enum Started {
     PlainHttp(Vec<u8>),
 }
 
-/// Reads until the first bytes can be classified, the client stops
-/// sending, or an HTTP head would pass `max_head` bytes.
-async fn read_start<C>(client: &mut C, buf: &mut Vec<u8>, target: &Target, max_head: usize) -> Start
+/// Reads until the first bytes can be classified (a few bytes: a TLS
+/// record type or a method token) or the client stops sending.
+async fn read_start<C>(client: &mut C, buf: &mut Vec<u8>) -> Start
 where
     C: AsyncRead + Unpin,
 {
     let mut chunk = [0u8; 4096];
     loop {
-        match tunnel_http::classify(buf, target) {
-            Start::Incomplete if buf.len() < max_head => {}
-            Start::Incomplete => return Start::Other,
+        match tunnel_http::classify(buf) {
+            Start::Incomplete => {}
             decided => return decided,
         }
-        let room = (max_head - buf.len()).min(chunk.len());
-        match client.read(&mut chunk[..room]).await {
+        match client.read(&mut chunk).await {
             Ok(0) | Err(_) => return Start::Incomplete,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -229,7 +225,7 @@ where
     match check.run(&mut client, early).await {
         Ok(Started::Relay(first)) => Ok(relay_after(client, upstream, first, idle).await),
         Ok(Started::PlainHttp(first)) => {
-            let limits = tunnel_http::Limits { header: check.limit, idle };
+            let limits = tunnel_http::Limits { header: check.limit, idle, max_head: check.max_head };
             tunnel_http::serve(client, first, upstream, check.target, limits).await
         }
         Err(reason) => {

@@ -1,7 +1,7 @@
 //! Plain HTTP inside a CONNECT tunnel: the plain-text analogue of the SNI
 //! check. Clients such as undici's `EnvHttpProxyAgent` tunnel `http://` URLs
-//! with `CONNECT host:80`. A tunnel whose first bytes are an HTTP/1.x request
-//! head is served request by request: every request must name the CONNECT
+//! with `CONNECT host:80`. A tunnel whose first bytes start an HTTP/1
+//! request is served request by request: every request must name the CONNECT
 //! host (in `Host` and in an absolute-form target) and is sent to the
 //! already-dialed upstream; one that names another host gets
 //! `403 host-mismatch` and the tunnel closes.
@@ -26,18 +26,15 @@ use super::error::{Answer, ProxyError, UpstreamError};
 use crate::policy::DenyReason;
 use crate::target::Target;
 
-/// Header fields read at most in a tunnel's first request head.
-const MAX_HEADERS: usize = 100;
-
 /// What the first bytes of a tunnel are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
     /// Not enough bytes yet to tell.
     Incomplete,
     /// A TLS record (handshake content type).
     Tls,
-    /// A complete HTTP/1.x request head; `Ok` when it names the CONNECT target.
-    Http(Result<(), DenyReason>),
+    /// The start of an HTTP/1 request: a standard method and a space.
+    Http,
     /// Neither.
     Other,
 }
@@ -49,24 +46,20 @@ pub enum Start {
 const METHODS: [&[u8]; 9] =
     [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ", b"PATCH "];
 
-/// Classifies the bytes a tunnel's client has sent so far against the
-/// CONNECT `target`.
-pub fn classify(buf: &[u8], target: &Target) -> Start {
+/// Classifies the bytes a tunnel's client has sent so far. The request
+/// itself is parsed and checked when it is served.
+pub fn classify(buf: &[u8]) -> Start {
     match buf.first() {
         None => return Start::Incomplete,
         Some(22) => return Start::Tls,
         Some(_) => {}
     }
-    if !METHODS.iter().any(|m| buf.starts_with(m)) {
-        let may_become = METHODS.iter().any(|m| buf.len() < m.len() && m.starts_with(buf));
-        return if may_become { Start::Incomplete } else { Start::Other };
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => Start::Http(names_target(&req, target)),
-        Ok(httparse::Status::Partial) => Start::Incomplete,
-        Err(_) => Start::Other,
+    if METHODS.iter().any(|m| buf.starts_with(m)) {
+        Start::Http
+    } else if METHODS.iter().any(|m| buf.len() < m.len() && m.starts_with(buf)) {
+        Start::Incomplete
+    } else {
+        Start::Other
     }
 }
 
@@ -74,48 +67,32 @@ pub fn classify(buf: &[u8], target: &Target) -> Start {
 /// to the CONNECT port, which is what a client that tunnels to it means);
 /// an absolute-form target must name them too, since an origin obeys it
 /// over `Host` (RFC 9112 3.2.2). A CONNECT inside the tunnel names nothing.
-fn names_target(req: &httparse::Request<'_, '_>, target: &Target) -> Result<(), DenyReason> {
-    let hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value);
-    check_names(hosts, req.path.unwrap_or(""), req.method == Some("CONNECT"), target)
-}
-
-/// [`names_target`] for a request hyper has parsed.
-fn request_names_target<B>(req: &Request<B>, target: &Target) -> Result<(), DenyReason> {
-    let hosts = req.headers().get_all(http::header::HOST).iter().map(|v| v.as_bytes());
-    let form = req.uri().to_string();
-    check_names(hosts, &form, req.method() == http::Method::CONNECT, target)
-}
-
-fn check_names<'h>(
-    mut hosts: impl Iterator<Item = &'h [u8]>,
-    request_target: &str,
-    connect: bool,
-    target: &Target,
-) -> Result<(), DenyReason> {
+fn names_target<B>(req: &Request<B>, target: &Target) -> Result<(), DenyReason> {
     let names = |authority: &str| Target::parse_host_header(authority, target.port).is_ok_and(|t| t == *target);
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => std::str::from_utf8(h).map_err(|_| DenyReason::HostMismatch)?,
+        (Some(h), None) => h.to_str().map_err(|_| DenyReason::HostMismatch)?,
         _ => return Err(DenyReason::HostMismatch),
     };
-    if connect || !names(host.trim()) {
+    if req.method() == http::Method::CONNECT || !names(host.trim()) {
         return Err(DenyReason::HostMismatch);
     }
-    if request_target.starts_with('/') || request_target == "*" {
-        return Ok(());
-    }
-    match request_target.parse::<http::Uri>().ok().and_then(|uri| uri.authority().cloned()) {
+    match req.uri().authority() {
+        None => Ok(()),
         Some(authority) if names(authority.as_str()) => Ok(()),
-        _ => Err(DenyReason::HostMismatch),
+        Some(_) => Err(DenyReason::HostMismatch),
     }
 }
 
-/// The time bounds of a plain-HTTP tunnel.
+/// The bounds of a plain-HTTP tunnel.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// For each request head, and between requests (as on the proxy port).
     pub header: Duration,
     /// With no byte moving to or from the client (a stalled body).
     pub idle: Duration,
+    /// Bytes of one request head, as `limits.max_request_head_bytes`.
+    pub max_head: usize,
 }
 
 /// Serves a tunnel that started with plain HTTP: `early` (the bytes already
@@ -146,6 +123,7 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header)
+        .max_buf_size(limits.max_head)
         .serve_connection(TokioIo::new(counted), service)
         .with_upgrades();
     tokio::select! {
@@ -197,7 +175,7 @@ async fn exchange(
 ) -> Response<TunnelBody> {
     let host = target.host.to_string();
     let answer = Answer { target: Some((&host, target.port)), close: true, ..Answer::default() };
-    if let Err(reason) = request_names_target(&req, target) {
+    if let Err(reason) = names_target(&req, target) {
         mismatch.store(true, Ordering::Relaxed);
         return ProxyError::Denied(reason).to_response(&answer).map(Either::Right);
     }
@@ -281,34 +259,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_bytes_are_classified_against_the_connect_target() {
-        let target = Target::parse_authority("origin.test:80").unwrap();
-        let mismatch = Start::Http(Err(DenyReason::HostMismatch));
+    fn first_bytes_are_classified() {
         for (bytes, expected) in [
             (&b""[..], Start::Incomplete),
             (b"\x16\x03\x01\x02\x00", Start::Tls),
-            (b"GET / HTTP/1.1\r\nHost: origin.test\r\n", Start::Incomplete),
-            (b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Http(Ok(()))),
-            (b"GET /a?b HTTP/1.1\r\nhost: ORIGIN.test:80\r\n\r\n", Start::Http(Ok(()))),
-            (b"POST /x HTTP/1.0\r\nHost: origin.test\r\nContent-Length: 3\r\n\r\nabc", Start::Http(Ok(()))),
-            (b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Http(Ok(()))),
-            (b"OPTIONS * HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Http(Ok(()))),
-            (b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n", mismatch.clone()),
-            (b"GET / HTTP/1.1\r\nHost: origin.test:8080\r\n\r\n", mismatch.clone()),
-            (b"GET / HTTP/1.1\r\nHost: origin.test.evil\r\n\r\n", mismatch.clone()),
-            (b"GET / HTTP/1.1\r\n\r\n", mismatch.clone()),
-            (b"GET / HTTP/1.1\r\nHost: origin.test\r\nHost: other.test\r\n\r\n", mismatch.clone()),
-            (b"GET http://other.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", mismatch.clone()),
-            (b"CONNECT other.test:80 HTTP/1.1\r\nHost: origin.test\r\n\r\n", mismatch.clone()),
-            (b"GET / HTTP/1.1\r\nHost: user@origin.test\r\n\r\n", mismatch.clone()),
-            (b"SSH-2.0-OpenSSH_9.6\r\n", Start::Other),
             (b"GE", Start::Incomplete),
+            (b"GET ", Start::Http),
+            (b"POST /x HTTP/1.0\r\n", Start::Http),
+            (b"OPTIONS * HTTP/1.1\r\n", Start::Http),
             (b"round 0", Start::Other),
-            (b"PROPFIND / HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Other),
-            (b"get / HTTP/1.1\r\nHost: origin.test\r\n\r\n", Start::Other),
+            (b"get / HTTP/1.1\r\n", Start::Other),
+            (b"PROPFIND / HTTP/1.1\r\n", Start::Other),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Start::Other),
             (b"\x00\x01binary", Start::Other),
         ] {
-            assert_eq!(classify(bytes, &target), expected, "{:?}", String::from_utf8_lossy(bytes));
+            assert_eq!(classify(bytes), expected, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn requests_must_name_the_connect_target() {
+        let target = Target::parse_authority("origin.test:80").unwrap();
+        let ok = Ok(());
+        let mismatch = Err(DenyReason::HostMismatch);
+        for (method, uri, hosts, expected) in [
+            ("GET", "/", &["origin.test"][..], ok),
+            ("GET", "/a?b", &["ORIGIN.test:80"], ok),
+            ("GET", "http://origin.test/", &["origin.test"], ok),
+            ("OPTIONS", "*", &["origin.test"], ok),
+            ("GET", "/", &["other.test"], mismatch),
+            ("GET", "/", &["origin.test:8080"], mismatch),
+            ("GET", "/", &["origin.test.evil"], mismatch),
+            ("GET", "/", &["user@origin.test"], mismatch),
+            ("GET", "/", &[], mismatch),
+            ("GET", "/", &["origin.test", "other.test"], mismatch),
+            ("GET", "http://other.test/", &["origin.test"], mismatch),
+            ("CONNECT", "other.test:80", &["origin.test"], mismatch),
+        ] {
+            let mut req = Request::builder().method(method).uri(uri);
+            for host in hosts {
+                req = req.header(http::header::HOST, *host);
+            }
+            let req = req.body(()).unwrap();
+            assert_eq!(names_target(&req, &target), expected, "{method} {uri} {hosts:?}");
         }
     }
 }
