@@ -386,7 +386,7 @@ async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
     let origin = start_http_origin().await;
     let port = origin.port();
     let proxy = start_proxy(&format!(
-        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  request_header: 1s\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n      connect_ports: [443]\n",
+        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  request_header: 1s\nallow_ranges: [127.0.0.1/32]\ndeny_message: \"ask in #egress\"\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n      connect_ports: [443]\n",
         dns.addr
     ))
     .await;
@@ -405,6 +405,8 @@ async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
     let later = read_response(&mut stream).await;
     assert_eq!((later.status, later.header("x-portcullis-deny")), (403, Some("host-mismatch")));
     assert_eq!(later.header("connection"), Some("close"));
+    let expected_end = format!("port: {port}\nrole: default\nask in #egress\n");
+    assert!(later.text().ends_with(&expected_end), "{}", later.text());
 
     let (_, mut stream) = connect(proxy, &authority).await;
     stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();

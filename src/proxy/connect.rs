@@ -84,7 +84,7 @@ pub async fn tunnel(
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
-    let sni = StartCheck::of(&permit, target, snapshot);
+    let sni = StartCheck::of(&permit, target, role.clone(), snapshot);
     let registration = Tunnels::register(shared, role, target.clone(), addr);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
@@ -134,6 +134,9 @@ pub async fn tunnel(
 /// Host check (see [`tunnel_http`]).
 struct StartCheck {
     target: Target,
+    /// The client's role and the operator's line, in a plain-HTTP tunnel's deny answers.
+    role: Arc<str>,
+    deny_message: Option<String>,
     /// The first bytes are the head of a tunnel: they get the head's time limit.
     limit: Duration,
     max_head: usize,
@@ -143,10 +146,12 @@ struct StartCheck {
 
 impl StartCheck {
     /// The checks a permit asks for; `None` when the tunnel may start with anything.
-    fn of(permit: &Permit, target: &Target, snapshot: &Snapshot) -> Option<Self> {
+    fn of(permit: &Permit, target: &Target, role: Arc<str>, snapshot: &Snapshot) -> Option<Self> {
         let start = permit.tunnel_start();
         (permit.sni_check() || start != TunnelStart::Any).then(|| StartCheck {
             target: target.clone(),
+            deny_message: snapshot.deny_messages.for_role(Some(&role)).map(str::to_string),
+            role,
             limit: snapshot.timeouts.request_header.0,
             max_head: snapshot.limits.max_request_head_bytes,
             sni: permit.sni_check(),
@@ -226,7 +231,8 @@ where
         Ok(Started::Relay(first)) => Ok(relay_after(client, upstream, first, idle).await),
         Ok(Started::PlainHttp(first)) => {
             let limits = tunnel_http::Limits { header: check.limit, idle, max_head: check.max_head };
-            tunnel_http::serve(client, first, upstream, check.target, limits).await
+            let ends = tunnel_http::Ends { target: check.target, role: check.role, deny_message: check.deny_message };
+            tunnel_http::serve(client, first, upstream, ends, limits).await
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;

@@ -84,6 +84,16 @@ fn names_target<B>(req: &Request<B>, target: &Target) -> Result<(), DenyReason> 
     }
 }
 
+/// What a plain-HTTP tunnel connects: the CONNECT target every request
+/// must name, and what its deny answers say besides (the client's role and
+/// the operator's line for it).
+#[derive(Debug, Clone)]
+pub struct Ends {
+    pub target: Target,
+    pub role: Arc<str>,
+    pub deny_message: Option<String>,
+}
+
 /// The bounds of a plain-HTTP tunnel.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -100,7 +110,7 @@ pub struct Limits {
 /// checked against `target` and sent to `upstream`. Returns the bytes read
 /// from and written to the client, or `host-mismatch` once a request named
 /// another host.
-pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, target: Target, limits: Limits) -> Result<(u64, u64), DenyReason>
+pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, ends: Ends, limits: Limits) -> Result<(u64, u64), DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -114,8 +124,8 @@ where
     let upgrade_tx = Arc::new(std::sync::Mutex::new(Some(upgrade_tx)));
     let service_mismatch = mismatch.clone();
     let service = hyper::service::service_fn(move |req| {
-        let (sender, target, mismatch, upgrade) = (sender.clone(), target.clone(), service_mismatch.clone(), upgrade_tx.clone());
-        async move { Ok::<_, std::convert::Infallible>(exchange(req, &sender, &target, &mismatch, &upgrade).await) }
+        let (sender, ends, mismatch, upgrade) = (sender.clone(), ends.clone(), service_mismatch.clone(), upgrade_tx.clone());
+        async move { Ok::<_, std::convert::Infallible>(exchange(req, &sender, &ends, &mismatch, &upgrade).await) }
     });
     let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let activity = Arc::new(Activity::new());
@@ -169,13 +179,19 @@ async fn relay_upgraded((client, upstream): Upgrade, idle: Duration) {
 async fn exchange(
     mut req: Request<Incoming>,
     sender: &tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>,
-    target: &Target,
+    ends: &Ends,
     mismatch: &AtomicBool,
     upgrade: &UpgradeSlot,
 ) -> Response<TunnelBody> {
-    let host = target.host.to_string();
-    let answer = Answer { target: Some((&host, target.port)), close: true, ..Answer::default() };
-    if let Err(reason) = names_target(&req, target) {
+    let host = ends.target.host.to_string();
+    let answer = Answer {
+        target: Some((&host, ends.target.port)),
+        role: Some(&ends.role),
+        deny_message: ends.deny_message.as_deref(),
+        json: super::error::accepts_json(req.headers().get(http::header::ACCEPT)),
+        close: true,
+    };
+    if let Err(reason) = names_target(&req, &ends.target) {
         mismatch.store(true, Ordering::Relaxed);
         return ProxyError::Denied(reason).to_response(&answer).map(Either::Right);
     }
