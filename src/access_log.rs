@@ -119,17 +119,7 @@ impl AccessRecord {
 
     /// Writes the log line and counts the request.
     pub fn emit(&self) {
-        let kind = self.kind.map_or("invalid", RequestKind::as_str);
-        let reason = match self.outcome.reason() {
-            "" => "none",
-            code => code,
-        };
-        self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
-        self.metrics.count_bytes(
-            &self.role,
-            self.bytes_in.saturating_sub(self.bytes_metered.0),
-            self.bytes_out.saturating_sub(self.bytes_metered.1),
-        );
+        self.count();
         if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
             return;
         }
@@ -140,6 +130,23 @@ impl AccessRecord {
             // A library user without the binary's sink: through tracing.
             None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
         }
+    }
+
+    /// Counts the request in the metrics without writing a log line (for
+    /// repeats whose log lines are thinned out).
+    pub fn count(&self) {
+        let kind = self.kind.map_or("invalid", RequestKind::as_str);
+        let reason = match self.outcome.reason() {
+            "" => "none",
+            code => code,
+        };
+        self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
+        // Bytes an open tunnel's meter already added are not added again.
+        self.metrics.count_bytes(
+            &self.role,
+            self.bytes_in.saturating_sub(self.bytes_metered.0),
+            self.bytes_out.saturating_sub(self.bytes_metered.1),
+        );
     }
 
     /// The decision line: one JSON object and a newline, written by hand

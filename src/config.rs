@@ -86,6 +86,10 @@ pub struct Config {
     pub upstream_proxy: Option<UpstreamProxyConfig>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
+    /// A line added to the body of every policy deny (e.g. where to request
+    /// access); a role's own `deny_message` replaces it for that role.
+    #[serde(default)]
+    pub deny_message: Option<String>,
 }
 
 /// `upstream_proxy`: allowed requests of `roles` (every role when empty)
@@ -315,6 +319,10 @@ pub struct RoleConfig {
     pub allow: AllowConfig,
     #[serde(default)]
     pub deny: DenyConfig,
+    /// This role's line in the body of its policy denies, instead of the
+    /// global `deny_message`.
+    #[serde(default)]
+    pub deny_message: Option<String>,
 }
 
 /// Destinations a role may never reach, whatever its allow-list or mode.

@@ -26,6 +26,11 @@ use crate::policy::{DenyReason, Policy, RoleId};
 pub struct IdentityConfig {
     /// Refuse (407) clients that present neither a mapped certificate nor credentials.
     pub require_credentials: bool,
+    /// Answer 407 with `Proxy-Authenticate` instead of 403 when a client
+    /// that presented no identity (the `default` role) is denied, so clients
+    /// that send credentials only when challenged (the JDK, .NET, browsers)
+    /// retry with them. Needs `credentials`.
+    pub challenge_unauthenticated: bool,
     /// TLS client certificate → role, first match wins.
     pub certificates: Vec<CertificateRule>,
     /// `Proxy-Authorization` credentials → role.
@@ -127,6 +132,7 @@ impl IdentitySource {
 #[derive(Debug, Clone)]
 pub struct Identities {
     require_credentials: bool,
+    challenge_unauthenticated: bool,
     certificates: Vec<CompiledCertRule>,
     basic: HashMap<String, (Digest32, RoleId)>,
     bearer: Vec<(Digest32, RoleId)>,
@@ -211,8 +217,12 @@ impl Identities {
         for (i, rule) in config.sources.iter().enumerate() {
             sources.push((rule.cidr.0, role(&rule.role, format!("identity.sources[{i}]"))?));
         }
+        if config.challenge_unauthenticated && basic.is_empty() && bearer.is_empty() {
+            return Err("identity.challenge_unauthenticated: no identity.credentials are configured, so a challenge could not be answered".into());
+        }
         Ok(Identities {
             require_credentials: config.require_credentials,
+            challenge_unauthenticated: config.challenge_unauthenticated,
             certificates,
             basic,
             bearer,
@@ -261,6 +271,18 @@ impl Identities {
             return Err(DenyReason::AuthRequired);
         }
         Ok((policy.default_role(), IdentitySource::Default))
+    }
+
+    /// What a deny of a client identified as `source` becomes: with
+    /// `challenge_unauthenticated`, a policy deny of a client that presented
+    /// no identity turns into a challenge (407 `auth-required`).
+    pub fn challenge(&self, source: IdentitySource, reason: DenyReason) -> DenyReason {
+        let policy_deny = !matches!(reason, DenyReason::AuthRequired | DenyReason::AuthFailed);
+        if self.challenge_unauthenticated && source == IdentitySource::Default && policy_deny {
+            DenyReason::AuthRequired
+        } else {
+            reason
+        }
     }
 
     fn check_credentials(&self, header: &HeaderValue) -> Result<RoleId, DenyReason> {

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `portcullis_draining`: 1 while shutting down.
     pub draining: IntGauge,
+    /// `portcullis_auth_failures_repeated_total`: wrong proxy credentials
+    /// from a client that failed within the last few seconds (answered with
+    /// `Connection: close`; their log lines are thinned out).
+    pub auth_failures_repeated: IntCounter,
     /// `portcullis_log_lines_dropped_total`: copied from the log sink's
     /// count when rendered (under the lock, so two scrapes cannot both add
     /// the same difference).
@@ -134,6 +138,12 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         registry.register(Box::new(tunnel_duration.clone())).expect("metric names are unique");
+        let auth_failures_repeated = IntCounter::new(
+            "portcullis_auth_failures_repeated_total",
+            "Wrong proxy credentials repeated by a client within a few seconds of its last failure.",
+        )
+        .expect("metric definition is valid");
+        registry.register(Box::new(auth_failures_repeated.clone())).expect("metric names are unique");
         let metrics = Metrics {
             tunnel_duration,
             requests: counter_vec(
@@ -177,6 +187,7 @@ impl Metrics {
             reloads: counter_vec("portcullis_config_reloads_total", "Config loads by result.", &["result"]),
             policy_generation: gauge("portcullis_policy_generation", "Generation of the policy in force (1 at start)."),
             draining: gauge("portcullis_draining", "1 while the process is shutting down."),
+            auth_failures_repeated,
             last_reload_success,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
             #[cfg(target_os = "linux")]

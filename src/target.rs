@@ -212,6 +212,12 @@ impl Target {
         Self::parse_authority_with_default(authority.as_str(), Some(80))
     }
 
+    /// Parses a `Host` header value, `host[:port]`, with `default_port`
+    /// when it names none.
+    pub fn parse_host_header(value: &str, default_port: u16) -> Result<Self, TargetError> {
+        Self::parse_authority_with_default(value, Some(default_port))
+    }
+
     /// Parses `host[:port]`, with `default_port` when the port is left out.
     pub fn parse_authority_with_default(
         authority: &str,

@@ -2,9 +2,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
@@ -81,15 +80,7 @@ fn validate_accepts_shipped_and_refuses_bad_config() {
 async fn run_serves_and_logs_one_line_per_request() {
     let port = common::closed_port().await;
     let path = temp_file("run.yaml", &format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nroles:\n  default: {{}}\n"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("a startup line").unwrap();
-    assert!(first.contains("portcullis listening"), "{first}");
+    let (mut child, mut lines) = common::run_binary(&path);
     let proxy = format!("127.0.0.1:{port}").parse().unwrap();
     let resp = common::get(proxy, "http://169.254.169.254/latest/meta-data/").await;
     assert_eq!(resp.status, 403);

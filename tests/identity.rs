@@ -124,6 +124,49 @@ async fn required_credentials_answer_407_when_missing() {
 }
 
 #[tokio::test]
+async fn challenge_mode_asks_unidentified_clients_for_credentials() {
+    let dns = dns_for_teams().await;
+    let origin = start_http_origin().await;
+    let identity = format!(
+        "identity:\n  challenge_unauthenticated: true\n  credentials:\n    - {{user: alice, password_sha256: \"{}\", role: team-a}}\n",
+        sha256_hex("alice-secret")
+    );
+    let (proxy, metrics) = start(&teams_yaml(dns.addr, origin.port(), &identity, "")).await;
+    let url = format!("http://a.test:{}/headers", origin.port());
+    // The default role would deny: a challenge instead of 403, plain and CONNECT.
+    let resp = get_from(proxy, "127.0.0.1", &url, "").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (407, Some("auth-required")));
+    assert_eq!(resp.reason, "Proxy Authentication Required (portcullis: auth-required)");
+    assert!(resp.header("proxy-authenticate").is_some_and(|v| v.starts_with("Basic")));
+    assert!(resp.text().contains("host: a.test\n"), "{}", resp.text());
+    let (resp, _) = connect(proxy, "a.test:443").await;
+    assert_eq!(resp.status, 407);
+    // Identified clients are never challenged: the role's own deny stays 403.
+    let alice = "Proxy-Authorization: Basic YWxpY2U6YWxpY2Utc2VjcmV0\r\n";
+    assert_eq!(get_from(proxy, "127.0.0.1", &url, alice).await.status, 200);
+    let b = format!("http://b.test:{}/headers", origin.port());
+    assert_eq!(get_from(proxy, "127.0.0.1", &b, alice).await.status, 403);
+    // Wrong credentials in a loop: the first answer keeps the connection,
+    // the repeats close it and are counted.
+    let wrong = "Proxy-Authorization: Basic YWxpY2U6d3Jvbmc=\r\n";
+    let first = get_from(proxy, "127.0.0.5", &url, wrong).await;
+    assert_eq!((first.status, first.header("connection")), (407, None));
+    for _ in 0..5 {
+        let again = get_from(proxy, "127.0.0.5", &url, wrong).await;
+        assert_eq!((again.status, again.header("x-portcullis-deny")), (407, Some("auth-failed")));
+        assert_eq!(again.header("connection"), Some("close"));
+    }
+    assert_eq!(metrics.auth_failures_repeated.get(), 5);
+}
+
+#[test]
+fn challenge_mode_needs_credentials_to_answer_with() {
+    let yaml = "identity:\n  challenge_unauthenticated: true\nroles:\n  default: {}\n";
+    let err = Config::from_yaml_str(yaml, "c.yaml").err().expect("refused without credentials");
+    assert!(err.to_string().contains("identity.challenge_unauthenticated"), "{err}");
+}
+
+#[tokio::test]
 async fn report_mode_role_is_counted_as_would_deny() {
     let dns = dns_for_teams().await;
     let origin = start_http_origin().await;

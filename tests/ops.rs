@@ -3,10 +3,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -289,14 +288,7 @@ impl Proxy {
     async fn spawn(path: &Path, body: &str) -> Proxy {
         let (p, a) = (closed_port().await, closed_port().await);
         std::fs::write(path, body.replace("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{p}\nadmin_listen: 127.0.0.1:{a}"))).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("startup line").unwrap();
-        assert!(first.contains("portcullis listening"), "{first}");
+        let (child, lines) = run_binary(path);
         std::thread::spawn(move || for _ in lines {});
         Proxy { child, proxy: format!("127.0.0.1:{p}").parse().unwrap(), admin: format!("127.0.0.1:{a}").parse().unwrap() }
     }

@@ -184,11 +184,16 @@ async fn denied_destinations_get_403_with_reason() {
         let resp = get(proxy, &format!("http://{host}/latest/meta-data/")).await;
         assert_eq!(resp.status, 403, "GET {host}");
         assert_eq!(resp.header("x-portcullis-deny"), Some(reason), "GET {host}");
-        assert!(resp.text().contains(reason) && resp.text().ends_with('\n'), "one-line body: {}", resp.text());
-        assert_eq!(resp.text().lines().count(), 1);
+        assert_eq!(resp.reason, format!("Forbidden (portcullis: {reason})"), "GET {host}");
+        let body = resp.text();
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines[0], format!("portcullis: {reason}: destination denied by policy"), "GET {host}");
+        assert!(lines[1].starts_with("host: ") && lines[2..] == ["port: 80", "role: default"], "{body}");
+        assert!(!body.contains("meta-data"), "the path is never echoed: {body}");
         let (resp, _) = connect(proxy, &format!("{host}:443")).await;
         assert_eq!(resp.status, 403, "CONNECT {host}");
         assert_eq!(resp.header("x-portcullis-deny"), Some(reason), "CONNECT {host}");
+        assert_eq!(resp.reason, format!("Forbidden (portcullis: {reason})"), "CONNECT {host}");
     }
 }
 
@@ -369,4 +374,155 @@ async fn connect_relays_bytes_sent_with_the_request_head() {
     let mut echoed = String::new();
     tokio::time::timeout(STEP, stream.read_to_string(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(echoed, "early bytes|late bytes");
+}
+
+/// A CONNECT to a port of `http_ports` only (undici tunnels `http://` URLs
+/// so): plain HTTP naming the CONNECT host is served, request by request;
+/// a request naming another host (first or later), or bytes that are not an
+/// HTTP request, close the tunnel.
+#[tokio::test]
+async fn plain_http_in_a_tunnel_must_name_the_connect_host() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  request_header: 1s\nallow_ranges: [127.0.0.1/32]\ndeny_message: \"ask in #egress\"\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n      connect_ports: [443]\n",
+        dns.addr
+    ))
+    .await;
+    let authority = format!("origin.test:{port}");
+    let (resp, mut stream) = connect(proxy, &authority).await;
+    assert_eq!(resp.status, 200);
+    stream.write_all(format!("GET /headers HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
+    let relayed = read_response(&mut stream).await;
+    assert_eq!(relayed.status, 200);
+    assert!(relayed.text().starts_with("GET /headers\n"), "{}", relayed.text());
+    // The same tunnel carries more requests, each checked.
+    stream.write_all(format!("POST /echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\n\r\nhello").as_bytes()).await.unwrap();
+    let echoed = read_response(&mut stream).await;
+    assert_eq!((echoed.status, echoed.text().as_str()), (200, "hello"));
+    stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();
+    let later = read_response(&mut stream).await;
+    assert_eq!((later.status, later.header("x-portcullis-deny")), (403, Some("host-mismatch")));
+    assert_eq!(later.header("connection"), Some("close"));
+    let expected_end = format!("port: {port}\nrole: default\nask in #egress\n");
+    assert!(later.text().ends_with(&expected_end), "{}", later.text());
+
+    let (_, mut stream) = connect(proxy, &authority).await;
+    stream.write_all(b"GET /headers HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n").await.unwrap();
+    let refused = read_response(&mut stream).await;
+    assert_eq!((refused.status, refused.header("x-portcullis-deny")), (403, Some("host-mismatch")));
+    assert_eq!(refused.reason, "Forbidden (portcullis: host-mismatch)");
+
+    let (_, mut stream) = connect(proxy, &authority).await;
+    stream.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed in time");
+    assert!(read.is_err() || rest.is_empty(), "not-http: closed without an answer, got {rest:?}");
+
+    // A port in neither list is still refused before any tunnel.
+    let (resp, _) = connect(proxy, "origin.test:8443").await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("port-not-allowed")));
+}
+
+/// The deny body names the code, the target as parsed and the role, with
+/// the operator's line (the role's own over the global one); as JSON when
+/// Accept asks. Failures carry no operator line.
+#[tokio::test]
+async fn deny_bodies_in_text_and_json_with_the_operators_line() {
+    let proxy = start_proxy(
+        "deny_message: \"ask in #egress\"\nroles:\n  default:\n    deny_message: \"default role: file a ticket\"\n    allow:\n      domains: [allowed.example]\n",
+    )
+    .await;
+    // Userinfo in the URI is refused as an invalid target, and not echoed.
+    let with_userinfo = "GET http://user:secret@denied.example/private?token=1 HTTP/1.1\r\nHost: denied.example\r\nAccept: application/json\r\n\r\n";
+    let invalid = send_raw(proxy, with_userinfo).await;
+    assert_eq!(invalid.status, 400);
+    assert!(!invalid.text().contains("secret") && !invalid.text().contains("token"), "{}", invalid.text());
+    let request = "GET http://denied.example/private?token=1 HTTP/1.1\r\nHost: denied.example\r\nAccept: text/html, application/json\r\n\r\n";
+    let resp = send_raw(proxy, request).await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("a JSON body");
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "reason": "not-allowlisted",
+            "message": "destination denied by policy",
+            "host": "denied.example",
+            "port": 80,
+            "role": "default",
+            "deny_message": "default role: file a ticket",
+        })
+    );
+    let text = get(proxy, "http://denied.example/private?token=1").await;
+    assert_eq!(text.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert!(text.text().ends_with("role: default\ndefault role: file a ticket\n"), "{}", text.text());
+    assert!(!text.text().contains("private") && !text.text().contains("token"), "{}", text.text());
+}
+
+/// A plain-HTTP tunnel whose origin switches protocols (101) goes on as a
+/// raw tunnel in both directions.
+#[tokio::test]
+async fn plain_http_tunnel_relays_an_upgrade() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap() == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nhi").await.unwrap();
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n",
+        dns.addr
+    ))
+    .await;
+    let (resp, mut stream) = connect(proxy, &format!("origin.test:{port}")).await;
+    assert_eq!(resp.status, 200);
+    stream
+        .write_all(format!("GET /ws HTTP/1.1\r\nHost: origin.test:{port}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let switched = read_response(&mut stream).await;
+    assert_eq!(switched.status, 101);
+    let mut greeting = [0u8; 2];
+    tokio::time::timeout(STEP, stream.read_exact(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(&greeting, b"hi");
+    stream.write_all(b"echo me").await.unwrap();
+    let mut echoed = [0u8; 7];
+    tokio::time::timeout(STEP, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"echo me");
+}
+
+/// A plain-HTTP tunnel whose client stalls mid-body is closed after
+/// `timeouts.tunnel_idle`, like a raw tunnel.
+#[tokio::test]
+async fn plain_http_tunnel_with_a_stalled_body_is_closed_when_idle() {
+    let dns = start_dns(&[("origin.test", &["127.0.0.1"])]).await;
+    let origin = start_http_origin().await;
+    let port = origin.port();
+    let proxy = start_proxy(&format!(
+        "dns:\n  nameservers: [\"{}\"]\ntimeouts:\n  tunnel_idle: 300ms\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      domains: [origin.test]\n      http_ports: [{port}]\n",
+        dns.addr
+    ))
+    .await;
+    let (_, mut stream) = connect(proxy, &format!("origin.test:{port}")).await;
+    let started = std::time::Instant::now();
+    stream
+        .write_all(format!("POST /echo HTTP/1.1\r\nHost: origin.test:{port}\r\nContent-Length: 10\r\n\r\nab").as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed within the step");
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
 }

@@ -108,6 +108,12 @@ pub enum DenyReason {
     InvalidTarget,
     /// An open tunnel or pooled connection that a reloaded policy denies.
     Revoked,
+    /// A tunnel's plain HTTP request names another host than the CONNECT
+    /// target (in `Host` or an absolute-form target), or none.
+    HostMismatch,
+    /// A tunnel admitted only by `http_ports` did not start with a plain
+    /// HTTP/1.x request head.
+    NotHttp,
 }
 
 impl DenyReason {
@@ -140,6 +146,8 @@ impl DenyReason {
             DenyReason::SniTimeout => "sni-timeout",
             DenyReason::InvalidTarget => "invalid-target",
             DenyReason::Revoked => "revoked",
+            DenyReason::HostMismatch => "host-mismatch",
+            DenyReason::NotHttp => "not-http",
         }
     }
 
@@ -192,6 +200,21 @@ pub struct Permit {
     rule: AllowedBy,
     would_deny: Option<DenyReason>,
     sni_check: bool,
+    tunnel: TunnelStart,
+}
+
+/// What a CONNECT tunnel may start with, by the port it was allowed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelStart {
+    /// Not a tunnel, or a tunnel port outside `http_ports`: any bytes
+    /// (subject to the SNI check).
+    Any,
+    /// The port is in both `connect_ports` and `http_ports`: a plain HTTP
+    /// request must name the CONNECT host; anything else is as for `Any`.
+    AnyOrCheckedHttp,
+    /// The port is in `http_ports` only: the tunnel must start with a plain
+    /// HTTP/1.x request naming the CONNECT host.
+    CheckedHttp,
 }
 
 impl Permit {
@@ -226,6 +249,11 @@ impl Permit {
             self.addrs = vec![addr];
         }
         self
+    }
+
+    /// What a tunnel on this permit may carry first.
+    pub fn tunnel_start(&self) -> TunnelStart {
+        self.tunnel
     }
 }
 
@@ -307,10 +335,25 @@ impl AllowList {
         self.resolve_unlisted && !self.cidrs.is_empty()
     }
 
-    fn ports(&self, kind: RequestKind) -> &PortSet {
+    /// Plain HTTP goes to `http_ports`; a tunnel to `connect_ports`, or to
+    /// `http_ports` when it carries plain HTTP (see [`TunnelStart`]).
+    fn port_allowed(&self, kind: RequestKind, port: u16) -> bool {
         match kind {
-            RequestKind::Http | RequestKind::TransparentHttp => &self.http_ports,
-            RequestKind::Connect | RequestKind::TransparentTls | RequestKind::TransparentTcp => &self.connect_ports,
+            RequestKind::Http | RequestKind::TransparentHttp => self.http_ports.contains(port),
+            RequestKind::Connect => self.connect_ports.contains(port) || self.http_ports.contains(port),
+            RequestKind::TransparentTls | RequestKind::TransparentTcp => self.connect_ports.contains(port),
+        }
+    }
+
+    /// What a tunnel to `port` may start with. Outside enforce mode any
+    /// port is lifted, so only a port in `http_ports` adds the Host check.
+    fn tunnel_start(&self, kind: RequestKind, mode: Mode, port: u16) -> TunnelStart {
+        let http = kind == RequestKind::Connect && self.http_ports.contains(port);
+        let any = self.connect_ports.contains(port) || mode != Mode::Enforce;
+        match (http, any) {
+            (false, _) => TunnelStart::Any,
+            (true, true) => TunnelStart::AnyOrCheckedHttp,
+            (true, false) => TunnelStart::CheckedHttp,
         }
     }
 
@@ -326,7 +369,7 @@ impl AllowList {
     /// name when no CIDR rule could admit it through its addresses, the name
     /// itself. A name denied here is never resolved.
     fn check_before_resolution(&self, kind: RequestKind, target: &Target) -> Result<(), DenyReason> {
-        if !self.ports(kind).contains(target.port) {
+        if !self.port_allowed(kind, target.port) {
             return Err(DenyReason::PortNotAllowed);
         }
         match &target.host {
@@ -344,7 +387,7 @@ impl AllowList {
         target: &Target,
         addrs: &[IpAddr],
     ) -> Result<AllowedBy, DenyReason> {
-        if !self.ports(kind).contains(target.port) {
+        if !self.port_allowed(kind, target.port) {
             return Err(DenyReason::PortNotAllowed);
         }
         if let Host::Name(name) = &target.host {
@@ -717,7 +760,8 @@ impl Policy {
         }
         let addrs = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), target.port)).collect();
         let sni_check = role.sni_check && rule == AllowedBy::Domain;
-        Decision::Allow(Permit { addrs, rule, would_deny, sni_check })
+        let tunnel = role.allow.tunnel_start(kind, role.mode, target.port);
+        Decision::Allow(Permit { addrs, rule, would_deny, sni_check, tunnel })
     }
 
     /// [`Policy::decide`] for a connection redirected to the transparent

@@ -482,3 +482,36 @@ fn own_addresses_and_listeners_are_denied() {
         assert_eq!(got == selfish, *denied, "{authority}: {got:?}");
     }
 }
+
+#[test]
+fn tunnel_ports_and_what_a_tunnel_may_start_with() {
+    let role = |mode: Mode, http: &[u16], connect: &[u16]| {
+        let allow = AllowList::new(
+            [DomainPattern::parse("example.com").unwrap()],
+            [],
+            PortSet::new(http.iter().copied()),
+            PortSet::new(connect.iter().copied()),
+        );
+        Policy::new(vec![Role::new("default", mode, true, allow)], "default", &AddressPlan::default()).unwrap()
+    };
+    let addrs: &[IpAddr] = &["93.184.216.34".parse().unwrap()];
+    let cases = [
+        (Mode::Enforce, RequestKind::Connect, 443, Ok(TunnelStart::Any)),
+        (Mode::Enforce, RequestKind::Connect, 80, Ok(TunnelStart::CheckedHttp)),
+        (Mode::Enforce, RequestKind::Connect, 8080, Ok(TunnelStart::AnyOrCheckedHttp)),
+        (Mode::Enforce, RequestKind::Connect, 22, Err(DenyReason::PortNotAllowed)),
+        (Mode::Enforce, RequestKind::Http, 80, Ok(TunnelStart::Any)),
+        (Mode::Enforce, RequestKind::Http, 443, Err(DenyReason::PortNotAllowed)),
+        (Mode::Report, RequestKind::Connect, 80, Ok(TunnelStart::AnyOrCheckedHttp)),
+        (Mode::Open, RequestKind::Connect, 22, Ok(TunnelStart::Any)),
+    ];
+    for (mode, kind, port, expected) in cases {
+        let p = role(mode, &[80, 8080], &[443, 8080]);
+        let target = Target::parse_authority(&format!("example.com:{port}")).unwrap();
+        let got = match p.decide(p.default_role(), kind, &target, addrs) {
+            Decision::Allow(permit) => Ok(permit.tunnel_start()),
+            Decision::Deny(reason) => Err(reason),
+        };
+        assert_eq!(got, expected, "{mode:?} {kind:?} {port}");
+    }
+}

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
+use super::tunnel_http::{self, Start};
 use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
@@ -21,7 +22,7 @@ use super::{Shared, Snapshot};
 use crate::config::Timeouts;
 use crate::metrics::{Metrics, RelayedBytes};
 use crate::access_log::{AccessRecord, Outcome};
-use crate::policy::{DenyReason, Permit};
+use crate::policy::{DenyReason, Permit, TunnelStart};
 use crate::sni::{self, SniError};
 use crate::target::Target;
 
@@ -110,7 +111,8 @@ async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Resu
 /// Dials the permitted destination, answers 200 only once the upstream
 /// connection is up, and relays bytes until both sides are done or the
 /// tunnel is idle for too long. When the permit asks for it, the client's
-/// first bytes must be a TLS ClientHello naming the CONNECT host before
+/// first bytes must be a TLS ClientHello naming the CONNECT host, or on a
+/// port of `http_ports` plain HTTP whose every request names it, before
 /// anything reaches the upstream. The log line is written when it closes.
 pub async fn tunnel(
     shared: &Arc<Shared>,
@@ -136,8 +138,7 @@ pub async fn tunnel(
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
-    // The ClientHello is the head of a tunnel: it gets the head's time limit.
-    let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
+    let sni = StartCheck::of(&permit, target, role.clone(), snapshot);
     let mut meter = TunnelMeter::new(metrics.relayed_bytes_for(&role));
     let registration = Tunnels::register(shared, role, target.clone(), addr);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
@@ -188,31 +189,123 @@ pub async fn tunnel(
     Ok(Response::new(ProxyBody::empty()))
 }
 
-/// The SNI check (when asked for), then the relay. `early` holds bytes the
+/// What a tunnel's first bytes are checked for before anything reaches the
+/// upstream: the SNI check, and on a port of `http_ports` the plain HTTP
+/// Host check (see [`tunnel_http`]).
+struct StartCheck {
+    target: Target,
+    /// The client's role and the operator's line, in a plain-HTTP tunnel's deny answers.
+    role: Arc<str>,
+    deny_message: Option<String>,
+    /// The first bytes are the head of a tunnel: they get the head's time limit.
+    limit: Duration,
+    max_head: usize,
+    sni: bool,
+    start: TunnelStart,
+}
+
+impl StartCheck {
+    /// The checks a permit asks for; `None` when the tunnel may start with anything.
+    fn of(permit: &Permit, target: &Target, role: Arc<str>, snapshot: &Snapshot) -> Option<Self> {
+        let start = permit.tunnel_start();
+        (permit.sni_check() || start != TunnelStart::Any).then(|| StartCheck {
+            target: target.clone(),
+            deny_message: snapshot.deny_messages.for_role(Some(&role)).map(str::to_string),
+            role,
+            limit: snapshot.timeouts.request_header.0,
+            max_head: snapshot.limits.max_request_head_bytes,
+            sni: permit.sni_check(),
+            start,
+        })
+    }
+
+    /// How the tunnel goes on, with the bytes read so far; otherwise the
+    /// reason, after telling the client why where it can understand it.
+    async fn run<C>(&self, client: &mut C, early: Vec<u8>) -> Result<Started, DenyReason>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let host = self.target.host.to_string();
+        if self.start == TunnelStart::Any {
+            return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
+        }
+        let mut buf = early;
+        let start = tokio::time::timeout(self.limit, read_start(client, &mut buf)).await.unwrap_or(Start::Incomplete);
+        match (start, self.start) {
+            // Every request, this one included, is checked as it is served.
+            (Start::Http, _) => Ok(Started::PlainHttp(buf)),
+            (_, TunnelStart::CheckedHttp) => {
+                let _ = client.shutdown().await;
+                Err(DenyReason::NotHttp)
+            }
+            _ if self.sni => check_sni(client, buf, &host, self.limit).await.map(Started::Relay),
+            _ => Ok(Started::Relay(buf)),
+        }
+    }
+}
+
+/// How a tunnel goes on once its first bytes passed the checks.
+enum Started {
+    /// Relay bytes both ways, these first.
+    Relay(Vec<u8>),
+    /// Serve plain HTTP request by request, these bytes first.
+    PlainHttp(Vec<u8>),
+}
+
+/// Reads until the first bytes can be classified (a few bytes: a TLS
+/// record type or a method token) or the client stops sending.
+async fn read_start<C>(client: &mut C, buf: &mut Vec<u8>) -> Start
+where
+    C: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tunnel_http::classify(buf) {
+            Start::Incomplete => {}
+            decided => return decided,
+        }
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Start::Incomplete,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The checks on the first bytes (when asked for), then the relay, or for
+/// plain HTTP the request-by-request service. `early` holds bytes the
 /// client sent right behind its CONNECT head.
 async fn serve_tunnel<C>(
     mut client: C,
     early: Vec<u8>,
     mut upstream: TcpStream,
-    sni: Option<(String, Duration)>,
+    check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
 ) -> Result<(), DenyReason>
 where
-    C: ClientStream,
+    C: ClientStream + 'static,
 {
-    let first = match sni {
-        None => early,
-        Some((host, limit)) => match check_sni(&mut client, early, &host, limit).await {
-            Ok(first) => first,
-            Err(reason) => {
-                let _ = upstream.shutdown().await;
-                return Err(reason);
-            }
-        },
+    let Some(check) = check else {
+        relay_after(client, upstream, early, idle, counts).await;
+        return Ok(());
     };
-    relay_after(client, upstream, first, idle, counts).await;
-    Ok(())
+    match check.run(&mut client, early).await {
+        Ok(Started::Relay(first)) => {
+            relay_after(client, upstream, first, idle, counts).await;
+            Ok(())
+        }
+        Ok(Started::PlainHttp(first)) => {
+            let limits = tunnel_http::Limits { header: check.limit, idle, max_head: check.max_head };
+            let ends = tunnel_http::Ends { target: check.target, role: check.role, deny_message: check.deny_message };
+            let (up, down) = tunnel_http::serve(client, first, upstream, ends, limits).await?;
+            counts.add(up, down);
+            Ok(())
+        }
+        Err(reason) => {
+            let _ = upstream.shutdown().await;
+            Err(reason)
+        }
+    }
 }
 
 /// A client side of a tunnel that can be split into independent halves.
@@ -345,6 +438,12 @@ pub struct RelayCounts {
 }
 
 impl RelayCounts {
+    /// Adds bytes moved outside the copy loops (a tunnel served as HTTP).
+    fn add(&self, up: u64, down: u64) {
+        self.sent.fetch_add(up, Ordering::Relaxed);
+        self.received.fetch_add(down, Ordering::Relaxed);
+    }
+
     /// (client→upstream, upstream→client) bytes so far.
     pub fn get(&self) -> (u64, u64) {
         (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
@@ -493,22 +592,22 @@ async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &mut Vec<u8>, _: &A
 }
 
 /// The time of the last byte moved, shared by both directions of a tunnel.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
+    pub(super) async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let due = last + idle;

@@ -8,8 +8,10 @@ pub mod forward;
 pub mod framing;
 pub mod parent;
 pub mod pool;
+pub mod repeats;
 pub mod revoke;
 pub mod slots;
+pub mod tunnel_http;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod transparent;
@@ -33,7 +35,7 @@ use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::Metrics;
 use crate::dns::Resolver;
 use crate::identity::{CertNames, Identities};
-use crate::policy::{Decision, Permit, Policy, PreResolution, RequestKind, RoleId};
+use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
 use tokio_rustls::TlsAcceptor;
 use crate::target::Target;
 use body::ProxyBody;
@@ -52,6 +54,8 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// The parent proxy, when one is configured.
     pub parent: Option<parent::Parent>,
+    /// The operator's lines for deny bodies.
+    pub deny_messages: error::DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
 }
@@ -72,6 +76,7 @@ impl Snapshot {
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
             parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
+            deny_messages: error::DenyMessages::from_config(config),
             generation,
         })
     }
@@ -89,6 +94,8 @@ pub struct Shared {
     slots: Arc<slots::Slots>,
     /// Open tunnels, for revocation on reload.
     tunnels: revoke::Tunnels,
+    /// Recent wrong credentials per client, to thin out repeats.
+    auth_failures: repeats::AuthFailures,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -114,6 +121,7 @@ impl Server {
             pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),
             slots: slots::Slots::new(metrics.clone()),
             tunnels: revoke::Tunnels::default(),
+            auth_failures: repeats::AuthFailures::default(),
             metrics,
         });
         Ok(Server { listener, shared })
@@ -227,11 +235,11 @@ struct ConnectionGuard {
 
 /// Answers 503 without reading the request, then closes.
 async fn refuse_over_limit(mut stream: TcpStream) {
-    const BODY: &str = "portcullis: over-limit: too many connections\n";
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\n{}: over-limit\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+    let response = error::raw_answer(
+        http::StatusCode::SERVICE_UNAVAILABLE,
         error::ERROR_HEADER,
-        BODY.len()
+        "over-limit",
+        "too many connections",
     );
     let refusal = async {
         stream.write_all(response.as_bytes()).await?;
@@ -364,10 +372,11 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    let json = error::accepts_json(req.headers().get(http::header::ACCEPT));
     // The edge comes first: a malformed request is refused whoever sends it.
     if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
         record.kind = Some(request_kind(req.method()));
-        return Ok(refuse(&shared, record, ClientError::Refused(refusal).into()));
+        return Ok(refuse(&shared, &snapshot, record, ClientError::Refused(refusal).into(), json));
     }
     let identity = snapshot.identities.identify(
         &snapshot.policy,
@@ -380,32 +389,79 @@ async fn handle(
             record.identity = source.as_str();
             record.role = snapshot.policy.role(role).name().to_string();
             record.mode = snapshot.policy.role(role).mode();
-            route(&shared, &snapshot, role, &mut record, slot, req).await
+            match route(&shared, &snapshot, role, &mut record, slot, req).await {
+                Err(ProxyError::Denied(reason)) => Err(ProxyError::Denied(snapshot.identities.challenge(source, reason))),
+                routed => routed,
+            }
         }
-        Err(reason) => Err(ProxyError::Denied(reason)),
+        Err(reason) => {
+            // The 407 line names what the client wanted to reach.
+            let kind = request_kind(req.method());
+            record.kind = Some(kind);
+            let _ = parse_target(kind, &req, &mut record);
+            Err(ProxyError::Denied(reason))
+        }
     };
-    Ok(respond(&shared, record, routed))
+    Ok(respond(&shared, &snapshot, record, routed, json))
 }
 
 /// The response for a routed request: the upstream's, or the error's, in
 /// which case the request's log line is written here.
-fn respond(shared: &Shared, record: AccessRecord, routed: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+fn respond(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    record: AccessRecord,
+    routed: Result<Response<ProxyBody>, ProxyError>,
+    json: bool,
+) -> Response<ProxyBody> {
     match routed {
         Ok(response) => response,
-        Err(err) => refuse(shared, record, err),
+        Err(err) => refuse(shared, snapshot, record, err, json),
     }
 }
 
 /// The answer for a request that failed, with its log line and count.
-fn refuse(shared: &Shared, mut record: AccessRecord, err: ProxyError) -> Response<ProxyBody> {
+fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: ProxyError, json: bool) -> Response<ProxyBody> {
     record.outcome = err.outcome();
     if let ProxyError::Upstream(e) = &err {
         shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
     }
-    let response = err.to_response();
+    let failure = match err {
+        ProxyError::Denied(DenyReason::AuthFailed) => {
+            shared.auth_failures.record(record.client.ip(), std::time::Instant::now())
+        }
+        _ => repeats::Failure::First,
+    };
+    let role = (!record.role.is_empty()).then_some(record.role.as_str());
+    let answer = error::Answer {
+        // A parsed target always has a port (CONNECT requires one, an
+        // absolute URI gets its scheme's); an unparsed one is not echoed.
+        target: (record.port != 0).then_some((record.host.as_str(), record.port)),
+        role,
+        deny_message: snapshot.deny_messages.for_role(role),
+        json,
+        close: matches!(failure, repeats::Failure::Repeat { .. }),
+    };
+    let response = err.to_response(&answer);
     record.status = response.status().as_u16();
-    record.emit();
+    log_refusal(shared, &record, failure);
     response
+}
+
+/// Logs and counts a refusal; a repeated credential failure is counted,
+/// and logged only when its client is due a line.
+fn log_refusal(shared: &Shared, record: &AccessRecord, failure: repeats::Failure) {
+    match failure {
+        repeats::Failure::First => record.emit(),
+        repeats::Failure::Repeat { log } => {
+            shared.metrics.auth_failures_repeated.inc();
+            if log {
+                record.emit();
+            } else {
+                record.count();
+            }
+        }
+    }
 }
 
 fn request_kind(method: &Method) -> RequestKind {

@@ -241,11 +241,12 @@ async fn handle(
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
+    let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
     let routed = match identify(&snapshot, client.ip(), &mut record) {
         Ok(role) => route(&shared, &snapshot, role, original, &mut record, req).await,
         Err(e) => Err(e),
     };
-    Ok(respond(&shared, record, routed))
+    Ok(respond(&shared, &snapshot, record, routed, json))
 }
 
 async fn route(

@@ -52,6 +52,25 @@ pub async fn start_http_origin() -> SocketAddr {
     addr
 }
 
+/// The same origin as [`start_http_origin`], over TLS with `tls`.
+pub async fn start_https_origin(tls: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let svc = hyper::service::service_fn(origin_handler);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
 type OriginBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 async fn origin_handler(req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
@@ -153,6 +172,23 @@ pub fn temp_file(tag: &str, name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// Starts `portcullis run --config <config>` (the real binary) with stdout
+/// piped, waits for its startup line, and returns the process and the rest
+/// of its stdout (the decision log).
+pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a startup line").unwrap();
+    assert!(first.contains("portcullis listening"), "{first}");
+    (child, lines)
+}
+
 /// A DNS server on loopback answering A and AAAA from a table; other names
 /// get NXDOMAIN. Counts the queries it answers per name.
 pub struct DnsServer {
@@ -216,6 +252,8 @@ pub async fn start_dns_on(bind: SocketAddr, records: &[(&str, &[&str])]) -> DnsS
 #[derive(Debug)]
 pub struct RawResponse {
     pub status: u16,
+    /// The status line's reason phrase.
+    pub reason: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -245,6 +283,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap();
     let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let reason = status_line.splitn(3, ' ').nth(2).unwrap_or("").to_string();
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
         .map(|l| {
@@ -252,7 +291,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
             (n.trim().to_string(), v.trim().to_string())
         })
         .collect();
-    let mut resp = RawResponse { status, headers, body: Vec::new() };
+    let mut resp = RawResponse { status, reason, headers, body: Vec::new() };
     if let Some(len) = resp.header("content-length").map(|v| v.parse::<usize>().unwrap()) {
         let mut body = vec![0u8; len];
         tokio::time::timeout(STEP, stream.read_exact(&mut body)).await.expect("body in time").unwrap();
