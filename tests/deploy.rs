@@ -285,8 +285,8 @@ fn transparent_port(text: &str, file: &str) -> u16 {
     config.transparent_listen.unwrap_or_else(|| panic!("{file}: transparent_listen is not set")).port()
 }
 
-/// The settings handed to redirect.sh, as (name, value).
-fn redirect_env(env: &Value) -> Vec<(String, String)> {
+/// A container's or compose service's environment, as (name, value).
+fn env_vars(env: &Value) -> Vec<(String, String)> {
     match env {
         Value::Sequence(list) => list
             .iter()
@@ -335,7 +335,7 @@ fn transparent_sidecar_is_consistent() {
     assert_eq!(caps["drop"], Value::from(vec!["ALL"]));
     assert_eq!(caps["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
     assert_eq!(redirect["securityContext"]["allowPrivilegeEscalation"], Value::Bool(false));
-    let env = redirect_env(&redirect["env"]);
+    let env = env_vars(&redirect["env"]);
     assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
     let proxy = init.iter().find(|c| c["name"].as_str() == Some("portcullis")).expect("portcullis sidecar");
     let proxy_uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
@@ -366,7 +366,7 @@ fn transparent_compose_is_consistent() {
     assert_eq!(redirect["build"]["target"].as_str(), Some("redirect"));
     assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis"));
     assert_eq!(redirect["cap_add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
-    let env = redirect_env(&redirect["environment"]);
+    let env = env_vars(&redirect["environment"]);
     assert_eq!(setting(&env, "PORTCULLIS_UID"), proxy_uid);
     assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
     let worker = &services["worker"];
@@ -560,7 +560,7 @@ fn argo_transparent_recipe_is_consistent() {
     let shipped = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap();
     assert_eq!(shipped["metadata"]["name"].as_str(), Some(configmap), "the patch mounts the ConfigMap the recipe ships");
     let port = transparent_port(shipped["data"]["portcullis.yaml"].as_str().unwrap(), rel);
-    let env = redirect_env(&redirect["env"]);
+    let env = env_vars(&redirect["env"]);
     assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
     let uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
     assert_eq!(setting(&env, "PORTCULLIS_UID"), uid.to_string(), "the sidecar runs as the exempt uid");
@@ -587,7 +587,7 @@ fn argo_cooperative_recipe_is_consistent() {
     let rel = "deploy/argo/workflow-controller-configmap.cooperative.yaml";
     let defaults = workflow_defaults(rel);
     let url = format!("http://portcullis.{PROXY_NAMESPACE}.svc:{proxy}");
-    let vars = |env: &Value| redirect_env(env);
+    let vars = |env: &Value| env_vars(env);
     let container = vars(&defaults["spec"]["templateDefaults"]["container"]["env"]);
     let script = vars(&defaults["spec"]["templateDefaults"]["script"]["env"]);
     assert_eq!(container, script, "script templates get what container templates get");
@@ -642,7 +642,7 @@ fn kestra_recipe_is_consistent() {
 
     let scripts = default_for("io.kestra.plugin.scripts");
     assert_eq!(scripts["forced"], Value::Bool(true));
-    let env = redirect_env(&scripts["values"]["env"]);
+    let env = env_vars(&scripts["values"]["env"]);
     let loopback = format!("http://{}", tasks.listen);
     assert!(tasks.listen.ip().is_loopback());
     for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
@@ -655,7 +655,7 @@ fn kestra_recipe_is_consistent() {
 
     let redirect = &services[REDIRECT_INIT];
     assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis-tasks"));
-    let renv = redirect_env(&redirect["environment"]);
+    let renv = env_vars(&redirect["environment"]);
     assert_eq!(setting(&renv, "PORTCULLIS_TRANSPARENT_PORT"), transparent.to_string());
     let uid = services["portcullis-tasks"]["user"].as_str().unwrap().split(':').next().unwrap();
     assert_eq!(setting(&renv, "PORTCULLIS_UID"), uid);
