@@ -1,8 +1,8 @@
 # Portcullis container image.
 #
-#   docker build -t portcullis .
-#   docker run --read-only -p 3128:3128 -p 9128:9128 \
-#     -v "$PWD/deploy/compose/portcullis.yaml:/etc/portcullis/portcullis.yaml:ro" portcullis
+#   docker build -t portcullis:local .
+#   docker run --read-only -p 127.0.0.1:3128:3128 -p 127.0.0.1:9128:9128 \
+#     -v "$PWD/deploy/compose/portcullis.yaml:/etc/portcullis/portcullis.yaml:ro" portcullis:local
 #
 # The config lives at /etc/portcullis/portcullis.yaml (mount a file or a
 # Kubernetes ConfigMap directory there; the proxy reloads it on change).
@@ -21,7 +21,7 @@ RUN cargo build --release --locked --bin portcullis
 # The transparent-interception init image (deploy/kubernetes/transparent-sidecar,
 # deploy/compose/docker-compose.transparent.yml): the shipped redirect script
 # and the two netfilter front ends it can use. Build it with
-#   docker build --target redirect -t portcullis-redirect .
+#   docker build --target redirect -t portcullis-redirect:local .
 # It runs once per pod as root with NET_ADMIN and NET_RAW only, then exits.
 FROM debian:bookworm-slim AS redirect
 # Unpinned on purpose: bookworm's stable iptables/nftables, security fixes

@@ -113,10 +113,19 @@ impl App {
         }
         self.health.set_accepting(true);
         let health = self.health.clone();
+        let snapshot = self.server.snapshot_handle();
         self.server
             .run_until(async move {
                 shutdown.await;
+                // Not ready from here on, but still accepting for the
+                // delay: endpoint removal lags SIGTERM by a few seconds,
+                // and a closed listener would refuse the stragglers.
                 health.set_accepting(false);
+                let delay = snapshot.load().timeouts.shutdown_delay.0;
+                if !delay.is_zero() {
+                    tracing::info!(delay_secs = delay.as_secs_f64(), "shutting down: not ready, still accepting");
+                    tokio::time::sleep(delay).await;
+                }
                 let _ = stop_tx.send(true);
             })
             .await;

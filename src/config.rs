@@ -151,6 +151,10 @@ pub struct Timeouts {
     pub upstream_idle: ConfigDuration,
     /// On SIGTERM, in-flight requests and tunnels get this long to finish.
     pub shutdown_grace: ConfigDuration,
+    /// On SIGTERM, the listeners keep accepting this long while `/readyz`
+    /// answers 503, so load balancers drop the endpoint before new
+    /// connections would be refused; the drain (`shutdown_grace`) follows.
+    pub shutdown_delay: ConfigDuration,
     /// A tunnel is closed after this long however busy it is; none by default.
     pub tunnel_max_lifetime: Option<ConfigDuration>,
 }
@@ -260,6 +264,7 @@ impl Default for Timeouts {
             tunnel_idle: ConfigDuration(Duration::from_secs(300)),
             upstream_idle: ConfigDuration(Duration::from_secs(60)),
             shutdown_grace: ConfigDuration(Duration::from_secs(30)),
+            shutdown_delay: ConfigDuration(Duration::ZERO),
             tunnel_max_lifetime: None,
         }
     }

@@ -76,7 +76,7 @@ fn every_yaml_file_parses() {
     let mut files = vec!["docker-compose.yml".to_string()];
     yaml_files(&root().join("deploy"), &mut files);
     yaml_files(&root().join("config"), &mut files);
-    assert!(files.len() >= 8, "{files:?}");
+    assert!(files.len() >= 14, "{files:?}");
     for file in files {
         assert!(!documents(&file).is_empty(), "{file} has no document");
     }
@@ -86,7 +86,12 @@ fn every_yaml_file_parses() {
 /// accepted by the real loader.
 #[test]
 fn embedded_configs_are_valid() {
-    for rel in ["deploy/compose/portcullis.yaml", "deploy/compose/portcullis.transparent.yaml", "deploy/container/portcullis.yaml"] {
+    for rel in [
+        "deploy/compose/portcullis.yaml",
+        "deploy/compose/portcullis.transparent.yaml",
+        "deploy/compose/portcullis.kestra.yaml",
+        "deploy/container/portcullis.yaml",
+    ] {
         Config::from_yaml_str(&read(rel), rel).unwrap_or_else(|e| panic!("{e}"));
     }
     let mut configmaps = 0;
@@ -152,8 +157,26 @@ fn compose_matches_the_config() {
     for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
         assert_eq!(worker["environment"][var].as_str(), Some(format!("http://portcullis:{proxy}").as_str()), "{var}");
     }
-    // The carve-out is exactly the origin's address, inside the internal subnet.
-    let origin_ip = at(&compose["services"]["origin"], &["networks", "internal", "ipv4_address"]).as_str().unwrap();
+    // The worker and the origin share no network: the proxy is on both,
+    // and each of the two networks has no route out.
+    let networks_of = |svc: &str| -> Vec<String> {
+        let n = &compose["services"][svc]["networks"];
+        match n.as_sequence() {
+            Some(list) => list.iter().map(|v| v.as_str().unwrap().to_string()).collect(),
+            None => n.as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_string()).collect(),
+        }
+    };
+    let (worker_nets, origin_nets, proxy_nets) = (networks_of("worker"), networks_of("origin"), networks_of("portcullis"));
+    assert_eq!(origin_nets, ["upstream"]);
+    assert!(worker_nets.iter().all(|n| !origin_nets.contains(n)), "the worker must not share a network with the origin");
+    for net in worker_nets.iter().chain(&origin_nets) {
+        assert!(proxy_nets.contains(net), "portcullis joins {net}");
+        assert_eq!(compose["networks"][net.as_str()]["internal"], Value::Bool(true), "{net}");
+    }
+    // The carve-out is exactly the origin's address, inside its subnet.
+    let origin_ip = at(&compose["services"]["origin"], &["networks", "upstream", "ipv4_address"]).as_str().unwrap();
+    let subnet: ipnet::IpNet = at(&compose["networks"]["upstream"], &["ipam", "config", "0", "subnet"]).as_str().unwrap().parse().unwrap();
+    assert!(subnet.contains(&origin_ip.parse::<std::net::IpAddr>().unwrap()));
     let carved: Vec<String> = demo.allow_ranges.iter().map(|c| c.net().to_string()).collect();
     assert_eq!(carved, [format!("{origin_ip}/32")]);
     let prometheus = &documents("deploy/compose/prometheus.yml")[0];
@@ -262,8 +285,8 @@ fn transparent_port(text: &str, file: &str) -> u16 {
     config.transparent_listen.unwrap_or_else(|| panic!("{file}: transparent_listen is not set")).port()
 }
 
-/// The settings handed to redirect.sh, as (name, value).
-fn redirect_env(env: &Value) -> Vec<(String, String)> {
+/// A container's or compose service's environment, as (name, value).
+fn env_vars(env: &Value) -> Vec<(String, String)> {
     match env {
         Value::Sequence(list) => list
             .iter()
@@ -312,7 +335,7 @@ fn transparent_sidecar_is_consistent() {
     assert_eq!(caps["drop"], Value::from(vec!["ALL"]));
     assert_eq!(caps["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
     assert_eq!(redirect["securityContext"]["allowPrivilegeEscalation"], Value::Bool(false));
-    let env = redirect_env(&redirect["env"]);
+    let env = env_vars(&redirect["env"]);
     assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
     let proxy = init.iter().find(|c| c["name"].as_str() == Some("portcullis")).expect("portcullis sidecar");
     let proxy_uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
@@ -343,7 +366,7 @@ fn transparent_compose_is_consistent() {
     assert_eq!(redirect["build"]["target"].as_str(), Some("redirect"));
     assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis"));
     assert_eq!(redirect["cap_add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
-    let env = redirect_env(&redirect["environment"]);
+    let env = env_vars(&redirect["environment"]);
     assert_eq!(setting(&env, "PORTCULLIS_UID"), proxy_uid);
     assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
     let worker = &services["worker"];
@@ -357,4 +380,297 @@ fn transparent_compose_is_consistent() {
         assert!(root().join("deploy/compose").join(context).join("Dockerfile").exists(), "{context}");
     }
     assert!(root().join(REDIRECT_SCRIPT).exists());
+}
+
+/// Every object of the Kubernetes manifests and the Argo recipe.
+fn cluster_docs() -> Vec<(String, Value)> {
+    let mut docs = kubernetes_docs();
+    let mut argo = Vec::new();
+    yaml_files(&root().join("deploy/argo"), &mut argo);
+    docs.extend(argo.iter().flat_map(|f| documents(f).into_iter().map(move |d| (f.clone(), d))));
+    docs
+}
+
+/// The `workflowDefaults` Workflow body of an Argo controller ConfigMap.
+fn workflow_defaults(rel: &str) -> Value {
+    let doc = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap_or_else(|| panic!("{rel}: no ConfigMap"));
+    assert_eq!(doc["metadata"]["name"].as_str(), Some("workflow-controller-configmap"), "{rel}");
+    let text = doc["data"]["workflowDefaults"].as_str().unwrap_or_else(|| panic!("{rel}: no workflowDefaults"));
+    serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("{rel} workflowDefaults: {e}"))
+}
+
+/// Images the repository builds: compose services with a `build` section.
+fn built_images() -> Vec<String> {
+    let mut images = Vec::new();
+    for rel in ["docker-compose.yml", "deploy/compose/docker-compose.transparent.yml", "deploy/kestra/docker-compose.yml"] {
+        let compose = &documents(rel)[0];
+        for (_, svc) in compose["services"].as_mapping().unwrap() {
+            if svc.get("build").is_some() {
+                images.push(svc["image"].as_str().unwrap_or_else(|| panic!("{rel}: a built service names its image")).to_string());
+            }
+        }
+    }
+    images
+}
+
+/// Pod specs of the Deployments, and the containers of each (init included).
+fn pod_specs(docs: &[(String, Value)]) -> Vec<(String, Value)> {
+    docs.iter().filter(|(_, d)| kind(d) == "Deployment").map(|(f, d)| (f.clone(), d["spec"]["template"]["spec"].clone())).collect()
+}
+
+fn containers_of(spec: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"].iter().filter_map(|k| spec[*k].as_sequence()).flatten().collect()
+}
+
+/// No manifest pulls an image nothing builds: ours are the images the
+/// Dockerfile builds (named as in the compose files), the rest are public
+/// third-party images used by the examples.
+#[test]
+fn manifests_reference_only_images_built_here_or_third_party() {
+    let built = built_images();
+    assert!(built.contains(&"portcullis:local".to_string()) && built.contains(&"portcullis-redirect:local".to_string()), "{built:?}");
+    let mut images = Vec::new();
+    for (file, spec) in pod_specs(&cluster_docs()) {
+        images.extend(containers_of(&spec).iter().map(|c| (file.clone(), c["image"].as_str().unwrap().to_string())));
+    }
+    let patch = argo_patch();
+    images.extend(containers_of(&patch).iter().map(|c| ("argo".to_string(), c["image"].as_str().unwrap().to_string())));
+    for (file, image) in images {
+        let ours = image.contains("portcullis");
+        assert!(!ours || built.contains(&image), "{file}: {image} is not built by any compose file or the Dockerfile");
+        assert!(ours || image.starts_with("curlimages/curl:"), "{file}: unexpected third-party image {image}");
+    }
+}
+
+/// Pod Security "restricted" for every pod but the NET_ADMIN init step;
+/// no service-account token; the HPA, not the Deployment, sets replicas.
+#[test]
+fn pods_are_hardened_and_the_hpa_owns_replicas() {
+    let docs = kubernetes_docs();
+    for (file, spec) in pod_specs(&docs) {
+        assert_eq!(spec["automountServiceAccountToken"], Value::Bool(false), "{file}");
+        assert_eq!(spec["securityContext"]["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"), "{file}");
+        for c in containers_of(&spec).into_iter().filter(|c| c["name"].as_str() != Some(REDIRECT_INIT)) {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], Value::Bool(true), "{file}: {:?}", c["name"]);
+            assert_eq!(sc["allowPrivilegeEscalation"], Value::Bool(false), "{file}: {:?}", c["name"]);
+            assert_eq!(sc["capabilities"]["drop"], Value::from(vec!["ALL"]), "{file}: {:?}", c["name"]);
+            assert!(sc["capabilities"].get("add").is_none(), "{file}: {:?}", c["name"]);
+        }
+    }
+    for (_, hpa) in docs.iter().filter(|(_, d)| kind(d) == "HorizontalPodAutoscaler") {
+        let target = hpa["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+        let (file, deployment) = docs
+            .iter()
+            .find(|(_, d)| kind(d) == "Deployment" && d["metadata"]["name"].as_str() == Some(target))
+            .expect("the HPA's Deployment");
+        assert!(deployment["spec"].get("replicas").is_none(), "{file}: the HPA owns replicas");
+    }
+}
+
+/// The proxy's own egress excepts every metadata address Portcullis
+/// itself denies (the registry's metadata rows), and opens DNS exactly.
+#[test]
+fn proxy_network_policy_excepts_every_metadata_address() {
+    use portcullis::policy::ranges::RangeKind;
+    use portcullis::policy::registry::{rows, Treatment};
+    let file = "deploy/kubernetes/shared/networkpolicy.yaml";
+    let docs = documents(file);
+    let policy = docs.iter().find(|p| p["metadata"]["name"].as_str() == Some("portcullis")).expect("the proxy policy");
+    let egress = policy["spec"]["egress"].as_sequence().unwrap();
+    let mut excepted: Vec<ipnet::IpNet> = Vec::new();
+    for rule in egress {
+        for peer in rule["to"].as_sequence().unwrap() {
+            let block = &peer["ipBlock"];
+            let Some(cidr) = block["cidr"].as_str() else { continue };
+            let cidr: ipnet::IpNet = cidr.parse().unwrap();
+            if rule.get("ports").is_some() {
+                // A port-scoped ipBlock is the NodeLocal DNSCache exception: DNS only.
+                let ports: Vec<u64> = rule["ports"].as_sequence().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+                assert_eq!(ports, [53, 53], "{file}: {cidr}");
+                assert_eq!(cidr.prefix_len(), cidr.max_prefix_len(), "{file}: one resolver address, not a range");
+                continue;
+            }
+            assert_eq!(cidr.prefix_len(), 0, "{file}: the open rule is the whole family");
+            excepted.extend(block["except"].as_sequence().unwrap().iter().map(|e| e.as_str().unwrap().parse::<ipnet::IpNet>().unwrap()));
+        }
+    }
+    let metadata: Vec<_> = rows().filter(|r| matches!(r.treatment, Treatment::Deny(RangeKind::Metadata))).collect();
+    assert!(metadata.len() >= 10, "{}", metadata.len());
+    for row in metadata {
+        let net = row.net();
+        assert!(excepted.iter().any(|e| e.contains(&net)), "{file}: {} ({}) is not excepted", row.prefix, row.name);
+    }
+}
+
+/// The workers' policy, applied in worker namespaces, names the proxy's
+/// namespace; it allows the proxy port and DNS only.
+#[test]
+fn worker_network_policy_crosses_namespaces() {
+    let (proxy, _) = shipped_ports();
+    let file = "deploy/kubernetes/workers/networkpolicy.yaml";
+    let policy = &documents(file)[0];
+    assert!(policy["metadata"].get("namespace").is_none(), "{file}: applied in each worker namespace");
+    let to_proxy = &policy["spec"]["egress"][0]["to"][0];
+    assert_eq!(to_proxy["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(), Some(PROXY_NAMESPACE));
+    assert_eq!(to_proxy["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(), Some("portcullis"));
+    assert_eq!(policy["spec"]["egress"][0]["ports"][0]["port"].as_u64(), Some(u64::from(proxy)));
+    for rule in policy["spec"]["egress"].as_sequence().unwrap() {
+        for peer in rule["to"].as_sequence().unwrap() {
+            assert!(peer.get("namespaceSelector").is_some(), "{file}: a podSelector alone means this namespace only: {peer:?}");
+        }
+    }
+}
+
+/// The namespace the shared proxy is applied in.
+const PROXY_NAMESPACE: &str = "egress";
+
+/// The pod spec patch the enforcing Argo recipe adds to every workflow pod.
+fn argo_patch() -> Value {
+    let defaults = workflow_defaults("deploy/argo/workflow-controller-configmap.transparent.yaml");
+    let patch = defaults["spec"]["podSpecPatch"].as_str().expect("a workflow-level podSpecPatch (a string)");
+    serde_yaml_ng::from_str(patch).unwrap_or_else(|e| panic!("podSpecPatch: {e}"))
+}
+
+/// Argo, enforcing: the patch adds the redirect step and the Portcullis
+/// native sidecar exactly as the transparent-sidecar manifest runs them:
+/// same exempt uid, port, config mount, probes; the ConfigMap it mounts is
+/// the one the recipe ships, with `transparent_listen` on that port.
+#[test]
+fn argo_transparent_recipe_is_consistent() {
+    let (_, admin) = shipped_ports();
+    let patch = argo_patch();
+    let init = patch["initContainers"].as_sequence().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, [REDIRECT_INIT, "portcullis"], "the redirect step first, then the sidecar");
+    let (redirect, proxy) = (&init[0], &init[1]);
+    assert_eq!(proxy["restartPolicy"].as_str(), Some("Always"), "a native sidecar");
+    let args: Vec<&str> = proxy["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args, ["run", "--config", CONFIG_PATH]);
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+        assert_eq!(proxy[probe]["httpGet"]["port"].as_u64(), Some(u64::from(admin)), "{probe}");
+    }
+    let mount = &proxy["volumeMounts"][0];
+    assert_eq!(mount["mountPath"].as_str(), Some("/etc/portcullis"));
+    let volume = patch["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("the config volume");
+    let configmap = volume["configMap"]["name"].as_str().unwrap();
+    let rel = "deploy/argo/portcullis-transparent.yaml";
+    let shipped = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap();
+    assert_eq!(shipped["metadata"]["name"].as_str(), Some(configmap), "the patch mounts the ConfigMap the recipe ships");
+    let port = transparent_port(shipped["data"]["portcullis.yaml"].as_str().unwrap(), rel);
+    let env = env_vars(&redirect["env"]);
+    assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
+    let uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert_eq!(setting(&env, "PORTCULLIS_UID"), uid.to_string(), "the sidecar runs as the exempt uid");
+    assert!(!setting(&env, "PORTCULLIS_EXCLUDE").is_empty(), "the executor needs the API server directly");
+    assert_eq!(redirect["securityContext"]["capabilities"]["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
+    // The same containers as the transparent-sidecar manifest, but for names.
+    let sidecar = documents("deploy/kubernetes/transparent-sidecar/worker.yaml");
+    let spec = &sidecar.iter().find(|d| kind(d) == "Deployment").unwrap()["spec"]["template"]["spec"];
+    for (mine, theirs) in init.iter().zip(spec["initContainers"].as_sequence().unwrap()) {
+        for key in ["image", "restartPolicy", "args", "resources", "readinessProbe", "livenessProbe", "startupProbe"] {
+            assert_eq!(mine.get(key), theirs.get(key), "{:?}: {key}", mine["name"]);
+        }
+        assert_eq!(mine["securityContext"]["runAsUser"], theirs["securityContext"]["runAsUser"]);
+    }
+}
+
+/// Argo, cooperative: `container` and `script` templates and the executor
+/// get the same proxy, the shared Service in the namespace the workers'
+/// policy names; the pod label is the one that policy selects; NO_PROXY
+/// keeps the service CIDR (the API server's Service IP) direct.
+#[test]
+fn argo_cooperative_recipe_is_consistent() {
+    let (proxy, _) = shipped_ports();
+    let rel = "deploy/argo/workflow-controller-configmap.cooperative.yaml";
+    let defaults = workflow_defaults(rel);
+    let url = format!("http://portcullis.{PROXY_NAMESPACE}.svc:{proxy}");
+    let vars = |env: &Value| env_vars(env);
+    let container = vars(&defaults["spec"]["templateDefaults"]["container"]["env"]);
+    let script = vars(&defaults["spec"]["templateDefaults"]["script"]["env"]);
+    assert_eq!(container, script, "script templates get what container templates get");
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        assert_eq!(setting(&container, name), url, "{name}");
+    }
+    let no_proxy = setting(&container, "NO_PROXY");
+    assert_eq!(no_proxy, setting(&container, "no_proxy"));
+    assert!(no_proxy.split(',').any(|e| e.parse::<ipnet::IpNet>().is_ok()), "a CIDR for the service range: {no_proxy}");
+    let doc = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap();
+    let executor: Value = serde_yaml_ng::from_str(doc["data"]["executor"].as_str().expect("executor config")).unwrap();
+    let executor = vars(&executor["env"]);
+    assert_eq!(setting(&executor, "HTTPS_PROXY"), url);
+    assert_eq!(setting(&executor, "NO_PROXY"), no_proxy);
+    let workers = &documents("deploy/kubernetes/workers/networkpolicy.yaml")[0];
+    let label = &workers["spec"]["podSelector"]["matchLabels"];
+    assert_eq!(&defaults["spec"]["podMetadata"]["labels"], label, "workflow pods fall under the workers' policy");
+    let api = &documents("deploy/argo/networkpolicy-executor.yaml")[0];
+    assert_eq!(&api["spec"]["podSelector"]["matchLabels"], label);
+    let ports: Vec<u64> = api["spec"]["egress"][0]["ports"].as_sequence().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    assert_eq!(ports, [443, 6443]);
+}
+
+/// Kestra: core HTTP tasks are forced onto the explicit proxy on the
+/// internal network; script tasks run in the transparent Portcullis's
+/// namespace and point at its loopback listener; Kestra itself sits only
+/// on the internal network and sends Basic credentials on CONNECT.
+#[test]
+fn kestra_recipe_is_consistent() {
+    let compose = &documents("deploy/kestra/docker-compose.yml")[0];
+    let services = &compose["services"];
+    let config_of = |svc: &str| {
+        let mounts: Vec<&str> = services[svc]["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let mounted = mounts.iter().find_map(|m| m.strip_suffix(&format!(":{CONFIG_PATH}:ro"))).expect("a mounted config");
+        let rel = format!("deploy/compose/{}", mounted.trim_start_matches("../compose/"));
+        Config::from_yaml_str(&read(&rel), &rel).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let explicit = config_of("portcullis");
+    let tasks = config_of("portcullis-tasks");
+    assert!(explicit.transparent_listen.is_none());
+    let transparent = tasks.transparent_listen.expect("the task proxy intercepts").port();
+
+    let app = &documents("deploy/kestra/application.yaml")[0];
+    let defaults = app["kestra"]["plugins"]["defaults"].as_sequence().unwrap();
+    let default_for = |ty: &str| defaults.iter().find(|d| d["type"].as_str() == Some(ty)).unwrap_or_else(|| panic!("no default for {ty}"));
+    let http = default_for("io.kestra.plugin.core.http");
+    assert_eq!(http["forced"], Value::Bool(true));
+    let proxy = &http["values"]["options"]["proxy"];
+    assert_eq!(proxy["type"].as_str(), Some("HTTP"));
+    assert_eq!(proxy["address"].as_str(), Some("portcullis"), "the compose service name");
+    assert_eq!(proxy["port"].as_u64(), Some(u64::from(explicit.listen.port())));
+
+    let scripts = default_for("io.kestra.plugin.scripts");
+    assert_eq!(scripts["forced"], Value::Bool(true));
+    let env = env_vars(&scripts["values"]["env"]);
+    let loopback = format!("http://{}", tasks.listen);
+    assert!(tasks.listen.ip().is_loopback());
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        assert_eq!(setting(&env, name), loopback, "{name}");
+    }
+    let runner = &scripts["values"]["taskRunner"];
+    assert_eq!(runner["type"].as_str(), Some("io.kestra.plugin.scripts.runner.docker.Docker"));
+    let container_name = services["portcullis-tasks"]["container_name"].as_str().unwrap();
+    assert_eq!(runner["networkMode"].as_str(), Some(format!("container:{container_name}").as_str()));
+
+    let redirect = &services[REDIRECT_INIT];
+    assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis-tasks"));
+    let renv = env_vars(&redirect["environment"]);
+    assert_eq!(setting(&renv, "PORTCULLIS_TRANSPARENT_PORT"), transparent.to_string());
+    let uid = services["portcullis-tasks"]["user"].as_str().unwrap().split(':').next().unwrap();
+    assert_eq!(setting(&renv, "PORTCULLIS_UID"), uid);
+
+    let kestra = &services["kestra"];
+    assert_eq!(kestra["networks"].as_sequence().unwrap(), &[Value::from("internal")], "Kestra's only network is internal");
+    assert_eq!(compose["networks"]["internal"]["internal"], Value::Bool(true));
+    let proxy_networks = services["portcullis"]["networks"].as_sequence().unwrap();
+    assert!(proxy_networks.contains(&Value::from("internal")));
+    assert!(services["portcullis-tasks"]["networks"].as_sequence().unwrap().iter().all(|n| n != "internal"));
+    let java = kestra["environment"]["JAVA_OPTS"].as_str().unwrap();
+    assert!(java.split_whitespace().any(|o| o == "-Djdk.http.auth.tunneling.disabledSchemes="), "{java}");
+    assert!(java.contains(&format!("-Dhttps.proxyPort={}", explicit.listen.port())), "{java}");
+    let command: Vec<&str> = kestra["command"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let config_path = command[command.iter().position(|c| *c == "--config").unwrap() + 1];
+    let mounts: Vec<&str> = kestra["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(mounts.contains(&format!("./application.yaml:{config_path}:ro").as_str()), "{mounts:?}");
 }

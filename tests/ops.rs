@@ -370,6 +370,35 @@ async fn sigterm_drains_open_tunnels_then_exits_zero() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Rolling updates: during `shutdown_delay` after SIGTERM, /readyz answers
+/// 503 while new connections are still accepted and served; once the
+/// delay is over the listener closes and the process drains as usual.
+#[tokio::test]
+async fn sigterm_keeps_serving_during_the_shutdown_delay() {
+    let origin = start_http_origin().await;
+    let dir = temp_dir("shutdown-delay");
+    let path = dir.join("portcullis.yaml");
+    let mut proxy = Proxy::spawn(&path, &policy_yaml(&[origin.port()], "timeouts:\n  shutdown_delay: 3s\n")).await;
+    let url = format!("http://127.0.0.1:{}/headers", origin.port());
+    proxy.signal("-TERM");
+    let terminated = Instant::now();
+    eventually("not ready once SIGTERM arrives", || async {
+        send_raw(proxy.admin, "GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n").await.status == 503
+    })
+    .await;
+    let mut served = 0;
+    while terminated.elapsed() < Duration::from_millis(2000) {
+        assert_eq!(get(proxy.proxy, &url).await.status, 200, "a new connection during the delay is served");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served >= 5, "only {served} requests during the delay");
+    let status = proxy.wait_exit().await;
+    assert!(terminated.elapsed() >= Duration::from_secs(3), "the listener stays open for the whole delay");
+    assert_eq!(status.code(), Some(0));
+    assert!(TcpStream::connect(proxy.proxy).await.is_err(), "closed after the delay");
+}
+
 /// Many concurrent keep-alive clients of one origin keep reusing upstream
 /// connections: never more upstream connections than requests in flight
 /// at once, however many requests they send.

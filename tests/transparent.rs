@@ -14,6 +14,8 @@
 //! connections; every canary must count zero at the end.
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -26,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Set in the re-executed child: it runs in a namespace of its own.
-const OWN_NETNS: &str = "PORTCULLIS_TEST_OWN_NETNS";
+use netns::{in_own_netns, run, set_mode, sh, Netns};
+
 const PROXY_UID: &str = "65532";
 const TRANSPARENT_PORT: u16 = 15001;
 const NET_V4: &str = "10.77.0.1";
@@ -58,86 +60,30 @@ fn clients_without_proxy_settings_are_intercepted_nft() {
     in_own_netns("clients_without_proxy_settings_are_intercepted_nft", || scenario("nft", false));
 }
 
-/// Runs `body` in a network namespace this test created: re-executes the
-/// test binary for this one test under `unshare -n` and requires success.
-fn in_own_netns(test: &str, body: impl FnOnce()) {
-    if std::env::var_os(OWN_NETNS).is_some() {
-        assert_isolated();
-        return body();
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let status = Command::new("unshare")
-        .args(["-n", "--"])
-        .arg(exe)
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(OWN_NETNS, "1")
-        .status()
-        .expect("run unshare (util-linux); these tests need root to create network namespaces");
-    assert!(status.success(), "{test} failed in its own network namespace: {status}");
-}
-
-/// Before adding anything: the namespace holds only a loopback interface.
-fn assert_isolated() {
-    let links = sh(&["ip", "-o", "link", "show"]);
-    let names: Vec<&str> = links.lines().filter_map(|l| l.split(": ").nth(1)).collect();
-    assert_eq!(names, ["lo"], "not an isolated network namespace; refusing to add addresses or rules");
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn sh(args: &[&str]) -> String {
-    let out = run(Command::new(args[0]).args(&args[1..]));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The pod: a child process holding a fresh network namespace.
+/// The pod: a network namespace of its own, and the proxy running in it.
 struct Pod {
-    holder: Child,
+    ns: Netns,
     proxy: Option<Child>,
 }
 
 impl Pod {
     fn start() -> Pod {
-        let holder = Command::new("unshare").args(["-n", "sleep", "600"]).spawn().expect("unshare -n");
-        let pid = holder.id();
-        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().map_or(true, |ns| ns == mine) {
-            assert!(Instant::now() < deadline, "pod namespace did not appear");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Pod { holder, proxy: None }
+        Pod { ns: Netns::start(), proxy: None }
     }
 
     /// `nsenter` into the pod's network namespace.
     fn cmd(&self, program: &str) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.holder.id().to_string(), "-n", "--", program]);
-        cmd
+        self.ns.cmd(program)
     }
 
     fn sh(&self, args: &[&str]) -> String {
-        let out = run(self.cmd(args[0]).args(&args[1..]));
-        assert!(out.status.success(), "pod {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ns.sh(args)
     }
 
     /// A client command in the pod, as root, with no proxy variables and
     /// the test's hosts file in a private mount namespace.
     fn client(&self, hosts: &Path, program: &[&str]) -> Command {
-        let mut cmd = self.cmd("unshare");
-        cmd.args(["-m", "--", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]).arg(hosts).args(program);
-        cmd.env_clear();
-        for var in ["PATH", "HOME", "JAVA_HOME"] {
-            if let Some(value) = std::env::var_os(var) {
-                cmd.env(var, value);
-            }
-        }
-        cmd
+        self.ns.client(hosts, program)
     }
 }
 
@@ -147,8 +93,6 @@ impl Drop for Pod {
             let _ = proxy.kill();
             let _ = proxy.wait();
         }
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
     }
 }
 
@@ -271,12 +215,11 @@ async fn spawn_udp_canary(addr: SocketAddr) -> Arc<AtomicUsize> {
 
 /// The veth pair between the test's namespace and the pod, with routes.
 fn wire(pod: &Pod) {
-    let pid = pod.holder.id().to_string();
+    let pid = pod.ns.pid();
     sh(&["ip", "link", "add", "tp-net", "type", "veth", "peer", "name", "tp-pod", "netns", &pid]);
     sh(&["ip", "addr", "add", &format!("{NET_V4}/24"), "dev", "tp-net"]);
     sh(&["ip", "-6", "addr", "add", &format!("{NET_V6}/64"), "dev", "tp-net", "nodad"]);
     sh(&["ip", "link", "set", "tp-net", "up"]);
-    pod.sh(&["ip", "link", "set", "lo", "up"]);
     pod.sh(&["ip", "addr", "add", &format!("{POD_V4}/24"), "dev", "tp-pod"]);
     pod.sh(&["ip", "-6", "addr", "add", &format!("{POD_V6}/64"), "dev", "tp-pod", "nodad"]);
     pod.sh(&["ip", "link", "set", "tp-pod", "up"]);
@@ -308,11 +251,6 @@ impl Drop for Files {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// Starts Portcullis in the pod under the exempt uid, and waits for /readyz.

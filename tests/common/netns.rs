@@ -1,0 +1,118 @@
+//! Network namespaces for tests that need more than loopback: the test
+//! re-executes itself under `unshare -n`, so every address, link, route and
+//! netfilter rule lives in namespaces it created, never on the host.
+//! Included with `#[path = "common/netns.rs"] mod netns;`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// Set in the re-executed child: it runs in a namespace of its own.
+const OWN_NETNS: &str = "PORTCULLIS_TEST_OWN_NETNS";
+
+/// Runs `body` in a network namespace this test created: re-executes the
+/// test binary for this one test under `unshare -n` and requires success.
+pub fn in_own_netns(test: &str, body: impl FnOnce()) {
+    if std::env::var_os(OWN_NETNS).is_some() {
+        assert_isolated();
+        return body();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = Command::new("unshare")
+        .args(["-n", "--"])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(OWN_NETNS, "1")
+        .status()
+        .expect("run unshare (util-linux); these tests need root to create network namespaces");
+    assert!(status.success(), "{test} failed in its own network namespace: {status}");
+}
+
+/// Before adding anything: the namespace holds only a loopback interface.
+fn assert_isolated() {
+    let links = sh(&["ip", "-o", "link", "show"]);
+    let names: Vec<&str> = links.lines().filter_map(|l| l.split(": ").nth(1)).collect();
+    assert_eq!(names, ["lo"], "not an isolated network namespace; refusing to add addresses or rules");
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn sh(args: &[&str]) -> String {
+    let out = run(Command::new(args[0]).args(&args[1..]));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sets a file's permission bits (files the namespaced processes read
+/// under another uid).
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A fresh network namespace, held open by a child process, inside the
+/// test's own; its loopback is up.
+pub struct Netns {
+    holder: Child,
+}
+
+impl Netns {
+    pub fn start() -> Netns {
+        let holder = Command::new("unshare").args(["-n", "sleep", "600"]).spawn().expect("unshare -n");
+        let pid = holder.id();
+        let mine = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().map_or(true, |ns| ns == mine) {
+            assert!(Instant::now() < deadline, "namespace did not appear");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ns = Netns { holder };
+        ns.sh(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The holder's pid, which names the namespace (`ip link ... netns <pid>`).
+    pub fn pid(&self) -> String {
+        self.holder.id().to_string()
+    }
+
+    /// `nsenter` into the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.pid(), "-n", "--", program]);
+        cmd
+    }
+
+    /// A client command in the namespace, as root, with a clean environment
+    /// (no proxy variables) and `hosts` bind-mounted over /etc/hosts in a
+    /// private mount namespace.
+    pub fn client(&self, hosts: &Path, program: &[&str]) -> Command {
+        let mut cmd = self.cmd("unshare");
+        cmd.args(["-m", "--", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]).arg(hosts).args(program);
+        cmd.env_clear();
+        for var in ["PATH", "HOME", "JAVA_HOME"] {
+            if let Some(value) = std::env::var_os(var) {
+                cmd.env(var, value);
+            }
+        }
+        cmd
+    }
+
+    /// Runs a command in the namespace that must succeed; returns stdout.
+    pub fn sh(&self, args: &[&str]) -> String {
+        let out = run(self.cmd(args[0]).args(&args[1..]));
+        assert!(out.status.success(), "netns {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
