@@ -158,6 +158,7 @@ fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
         return Err(SniError::Malformed("bytes after the extensions"));
     }
     let mut found = None;
+    let mut seen = false;
     while !extensions.0.is_empty() {
         let kind = extensions.u16().ok_or(SniError::Malformed("extension type"))?;
         let body = extensions.vec16().ok_or(SniError::Malformed("extension length"))?;
@@ -165,10 +166,12 @@ fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
             continue;
         }
         // RFC 8446 4.2: no extension type may appear twice; a second
-        // server_name could be read differently by the origin.
-        if found.is_some() {
+        // server_name could be read differently by the origin, even when
+        // the first one carries no host_name.
+        if seen {
             return Err(SniError::Malformed("duplicate server_name extension"));
         }
+        seen = true;
         found = host_name(body)?;
     }
     Ok(found.map(<[u8]>::to_vec))
@@ -329,6 +332,9 @@ mod tests {
         two_names[4..6].copy_from_slice(&list_len.to_be_bytes());
         let ext_len = (two_names.len() - 4) as u16;
         two_names[2..4].copy_from_slice(&ext_len.to_be_bytes());
+        // A first server_name listing only a non-host_name entry (type 1),
+        // then a second one with the name: the origin may read the first.
+        let no_host_then_sni = [&[0x00, 0x00, 0x00, 0x06, 0x00, 0x04, 0x01, 0x00, 0x01, b'x'][..], &sni_extension(b"evil.test")].concat();
         let mut bad_version = hello_for("a.test");
         bad_version[1] = 2;
         let mut not_hello = hello_for("a.test");
@@ -352,6 +358,7 @@ mod tests {
             ("alert record", vec![21, 3, 3, 0, 2, 2, 40], Err(SniError::NotTls)),
             ("empty record", vec![22, 3, 1, 0, 0], Err(SniError::Malformed("empty handshake record"))),
             ("two server_name extensions", hello_with(&two_sni), Err(SniError::Malformed("duplicate server_name extension"))),
+            ("second server_name after one without host_name", hello_with(&no_host_then_sni), Err(SniError::Malformed("duplicate server_name extension"))),
             ("two host_names", hello_with(&two_names), Err(SniError::Malformed("two host_name entries"))),
             ("extension overruns", hello_with(&[0x00, 0x00, 0x00, 0x09, 0x00]), Err(SniError::Malformed("extension length"))),
             ("root name", hello_with(&sni_extension(b".")), Err(SniError::Malformed("host_name is empty or ends in an empty label"))),

@@ -255,8 +255,10 @@ impl tokio::io::AsyncWrite for IdleStream {
     }
 }
 
-/// Builds the origin-form request the upstream sees.
-fn rewrite_request(req: Request<Incoming>, target: &Target, upload: Arc<Upload>) -> Request<CountedBody> {
+/// Builds the origin-form request the upstream sees. Public for the
+/// `request_head` fuzz target, which checks it on what hyper parses.
+#[doc(hidden)]
+pub fn rewrite_request(req: Request<Incoming>, target: &Target, upload: Arc<Upload>) -> Request<CountedBody> {
     let (mut parts, body) = req.into_parts();
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
@@ -316,12 +318,13 @@ fn normalise_framing(headers: &mut HeaderMap) {
 /// `Connection`, and the fixed list of RFC 9110 7.6.1 and RFC 9112 plus the
 /// proxy credentials, which are never forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Split the raw bytes: a value hyper accepted may hold obs-text, and
+    // refusing the whole value would forward the names it lists.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -474,5 +477,20 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-length", "x-end-to-end"]);
+    }
+
+    /// A `Connection` value with a non-ASCII byte (obs-text, which hyper
+    /// accepts) still names its other headers (fuzz request_head,
+    /// crash-c34b0dc5).
+    #[test]
+    fn connection_with_obs_text_still_names_headers() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_bytes(b"x-secret, \xe9").unwrap());
+        h.append(header::CONNECTION, HeaderValue::from_bytes(b"\xff\t,X-Other ,").unwrap());
+        h.append("x-secret", HeaderValue::from_static("1"));
+        h.append("x-other", HeaderValue::from_static("1"));
+        h.append("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 }
