@@ -7,12 +7,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::domain::DomainPattern;
+use crate::policy::provenance::SourceLines;
 use crate::policy::ranges::{Nat64Prefix, Transitions};
 use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PortSet, Role};
 
@@ -79,6 +81,9 @@ pub struct Config {
     pub nat64_prefixes: Vec<Nat64Rule>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
+    /// Where each rule sits in the file it was read from, for provenance.
+    #[serde(skip)]
+    pub source: Option<Arc<SourceLines>>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -479,11 +484,12 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
             file: file.to_string(),
             line: e.location().map(|l| l.line()),
             message: e.to_string(),
         })?;
+        config.source = Some(Arc::new(SourceLines::index(file, text)));
         config.check_all().map_err(|refused| ConfigError::Invalid {
             file: file.to_string(),
             line: refused.value.as_ref().and_then(|(path, v)| line_of(text, path, v)),
@@ -551,8 +557,12 @@ impl Config {
             let own = for_all.clone().filter(|(c, _)| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
             roles.push(compile_role(&transitions, name, role)?.with_carve_outs(own.map(|(_, n)| *n).collect()));
         }
-        Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| {
-            format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity").into()
+        let policy = Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| {
+            format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity")
+        })?;
+        Ok(match &self.source {
+            Some(source) => policy.with_source(source.clone()),
+            None => policy,
         })
     }
 }

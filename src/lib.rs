@@ -16,6 +16,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod policytest;
 pub mod proxy;
 pub mod reload;
 pub mod sni;

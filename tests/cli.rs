@@ -54,7 +54,7 @@ fn check_allows_with_exit_0() {
     );
     let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "http://127.0.0.1/"]);
     assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.starts_with("allow http 127.0.0.1:80") && stdout.contains("rule=cidr"), "{stdout}");
+    assert!(stdout.starts_with("allow http 127.0.0.1:80") && stdout.contains("by=cidr rule=roles.default.allow.cidrs[0] (127.0.0.1/32)"), "{stdout}");
     let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "https://[::ffff:8.8.8.8]/"]);
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("addrs=8.8.8.8:443"), "{stdout}");
