@@ -53,10 +53,37 @@ enum Command {
         #[arg(required = true)]
         cases: Vec<PathBuf>,
     },
+    /// Propose allow-list additions from a decision log (would_deny and
+    /// deny lines). Exit code 0, or 2 for bad input.
+    Suggest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The decision log (JSON lines, as `portcullis run` writes them).
+        #[arg(long)]
+        log: PathBuf,
+        /// Only this role's lines.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Convert another proxy's egress policy into Portcullis roles (YAML on
+    /// stdout; what does not translate follows as comments). Exit code 0, or 2.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// A Smokescreen egress ACL (v1: services, global allow and deny lists, default).
+    Smokescreen {
+        /// The ACL file.
+        acl: PathBuf,
     },
 }
 
@@ -73,6 +100,8 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Check { config, role, url, explain } => runtime.block_on(check(config, role.as_deref(), &url, explain)),
         Command::Test { config, junit, cases } => test(config, junit, &cases),
+        Command::Suggest { config, log, role } => suggest(config, log, role.as_deref()),
+        Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
     };
     match result {
@@ -207,16 +236,16 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
     }
 }
 
+/// The config's policy and identity rules, or `None` once the refusal
+/// (file, line, reason) is printed.
+fn policy_under_test(config: &std::path::Path) -> Option<PolicyUnderTest> {
+    let loaded = Config::load(config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c));
+    loaded.map_err(|e| eprintln!("{e}")).ok()
+}
+
 /// Runs case files; bad input (config or cases) is exit code 2.
 fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let loaded = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c));
-    let put = match loaded {
-        Ok(put) => put,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
+    let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
     let mut files = Vec::with_capacity(case_paths.len());
     for path in case_paths {
         match CaseFile::load(path) {
@@ -240,6 +269,41 @@ fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyh
         std::fs::write(&path, policytest::junit_xml(&results)).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
+    let text = std::fs::read_to_string(&log).with_context(|| format!("{}: cannot read", log.display()))?;
+    match portcullis::suggest::suggest(put.policy(), &text, &log.display().to_string(), role) {
+        Ok(suggestion) => {
+            print!("{suggestion}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn import_smokescreen(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match portcullis::import::smokescreen(&text, &path.display().to_string()) {
+        Ok(imported) => {
+            print!("{imported}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 /// The address of an IP-literal target.

@@ -501,6 +501,26 @@ impl Role {
         self.mode
     }
 
+    /// True when the role's allow-list admits `port` for `kind`.
+    pub fn allows_port(&self, kind: RequestKind, port: u16) -> bool {
+        self.allow.ports(kind).contains(port)
+    }
+
+    /// The ports the role allows for `kind`, sorted.
+    pub fn ports(&self, kind: RequestKind) -> &[u16] {
+        &self.allow.ports(kind).0
+    }
+
+    /// True when a domain rule of the role's allow-list matches `name`.
+    pub fn allows_name(&self, name: &DomainName) -> bool {
+        self.allow.name_rule(name).is_some()
+    }
+
+    /// True when a CIDR rule of the role's allow-list covers `addr` (as judged).
+    pub fn allows_addr(&self, transitions: &Transitions, addr: IpAddr) -> bool {
+        self.allow.cidrs.lookup(transitions.judged(addr)).is_some()
+    }
+
     /// The role's rules as written, for provenance.
     fn rules(&self) -> RoleRules {
         RoleRules {
