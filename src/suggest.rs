@@ -148,7 +148,7 @@ fn for_role(
             if !r.allows_port(kind, d.port) {
                 *s.ports.entry((kind_str, d.port)).or_default() += count;
             }
-            match crate::target::Host::parse(&d.host) {
+            match Host::parse_bare(&d.host) {
                 Ok(Host::Ip(ip)) => match policy.denied_range_for(role, ip) {
                     Some(range) => {
                         let key = (role_name.to_string(), format!("{}:{} denied-range:{}", d.host, d.port, range.as_str()));
