@@ -107,6 +107,7 @@ async fn run_serves_and_logs_one_line_per_request() {
         "\"mode\":\"enforce\"",
         "\"role\":\"default\"",
         "\"identity\":\"default\"",
+        "\"rule\":\"always-denied:metadata (169.254.169.254/32)\"",
         "\"status\":403",
         "\"dialed\":\"\"",
         "\"bytes_in\":0",
