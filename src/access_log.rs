@@ -165,9 +165,16 @@ impl AccessRecord {
         out.extend_from_slice(b",\"mode\":");
         json_str(out, self.mode.as_str());
         out.extend_from_slice(b",\"rule\":");
-        match &self.rule {
-            Some(rule) => json_str(out, &rule.to_string()),
-            None => out.extend_from_slice(b"\"\""),
+        match (&self.rule, self.outcome) {
+            // Decided after the allow, by the tunnel's TLS check or a reload.
+            (Some(rule), Outcome::Deny(DenyReason::SniMismatch | DenyReason::SniMissing | DenyReason::NotTls | DenyReason::SniTimeout)) => {
+                json_str(out, &format!("sni_check (after the allow by {rule})"))
+            }
+            (Some(rule), Outcome::Deny(DenyReason::Revoked)) => {
+                json_str(out, &format!("revoked by a reload (was allowed by {rule})"))
+            }
+            (Some(rule), _) => json_str(out, &rule.to_string()),
+            (None, _) => out.extend_from_slice(b"\"\""),
         }
         let _ = writeln!(
             out,
@@ -233,5 +240,16 @@ mod tests {
         let timestamp = field("timestamp").as_str().unwrap();
         assert!(timestamp.len() == 27 && timestamp.ends_with('Z'), "{timestamp}");
         assert_eq!(value.as_object().unwrap().len(), 19, "no other fields: {value}");
+        for (outcome, rule) in [
+            (Outcome::Deny(DenyReason::SniMismatch), "sni_check (after the allow by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),
+            (Outcome::Deny(DenyReason::Revoked), "revoked by a reload (was allowed by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),
+            (Outcome::Error("upstream-refused"), "roles.default.allow.domains[0] (*.a.example) at p.yaml:4"),
+        ] {
+            record.outcome = outcome;
+            let mut line = Vec::new();
+            record.write_json(&mut line);
+            let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+            assert_eq!(value["rule"], rule, "{outcome:?}");
+        }
     }
 }
