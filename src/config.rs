@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::policy::domain::DomainPattern;
 use crate::policy::provenance::SourceLines;
 use crate::policy::ranges::{Nat64Prefix, Transitions};
-use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PortSet, Role};
+use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PolicyError, PortSet, Role};
 
 /// The role that applies to clients without an identity.
 pub const DEFAULT_ROLE: &str = "default";
@@ -557,8 +557,11 @@ impl Config {
             let own = for_all.clone().filter(|(c, _)| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
             roles.push(compile_role(&transitions, name, role)?.with_carve_outs(own.map(|(_, n)| *n).collect()));
         }
-        let policy = Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| {
-            format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity")
+        let policy = Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| match e {
+            PolicyError::MissingRole(_) => {
+                format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity")
+            }
+            PolicyError::TooManyRoles(_) => format!("roles: {e}"),
         })?;
         Ok(match &self.source {
             Some(source) => policy.with_source(source.clone()),

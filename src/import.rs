@@ -23,8 +23,11 @@ use crate::policy::Mode;
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{}: {message}", line.map_or("?".to_string(), |l| l.to_string()))]
 pub struct ImportError {
+    /// The ACL file as named.
     pub file: String,
+    /// The 1-based line, when the parser knows it.
     pub line: Option<usize>,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -80,12 +83,17 @@ impl Action {
 /// One role produced from a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportedRole {
+    /// The Portcullis role name.
     pub name: String,
     /// The Smokescreen service name (`None` for the default rule).
     pub service: Option<String>,
+    /// Smokescreen's `project`, kept as a comment.
     pub project: Option<String>,
+    /// From the `action`.
     pub mode: Mode,
+    /// `allow.domains`: the service's own, then the global allow list.
     pub allow: Vec<String>,
+    /// `deny.domains`: the global deny list less what the service allows.
     pub deny: Vec<String>,
 }
 
@@ -93,7 +101,9 @@ pub struct ImportedRole {
 /// translates with a difference worth reading).
 #[derive(Debug, Clone, Default)]
 pub struct Imported {
+    /// One role per service, then `default`.
     pub roles: Vec<ImportedRole>,
+    /// Notes on what did not translate, one per line.
     pub untranslated: Vec<String>,
 }
 

@@ -23,7 +23,12 @@ use crate::target::{Host, Target};
 pub enum CaseFileError {
     /// The file could not be read.
     #[error("{file}: cannot read: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        /// The file as named.
+        file: String,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
     /// The file is not a valid case file; `line` is 1-based when known.
     #[error("{file}:{}: {message}", line.map_or("?".to_string(), |l| l.to_string()))]
     Invalid { file: String, line: Option<usize>, message: String },
@@ -89,7 +94,9 @@ struct CertRaw {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Expect {
+    /// Allowed (in report mode, also what would have been denied).
     Allow,
+    /// Denied.
     Deny,
 }
 
@@ -115,8 +122,9 @@ enum Client {
 pub struct Case {
     /// The case's name, or its URL.
     pub name: String,
-    /// Where it is written.
+    /// The case file it is written in.
     pub file: String,
+    /// Its 1-based line there, when found.
     pub line: Option<usize>,
     client: Client,
     kind: RequestKind,
@@ -131,6 +139,7 @@ pub struct Case {
 pub struct CaseFile {
     /// The file's name as given.
     pub file: String,
+    /// Its cases, in order.
     pub cases: Vec<Case>,
     resolve: BTreeMap<String, Vec<IpAddr>>,
 }
@@ -232,7 +241,9 @@ pub struct Outcome {
 /// A case and what it got.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
+    /// The case that ran.
     pub case: Case,
+    /// What it got.
     pub got: Outcome,
     /// Why it failed; `None` when it passed.
     pub failure: Option<String>,

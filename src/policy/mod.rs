@@ -594,6 +594,9 @@ impl Policy {
     /// always-denied and internal ranges only where they are at least as
     /// specific.
     pub fn new(roles: Vec<Role>, default_role: &str, plan: &AddressPlan) -> Result<Self, PolicyError> {
+        if roles.len() > usize::from(u16::MAX) {
+            return Err(PolicyError::TooManyRoles(roles.len()));
+        }
         let default_role = roles
             .iter()
             .position(|r| &*r.name == default_role)
@@ -840,6 +843,9 @@ fn range_step(verdict: Option<RangeVerdict>) -> RangeStep {
 pub enum PolicyError {
     #[error("role {0:?} is not defined")]
     MissingRole(String),
+    /// Rule ids carry the role as 16 bits.
+    #[error("{0} roles: at most 65535 are supported")]
+    TooManyRoles(usize),
 }
 
 #[cfg(test)]

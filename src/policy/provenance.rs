@@ -140,13 +140,21 @@ impl Trace for Vec<Step> {
 /// A role's rules as written, in config order, for describing them.
 #[derive(Debug, Clone, Default)]
 pub struct RoleRules {
+    /// The role's name.
     pub name: Arc<str>,
+    /// `allow.domains`, in order.
     pub allow_domains: Box<[DomainPattern]>,
+    /// `allow.cidrs`, in order (transition prefixes as unwrapped).
     pub allow_cidrs: Box<[IpNet]>,
+    /// `deny.domains`, in order.
     pub deny_domains: Box<[DomainPattern]>,
+    /// `deny.cidrs`, in order.
     pub deny_cidrs: Box<[IpNet]>,
+    /// `allow.http_ports`, sorted.
     pub http_ports: Box<[u16]>,
+    /// `allow.connect_ports`, sorted.
     pub connect_ports: Box<[u16]>,
+    /// Carve-outs that name this role.
     pub carve_outs: Box<[IpNet]>,
 }
 
