@@ -490,3 +490,60 @@ fn own_addresses_and_listeners_are_denied() {
         assert_eq!(got.deny_reason() == selfish, *denied, "{authority}: {got:?}");
     }
 }
+
+/// Every decision names the rule that made it, and `explain` decides the
+/// same way while listing what it consulted.
+#[test]
+fn decisions_name_their_rule() {
+    use provenance::{RoleRule::*, RuleId};
+    let allow = AllowList::new(
+        ["a.example", "*.b.example"].iter().map(|d| DomainPattern::parse(d).unwrap()),
+        ["8.8.8.0/24", "1.1.1.0/24"].iter().map(|c| c.parse().unwrap()),
+        PortSet::new([80]),
+        PortSet::new([443]),
+    );
+    let deny = DenyList::new([DomainPattern::parse("bad.b.example").unwrap()], ["1.1.1.1/32".parse().unwrap()]);
+    let report = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        internal: vec!["34.118.0.0/16".parse().unwrap(), "34.119.0.0/16".parse().unwrap()],
+        listeners: vec!["0.0.0.0:3128".parse().unwrap()],
+        ..AddressPlan::default()
+    };
+    let roles = vec![Role::new("default", Mode::Enforce, true, allow).with_deny(deny), Role::new("ci", Mode::Report, true, report)];
+    let p = Policy::new(roles, "default", &plan).unwrap();
+    let ci = p.role_id("ci").unwrap();
+    let row = |prefix: &str| RuleId::Range(provenance::RangeSource::Registry(registry::rows().position(|r| r.prefix == prefix).unwrap() as u16));
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let cases: &[(RoleId, &str, &[IpAddr], RuleId, &str)] = &[
+        (p.default_role(), "a.example:443", &[ip("93.184.216.34")], RuleId::Role(0, AllowDomain(0)), "roles.default.allow.domains[0] (a.example)"),
+        (p.default_role(), "x.b.example:443", &[ip("93.184.216.34")], RuleId::Role(0, AllowDomain(1)), "roles.default.allow.domains[1] (*.b.example)"),
+        (p.default_role(), "bad.b.example:443", &[ip("93.184.216.34")], RuleId::Role(0, DenyDomain(0)), "roles.default.deny.domains[0] (bad.b.example)"),
+        (p.default_role(), "1.1.1.2:443", &[ip("1.1.1.2")], RuleId::Role(0, AllowCidr(1)), "roles.default.allow.cidrs[1] (1.1.1.0/24)"),
+        (p.default_role(), "1.1.1.1:443", &[ip("1.1.1.1")], RuleId::Role(0, DenyCidr(0)), "roles.default.deny.cidrs[0] (1.1.1.1/32)"),
+        (p.default_role(), "a.example:8443", &[ip("93.184.216.34")], RuleId::Role(0, Ports(RequestKind::Connect)), "roles.default.allow.connect_ports ([443])"),
+        (p.default_role(), "other.example:443", &[ip("93.184.216.34")], RuleId::Role(0, DefaultDeny), "default-deny (role default: no allow rule matched)"),
+        (p.default_role(), "a.example:443", &[ip("93.184.216.34"), ip("10.0.0.1")], row("10.0.0.0/8"), "always-denied:private (10.0.0.0/8)"),
+        (p.default_role(), "[::ffff:169.254.169.254]:443", &[ip("::ffff:169.254.169.254")], row("169.254.169.254/32"), "always-denied:metadata (169.254.169.254/32)"),
+        (p.default_role(), "34.119.1.1:443", &[ip("34.119.1.1")], RuleId::Range(provenance::RangeSource::Internal(1)), "internal_ranges[1] (34.119.0.0/16)"),
+        (p.default_role(), "localhost:443", &[ip("127.0.0.1")], RuleId::DeniedName(0), "always-denied:loopback (name localhost)"),
+        (p.default_role(), "x.localhost:443", &[ip("127.0.0.1")], RuleId::DeniedName(ranges::DENIED_NAMES.len() as u16), "always-denied:loopback (name *.localhost)"),
+        (ci, "other.example:443", &[ip("93.184.216.34")], RuleId::Role(1, DefaultDeny), "default-deny (role ci: no allow rule matched)"),
+        (p.default_role(), "a.example:443", &[], RuleId::NoAddresses, "no-addresses (the name resolved to nothing)"),
+    ];
+    for (role, authority, addrs, rule, text) in cases {
+        let target = Target::parse_authority(authority).unwrap();
+        let decision = p.decide(*role, RequestKind::Connect, &target, addrs);
+        assert_eq!(decision.rule(), *rule, "{authority}: {decision:?}");
+        assert_eq!(p.describe(decision.rule()).to_string(), *text, "{authority}");
+        let (explained, steps) = p.explain(*role, RequestKind::Connect, &target, addrs);
+        assert_eq!(explained, decision, "{authority}");
+        assert!(!steps.is_empty(), "{authority}");
+    }
+    // The proxy's own listener on a public host address.
+    let own = AddressPlan { listeners: vec!["8.8.8.8:443".parse().unwrap()], ..AddressPlan::default() };
+    let allow = AllowList::new([], ["8.8.8.0/24".parse().unwrap()], PortSet::new([80]), PortSet::new([443]));
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &own).unwrap();
+    let target = Target::parse_authority("8.8.8.8:443").unwrap();
+    let decision = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip("8.8.8.8")]);
+    assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:self (listener 8.8.8.8:443)");
+}
