@@ -8,7 +8,8 @@
 # Kubernetes ConfigMap directory there; the proxy reloads it on change).
 # Probes: GET http://<host>:9128/healthz (liveness), /readyz (readiness).
 # The final image has no shell or curl, so probes are HTTP checks by the
-# orchestrator (see deploy/), not a HEALTHCHECK command.
+# orchestrator (see deploy/), not a HEALTHCHECK command. The final stage is
+# the default target; `--target redirect` builds the interception init image.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -16,6 +17,21 @@ WORKDIR /src
 # tests, which cargo needs to see even when building only the binary.
 COPY . .
 RUN cargo build --release --locked --bin portcullis
+
+# The transparent-interception init image (deploy/kubernetes/transparent-sidecar,
+# deploy/compose/docker-compose.transparent.yml): the shipped redirect script
+# and the two netfilter front ends it can use. Build it with
+#   docker build --target redirect -t portcullis-redirect .
+# It runs once per pod as root with NET_ADMIN and NET_RAW only, then exits.
+FROM debian:bookworm-slim AS redirect
+# Unpinned on purpose: bookworm's stable iptables/nftables, security fixes
+# included; an exact pin stops building once the archive moves on.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables nftables \
+    && rm -rf /var/lib/apt/lists/*
+COPY deploy/transparent/redirect.sh /usr/local/bin/redirect.sh
+ENTRYPOINT ["/bin/sh", "/usr/local/bin/redirect.sh"]
 
 # distroless/cc: glibc and libgcc only; runs as uid 65532 ("nonroot").
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -12,6 +12,13 @@
 //! Run with `bash benches/load.sh` (builds the release binary, raises the
 //! fd limit, then `cargo bench --bench proxy_load`). Every phase is bounded
 //! in time and in count.
+//!
+//! The transparent path (connections redirected by netfilter to
+//! `transparent_listen`) is measured in the same run when the bench can
+//! create a network namespace (root, `unshare`): it then re-executes itself
+//! under `unshare -n`, puts a stand-in public address on that namespace's
+//! loopback, applies `deploy/transparent/redirect.sh` there and runs the
+//! proxy as the exempt uid. Nothing outside that namespace changes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,15 +37,72 @@ const PHASE: Duration = Duration::from_secs(3);
 const MAX_REQUESTS_PER_CLIENT: usize = 200_000;
 const BULK_BYTES: usize = 512 * 1024 * 1024;
 const IDLE_TUNNELS: usize = 10_000;
+/// Tunnels that move a burst before idling, and the burst: just under the
+/// largest relay buffer, so each direction's buffer grows to its maximum
+/// without the transfer turning into a splice (the red team's worst case).
+const BURST_TUNNELS: usize = 2_000;
+const BURST_BYTES: usize = 126 * 1024;
+/// Set in the re-executed bench: it runs in a network namespace of its own.
+const OWN_NETNS: &str = "PORTCULLIS_LOAD_NETNS";
+/// In that namespace: a non-loopback local address (loopback is never
+/// redirected), where the origins are reached transparently.
+const STAND_IN: [u8; 4] = [11, 0, 0, 1];
+const TRANSPARENT_PORT: u16 = 15001;
+const PROXY_UID: &str = "65532";
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
+    if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_none() && std::env::var_os(OWN_NETNS).is_none() && can_unshare() {
+        let exe = std::env::current_exe().expect("the bench binary knows its path");
+        let status = Command::new("unshare").args(["-n", "--"]).arg(exe).args(std::env::args().skip(1)).env(OWN_NETNS, "1").status();
+        std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() {
         runtime.block_on(serve_origins());
     } else {
         runtime.block_on(run());
     }
+}
+
+/// Where origins listen: loopback, or in the bench's own namespace every
+/// local address (the stand-in one for the transparent phases).
+fn origins_bind() -> &'static str {
+    match std::env::var_os(OWN_NETNS) {
+        Some(_) => "0.0.0.0:0",
+        None => "127.0.0.1:0",
+    }
+}
+
+/// True when a network namespace can be made here (root and `unshare`).
+fn can_unshare() -> bool {
+    Command::new("unshare").args(["-n", "true"]).status().is_ok_and(|s| s.success())
+}
+
+/// In the bench's own namespace: loopback up, the stand-in address on it,
+/// and the shipped redirect rules. Returns false when not in one.
+fn set_up_interception() -> bool {
+    if std::env::var_os(OWN_NETNS).is_none() {
+        return false;
+    }
+    let stand_in = std::net::Ipv4Addr::from(STAND_IN);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/transparent/redirect.sh");
+    let steps: [Vec<String>; 3] = [
+        ["ip", "link", "set", "lo", "up"].map(String::from).into(),
+        vec!["ip".into(), "addr".into(), "add".into(), format!("{stand_in}/32"), "dev".into(), "lo".into()],
+        vec!["sh".into(), script.to_string_lossy().into_owned()],
+    ];
+    for step in steps {
+        let status = Command::new(&step[0])
+            .args(&step[1..])
+            .env("PORTCULLIS_UID", PROXY_UID)
+            .env("PORTCULLIS_TRANSPARENT_PORT", TRANSPARENT_PORT.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run a namespace setup step");
+        assert!(status.success(), "{step:?} failed");
+    }
+    true
 }
 
 /// The origins' process: prints their ports on one line, serves until its
@@ -72,8 +136,9 @@ fn spawn_origins() -> (Child, SocketAddr, SocketAddr, SocketAddr) {
 }
 
 async fn run() {
+    let transparent = set_up_interception();
     let (mut origins, origin, echo, source) = spawn_origins();
-    let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()]);
+    let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()], transparent);
     let p = proxy.addr;
     println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
     println!();
@@ -81,13 +146,20 @@ async fn run() {
     // The load generator (this process), the origins and the proxy.
     let pids = [std::process::id(), origins.id(), proxy.child.id()];
 
-    for clients in [1usize, 50, 500] {
+    let mut at_50 = (0.0, 0.0);
+    // `PORTCULLIS_LOAD_ONLY=memory` runs only the idle-tunnel memory phases.
+    let only_memory = std::env::var("PORTCULLIS_LOAD_ONLY").is_ok_and(|v| v == "memory");
+    for clients in if only_memory { &[][..] } else { &[1usize, 50, 500][..] } {
+        let clients = *clients;
         let before = pids.map(cpu_secs);
         let direct = http_load(origin, None, clients).await;
         let middle = pids.map(cpu_secs);
         let proxied = http_load(origin, Some(p), clients).await;
         let after = pids.map(cpu_secs);
         row(&format!("HTTP keep-alive req/s, {clients} clients"), direct.rps, proxied.rps, "");
+        if clients == 50 {
+            at_50 = (direct.rps, proxied.rps);
+        }
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
         let [load, orig, prox] = cpu_us_per(before, middle, direct.count as f64);
@@ -96,20 +168,38 @@ async fn run() {
         println!("  CPU µs/request, via proxy: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
     }
 
-    let direct = new_connections(echo, None).await;
-    let proxied = new_connections(echo, Some(p)).await;
-    row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
+    if !only_memory {
+        let direct = new_connections(echo, None).await;
+        let proxied = new_connections(echo, Some(p)).await;
+        row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
 
-    let before = pids.map(cpu_secs);
-    let direct = bulk(source, None).await;
-    let middle = pids.map(cpu_secs);
-    let proxied = bulk(source, Some(p)).await;
-    let after = pids.map(cpu_secs);
-    row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
-    let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
-    println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
-    let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
-    println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+        let before = pids.map(cpu_secs);
+        let direct = bulk(source, None).await;
+        let middle = pids.map(cpu_secs);
+        let proxied = bulk(source, Some(p)).await;
+        let after = pids.map(cpu_secs);
+        row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
+        let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
+        println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+        let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
+        println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+        let bulk_ratio = proxied.0 / direct.0;
+
+        if transparent {
+            // The same phases with the client unaware of any proxy: it dials the
+            // stand-in address and netfilter redirects it. The "direct" column
+            // is this run's direct figure; the note gives the explicit ratio.
+            let redirected = |addr: SocketAddr| SocketAddr::from((STAND_IN, addr.port()));
+            println!();
+            let via = http_load(redirected(origin), None, 50).await;
+            row("transparent HTTP req/s, 50 clients", at_50.0, via.rps, &format!("explicit: {:.2}", at_50.1 / at_50.0));
+            println!("  transparent p50/p99 latency µs, 50 clients: {:.0} / {:.0}", via.p50, via.p99);
+            let via = bulk(redirected(source), None).await;
+            row("transparent tunnel throughput MB/s (512 MiB)", direct.0, via.0, &format!("explicit: {bulk_ratio:.2}"));
+        } else {
+            println!("transparent path: not measured (needs root and unshare for a network namespace of its own)");
+        }
+    }
 
     let before = proxy.rss_kib();
     let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
@@ -120,7 +210,18 @@ async fn run() {
     println!("idle tunnels opened: {opened} (asked {IDLE_TUNNELS})");
     println!("proxy RSS before: {before} KiB, with tunnels: {after} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
     println!("RSS per idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
-    drop(held);
+    let mut held = held;
+    let rest = held.split_off(BURST_TUNNELS.min(opened));
+    let (held, burst) = bursts(held).await;
+    // Longer than the relay's quiet time, after which grown buffers shrink.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_bursts = proxy.rss_kib();
+    let per_burst_tunnel = (after_bursts.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;
+    let extra = after_bursts.saturating_sub(after) as f64 * 1024.0 / burst.max(1) as f64;
+    println!("{burst} of them moved a {} KiB burst each way, then all idled 1.5 s", BURST_BYTES / 1024);
+    println!("proxy RSS after bursts: {after_bursts} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
+    println!("RSS per idle tunnel after bursts: {per_burst_tunnel:.0} bytes; left behind per burst tunnel: {extra:.0} bytes");
+    drop((held, rest));
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
@@ -153,7 +254,9 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(ports: &[u16]) -> Proxy {
+    /// Starts the proxy; with `transparent`, also on the transparent port,
+    /// as the uid the redirect rules exempt, allowing the stand-in address.
+    fn start(ports: &[u16], transparent: bool) -> Proxy {
         let bin = std::env::var("PORTCULLIS_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/portcullis"));
@@ -162,11 +265,23 @@ impl Proxy {
         let dir = std::env::temp_dir().join(format!("portcullis-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        let (transparent_listen, stand_in) = match transparent {
+            true => (format!("transparent_listen: 127.0.0.1:{TRANSPARENT_PORT}\n"), format!(", {}/32", std::net::Ipv4Addr::from(STAND_IN))),
+            false => (String::new(), String::new()),
+        };
         let config = format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nlimits: {{max_connections: 30000, max_connections_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: 30000, max_connections_per_client: 30000, max_tunnels: 30000, max_tunnels_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
         );
         std::fs::write(dir.join("load.yaml"), config).unwrap();
-        let child = Command::new(bin)
+        let mut command = match transparent {
+            true => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"]).arg(bin);
+                c
+            }
+            false => Command::new(bin),
+        };
+        let child = command
             .args(["run", "--config", dir.join("load.yaml").to_str().unwrap()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -206,7 +321,7 @@ impl Proxy {
 }
 
 async fn start_http_origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(origins_bind()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -223,7 +338,7 @@ async fn start_http_origin() -> SocketAddr {
 }
 
 async fn start_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(origins_bind()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -237,13 +352,19 @@ async fn start_echo() -> SocketAddr {
     addr
 }
 
-/// Writes BULK_BYTES to every connection, then closes.
+/// Reads the client's one-byte request, then writes BULK_BYTES to the
+/// connection and closes. (Closing with the request unread would reset the
+/// connection and lose the end of the transfer.)
 async fn start_source() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(origins_bind()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
+                let mut request = [0u8; 1];
+                if stream.read_exact(&mut request).await.is_err() {
+                    return;
+                }
                 let chunk = vec![0x5au8; 256 * 1024];
                 let mut sent = 0;
                 while sent < BULK_BYTES {
@@ -352,9 +473,12 @@ async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// (MB/s, MB) reading BULK_BYTES from the source, at most 30 s.
+/// (MB/s, MB) reading BULK_BYTES from the source, at most 30 s. The client
+/// speaks first, one byte the source ignores, like any request: a
+/// redirected connection is classified by its first bytes.
 async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
     let mut s = open(source, proxy).await;
+    s.write_all(&[0]).await.unwrap();
     let mut buf = vec![0u8; 256 * 1024];
     let started = Instant::now();
     let mut got = 0usize;
@@ -366,6 +490,38 @@ async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
         }
     }
     (got as f64 / 1e6 / started.elapsed().as_secs_f64(), got as f64 / 1e6)
+}
+
+/// Sends [`BURST_BYTES`] through each tunnel to the echo origin and reads
+/// them back, 50 tunnels at a time; stops after 60 s. Returns the tunnels
+/// (still open) and how many completed their burst.
+async fn bursts(tunnels: Vec<TcpStream>) -> (Vec<TcpStream>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kept = Vec::with_capacity(tunnels.len());
+    let mut done = 0;
+    let mut tunnels = tunnels.into_iter().peekable();
+    while tunnels.peek().is_some() && Instant::now() < deadline {
+        let mut batch = tokio::task::JoinSet::new();
+        for mut s in tunnels.by_ref().take(50) {
+            batch.spawn(async move {
+                let (mut r, mut w) = s.split();
+                let back = async {
+                    let mut got = vec![0u8; BURST_BYTES];
+                    r.read_exact(&mut got).await.map(|_| ())
+                };
+                let burst = vec![0x5au8; BURST_BYTES];
+                let (sent, read) = tokio::join!(w.write_all(&burst), back);
+                let ok = sent.is_ok() && read.is_ok();
+                (s, ok)
+            });
+        }
+        while let Some(Ok((s, ok))) = batch.join_next().await {
+            done += usize::from(ok);
+            kept.push(s);
+        }
+    }
+    kept.extend(tunnels);
+    (kept, done)
 }
 
 /// Opens up to `n` tunnels and keeps them open; stops early at the fd limit

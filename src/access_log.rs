@@ -64,6 +64,11 @@ pub struct AccessRecord {
     pub host: String,
     pub port: u16,
     pub dialed: Option<SocketAddr>,
+    /// Where the checked addresses came from (`dns`, `static`), if a name was resolved.
+    pub answer: &'static str,
+    /// Where a redirected (transparent) connection was headed; logged only
+    /// when set.
+    pub original_dst: Option<SocketAddr>,
     pub outcome: Outcome,
     pub role: String,
     /// Where the role came from: certificate, credentials, source, default.
@@ -77,6 +82,10 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     /// Bytes from the destination to the client (response body, tunnel downstream).
     pub bytes_out: u64,
+    /// The part of (`bytes_in`, `bytes_out`) already added to the
+    /// relayed-bytes metrics while the request ran (an open tunnel's live
+    /// counting); `emit` adds only the rest.
+    pub bytes_metered: (u64, u64),
     pub started: Instant,
     metrics: Arc<Metrics>,
 }
@@ -97,6 +106,8 @@ impl AccessRecord {
             host: String::new(),
             port: 0,
             dialed: None,
+            answer: "",
+            original_dst: None,
             outcome: Outcome::Pending,
             role: String::new(),
             identity: "",
@@ -105,6 +116,7 @@ impl AccessRecord {
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
+            bytes_metered: (0, 0),
             started: Instant::now(),
             metrics,
         }
@@ -118,7 +130,11 @@ impl AccessRecord {
             code => code,
         };
         self.metrics.count_request(kind, self.outcome.decision(), reason, &self.role);
-        self.metrics.count_bytes(self.bytes_in, self.bytes_out);
+        self.metrics.count_bytes(
+            &self.role,
+            self.bytes_in.saturating_sub(self.bytes_metered.0),
+            self.bytes_out.saturating_sub(self.bytes_metered.1),
+        );
         if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
             return;
         }
@@ -153,6 +169,11 @@ impl AccessRecord {
                 let _ = write!(out, "\"{addr}\"");
             }
             None => out.extend_from_slice(b"\"\""),
+        }
+        out.extend_from_slice(b",\"answer\":");
+        json_str(out, self.answer);
+        if let Some(original) = self.original_dst {
+            let _ = write!(out, ",\"original_dst\":\"{original}\"");
         }
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.outcome.decision());
@@ -201,6 +222,7 @@ mod tests {
         record.host = "evil\"host\\\n\u{1}é".to_string();
         record.port = 8080;
         record.dialed = Some("[2001:db8::1]:443".parse().unwrap());
+        record.answer = "static";
         record.outcome = Outcome::WouldDeny(DenyReason::NotAllowListed);
         record.role = "team \"a\"".to_string();
         record.identity = "credentials";
@@ -239,7 +261,8 @@ mod tests {
         assert!(field("duration_ms").as_f64().is_some_and(|d| d >= 0.0));
         let timestamp = field("timestamp").as_str().unwrap();
         assert!(timestamp.len() == 27 && timestamp.ends_with('Z'), "{timestamp}");
-        assert_eq!(value.as_object().unwrap().len(), 19, "no other fields: {value}");
+        assert_eq!(field("answer"), "static");
+        assert_eq!(value.as_object().unwrap().len(), 20, "no other fields: {value}");
         for (outcome, rule) in [
             (Outcome::Deny(DenyReason::SniMismatch), "sni_check (after the allow by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),
             (Outcome::Deny(DenyReason::Revoked), "revoked by a reload (was allowed by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),

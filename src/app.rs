@@ -12,13 +12,14 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Health};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::proxy::transparent::TransparentServer;
 use crate::proxy::{Server, Snapshot};
 use crate::reload::Reloader;
 
 /// Why the process could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: io::Error },
@@ -27,6 +28,8 @@ pub enum StartError {
 /// A started (bound) Portcullis process.
 pub struct App {
     server: Server,
+    /// Present when `transparent_listen` is set.
+    transparent: Option<TransparentServer>,
     admin: TcpListener,
     reloader: Arc<Reloader>,
     health: Arc<Health>,
@@ -38,6 +41,13 @@ impl App {
     /// Loads the config file and binds both listeners.
     pub async fn start(path: &Path) -> Result<App, StartError> {
         let config = Config::load(path)?;
+        if let Some(nofile) = crate::host::raise_nofile_limit() {
+            config.limits.check_fds(nofile).map_err(|message| ConfigError::Invalid {
+                file: path.display().to_string(),
+                message: format!("limits: {message}"),
+                line: None,
+            })?;
+        }
         let snapshot = Snapshot::from_config(&config, 1).map_err(|message| ConfigError::Invalid {
             file: path.display().to_string(),
             message,
@@ -51,13 +61,28 @@ impl App {
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .map_err(|source| StartError::Bind { what: "admin", addr: config.admin_listen, source })?;
+        let transparent = match config.transparent_listen {
+            Some(addr) => {
+                // The loop guard's list; a bound listener always has an address.
+                let others: Vec<SocketAddr> =
+                    [server.local_addr(), admin.local_addr()].into_iter().filter_map(Result::ok).collect();
+                let bound = server.bind_transparent(addr, &others).await;
+                Some(bound.map_err(|source| StartError::Bind { what: "transparent", addr, source })?)
+            }
+            None => None,
+        };
         let reloader = Arc::new(Reloader::new(PathBuf::from(path), &config, server.snapshot_handle(), metrics.clone()));
-        Ok(App { server, admin, reloader, health: Arc::new(Health::default()), metrics, config })
+        Ok(App { server, transparent, admin, reloader, health: Arc::new(Health::default()), metrics, config })
     }
 
     /// The proxy listener's address.
     pub fn proxy_addr(&self) -> io::Result<SocketAddr> {
         self.server.local_addr()
+    }
+
+    /// The transparent listener's address, when it is enabled.
+    pub fn transparent_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.transparent.as_ref().map(TransparentServer::local_addr)
     }
 
     /// The admin listener's address.
@@ -78,12 +103,21 @@ impl App {
         }
         #[cfg(unix)]
         background.push(tokio::spawn(self.reloader.clone().on_sighup()));
+        // One shutdown for both entrances: the transparent listener stops
+        // accepting with the proxy's, and the proxy's drain waits for both.
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(transparent) = self.transparent {
+            background.push(tokio::spawn(transparent.run_until(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })));
+        }
         self.health.set_accepting(true);
         let health = self.health.clone();
         self.server
             .run_until(async move {
                 shutdown.await;
                 health.set_accepting(false);
+                let _ = stop_tx.send(true);
             })
             .await;
         for task in background {

@@ -53,6 +53,10 @@ pub struct Config {
     /// Where the admin endpoints (metrics, health) listen.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Where connections redirected by netfilter (`REDIRECT`) arrive; off
+    /// when absent. See `deploy/transparent/redirect.sh`.
+    #[serde(default)]
+    pub transparent_listen: Option<SocketAddr>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -79,11 +83,46 @@ pub struct Config {
     /// judged by the IPv4 address they carry, like `64:ff9b::/96`.
     #[serde(default)]
     pub nat64_prefixes: Vec<Nat64Rule>,
+    /// A parent proxy that allowed requests leave through.
+    #[serde(default)]
+    pub upstream_proxy: Option<UpstreamProxyConfig>,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
     /// Where each rule sits in the file it was read from, for provenance.
     #[serde(skip)]
     pub source: Option<Arc<SourceLines>>,
+}
+
+/// `upstream_proxy`: allowed requests of `roles` (every role when empty)
+/// leave through a parent proxy, except those to `except` destinations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamProxyConfig {
+    /// `http://host:port` of the parent.
+    pub url: ParentUrlConfig,
+    /// An environment variable holding `user:password` for Basic auth to the parent.
+    #[serde(default)]
+    pub credentials_env: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Destinations reached directly.
+    #[serde(default)]
+    pub except: DenyConfig,
+}
+
+/// The parent's URL, validated while parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentUrlConfig {
+    pub authority: String,
+}
+
+impl<'de> Deserialize<'de> for ParentUrlConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::proxy::parent::ParentUrl::parse(&text)
+            .map(|u| ParentUrlConfig { authority: u.authority })
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -100,8 +139,11 @@ fn default_admin_listen() -> SocketAddr {
 pub struct Timeouts {
     /// Reading a request head (slowloris defence).
     pub request_header: ConfigDuration,
-    /// Establishing the upstream TCP connection.
+    /// Establishing the upstream TCP connection (all attempts together).
     pub upstream_connect: ConfigDuration,
+    /// Happy Eyeballs (RFC 8305): the next address is tried after this
+    /// long without an answer from the previous one.
+    pub connect_stagger: ConfigDuration,
     /// Waiting for the upstream response head on forwarded HTTP.
     pub upstream_response: ConfigDuration,
     /// A tunnel with no bytes in either direction for this long is closed.
@@ -141,12 +183,49 @@ pub struct Limits {
     pub max_response_head_bytes: usize,
 }
 
+impl Limits {
+    /// Descriptors kept free for listeners, DNS sockets, the config file
+    /// and the log.
+    pub const RESERVED_FDS: u64 = 64;
+
+    /// The file descriptors these limits may need at once: each client
+    /// connection (a tunnel keeps its connection's slot) and the upstream
+    /// connection it may have open, every pooled idle connection, and a
+    /// reserve. Splice pipes are left out: when no descriptor is left for
+    /// one, a tunnel copies through user space instead.
+    pub fn fds_needed(&self) -> u64 {
+        2 * self.max_connections as u64 + self.max_idle_upstream as u64 + Self::RESERVED_FDS
+    }
+
+    /// Refuses limits that cannot be served within `nofile` descriptors,
+    /// with the numbers.
+    pub fn check_fds(&self, nofile: u64) -> Result<(), String> {
+        let need = self.fds_needed();
+        if need <= nofile {
+            return Ok(());
+        }
+        let fit = nofile.saturating_sub(self.max_idle_upstream as u64 + Self::RESERVED_FDS) / 2;
+        let lower = match fit {
+            0 => "lower limits.max_idle_upstream and limits.max_connections".to_string(),
+            fit => format!("lower limits.max_connections to {fit}"),
+        };
+        Err(format!(
+            "limits need up to {need} file descriptors (2 x max_connections {} + max_idle_upstream {} + {} reserved), \
+             but the open-file limit is {nofile}: {lower} or raise the limit \
+             (ulimit -n, systemd LimitNOFILE=, docker --ulimit nofile=)",
+            self.max_connections,
+            self.max_idle_upstream,
+            Self::RESERVED_FDS
+        ))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 10_000,
+            max_connections: 8_192,
             max_connections_per_client: 1_000,
-            max_tunnels: 8_000,
+            max_tunnels: 4_096,
             max_tunnels_per_client: 500,
             max_idle_upstream: 1_024,
             max_idle_upstream_per_destination: 128,
@@ -177,6 +256,7 @@ impl Default for Timeouts {
         Timeouts {
             request_header: ConfigDuration(Duration::from_secs(10)),
             upstream_connect: ConfigDuration(Duration::from_secs(5)),
+            connect_stagger: ConfigDuration(Duration::from_millis(250)),
             upstream_response: ConfigDuration(Duration::from_secs(60)),
             tunnel_idle: ConfigDuration(Duration::from_secs(300)),
             upstream_idle: ConfigDuration(Duration::from_secs(60)),
@@ -196,6 +276,23 @@ pub struct DnsConfig {
     pub timeout: ConfigDuration,
     /// Answers are cached no longer than this, whatever their TTL.
     pub max_ttl: ConfigDuration,
+    /// Pinned names (`static:` in the file): answered from here, without
+    /// DNS. The answers are checked like any other.
+    #[serde(rename = "static")]
+    pub pinned: BTreeMap<PinnedName, Vec<std::net::IpAddr>>,
+}
+
+/// A pinned name, normalised like a request's host.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PinnedName(pub String);
+
+impl<'de> Deserialize<'de> for PinnedName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::target::DomainName::parse(&text)
+            .map(|n| PinnedName(n.as_str().to_string()))
+            .map_err(|e| serde::de::Error::custom(format!("dns.static: {text:?} is not a host name: {e}")))
+    }
 }
 
 impl Default for DnsConfig {
@@ -204,6 +301,7 @@ impl Default for DnsConfig {
             nameservers: Vec::new(),
             timeout: ConfigDuration(Duration::from_secs(2)),
             max_ttl: ConfigDuration(Duration::from_secs(300)),
+            pinned: BTreeMap::new(),
         }
     }
 }
@@ -389,18 +487,22 @@ impl<'de> Deserialize<'de> for Nat64Rule {
 }
 
 /// An operator's exception to the always-denied ranges, for every role
-/// (`- 10.1.0.0/16`) or only the named ones (`- {cidr: 10.1.0.0/16, roles: [ci]}`).
+/// (`- 10.1.0.0/16`), only the named ones (`- {cidr: 10.1.0.0/16, roles: [ci]}`),
+/// or only for requests naming given hosts
+/// (`- {cidr: 10.0.5.0/24, domains: [vault.corp.example], ports: [8200], roles: [ci]}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CarveOut {
     All(CarvedRange),
     Roles { cidr: CarvedRange, roles: Vec<String> },
+    /// Bound to names: never reachable by IP literal or another name.
+    Named { cidr: CarvedRange, domains: Vec<DomainRule>, ports: Vec<NonZeroU16>, roles: Vec<String> },
 }
 
 impl CarveOut {
     /// The carved-out range.
     pub fn net(&self) -> IpNet {
         match self {
-            CarveOut::All(r) | CarveOut::Roles { cidr: r, .. } => r.0,
+            CarveOut::All(r) | CarveOut::Roles { cidr: r, .. } | CarveOut::Named { cidr: r, .. } => r.0,
         }
     }
 
@@ -409,6 +511,15 @@ impl CarveOut {
         match self {
             CarveOut::All(_) => true,
             CarveOut::Roles { roles, .. } => roles.iter().any(|r| r == role),
+            CarveOut::Named { roles, .. } => roles.is_empty() || roles.iter().any(|r| r == role),
+        }
+    }
+
+    /// The roles the carve-out names (empty: every role).
+    fn roles(&self) -> &[String] {
+        match self {
+            CarveOut::All(_) => &[],
+            CarveOut::Roles { roles, .. } | CarveOut::Named { roles, .. } => roles,
         }
     }
 }
@@ -419,7 +530,7 @@ impl<'de> Deserialize<'de> for CarveOut {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = CarveOut;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a CIDR, or a map with `cidr` and `roles`")
+                f.write_str("a CIDR, or a map with `cidr` and `roles` and/or `domains` (with optional `ports`)")
             }
             fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<CarveOut, E> {
                 CarvedRange::parse(text).map(CarveOut::All).map_err(E::custom)
@@ -427,12 +538,23 @@ impl<'de> Deserialize<'de> for CarveOut {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<CarveOut, A::Error> {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
-                struct ForRoles {
+                struct Scoped {
                     cidr: CarvedRange,
+                    #[serde(default)]
                     roles: Vec<String>,
+                    #[serde(default)]
+                    domains: Vec<DomainRule>,
+                    #[serde(default)]
+                    ports: Vec<NonZeroU16>,
                 }
-                let r = ForRoles::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(CarveOut::Roles { cidr: r.cidr, roles: r.roles })
+                use serde::de::Error as _;
+                let r = Scoped::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                match (r.domains.is_empty(), r.roles.is_empty(), r.ports.is_empty()) {
+                    (false, _, _) => Ok(CarveOut::Named { cidr: r.cidr, domains: r.domains, ports: r.ports, roles: r.roles }),
+                    (true, _, false) => Err(A::Error::custom("`ports` needs `domains`: a port-scoped carve-out is bound to names")),
+                    (true, true, true) => Err(A::Error::custom("a carve-out map needs `roles` or `domains`; write a bare CIDR for every role")),
+                    (true, false, true) => Ok(CarveOut::Roles { cidr: r.cidr, roles: r.roles }),
+                }
             }
         }
         d.deserialize_any(Visitor)
@@ -511,6 +633,12 @@ impl Config {
         }
         let policy = self.compile_policy()?;
         crate::identity::Identities::compile(&self.identity, &policy)?;
+        if let Some(parent) = &self.upstream_proxy {
+            if let Some(missing) = parent.roles.iter().find(|r| !self.roles.contains_key(*r)) {
+                return Err(format!("upstream_proxy.roles: role {missing:?} is not defined under roles").into());
+            }
+            crate::proxy::parent::Parent::compile(parent)?;
+        }
         if let Some(tls) = &self.tls {
             crate::tls::server_config(tls)?;
         }
@@ -525,9 +653,19 @@ impl Config {
 
     fn compile_policy(&self) -> Result<Policy, Refused> {
         for (i, carve) in self.allow_ranges.iter().enumerate() {
-            if let CarveOut::Roles { roles, .. } = carve {
-                if let Some(missing) = roles.iter().find(|r| !self.roles.contains_key(*r)) {
-                    return Err(format!("allow_ranges[{i}].roles: role {missing:?} is not defined under roles").into());
+            if let Some(missing) = carve.roles().iter().find(|r| !self.roles.contains_key(*r)) {
+                let reason = format!("role {missing:?} is not defined under roles");
+                return Err(Refused::at(format!("allow_ranges[{i}].roles"), reason, missing));
+            }
+            if let CarveOut::Named { cidr, .. } = carve {
+                if let Some((meta, _)) = crate::policy::ranges::denied_ranges()
+                    .find(|(net, kind)| *kind == crate::policy::ranges::RangeKind::Metadata && cidr.0.contains(net))
+                {
+                    return Err(Refused::at(
+                        format!("allow_ranges[{i}]"),
+                        format!("{} contains the metadata address {meta}, which no carve-out bound to names can lift; narrow the CIDR", cidr.0),
+                        cidr.0,
+                    ));
                 }
             }
         }
@@ -536,8 +674,22 @@ impl Config {
         let internal = unwrap_all(&transitions, "internal_ranges", self.internal_ranges.iter().map(|r| r.0))?;
         let listeners = [self.listen, self.admin_listen].into_iter().filter(|l| l.port() != 0).collect();
         let self_addrs = crate::host::interface_addrs();
-        let mut plan = AddressPlan { carve_outs: Vec::new(), internal, nat64, self_addrs, listeners };
         let carve_outs = unwrap_all(&transitions, "allow_ranges", self.allow_ranges.iter().map(CarveOut::net))?;
+        let named = self
+            .allow_ranges
+            .iter()
+            .zip(&carve_outs)
+            .filter_map(|(c, net)| match c {
+                CarveOut::Named { domains, ports, roles, .. } => Some(crate::policy::NamedCarveOut {
+                    net: *net,
+                    domains: domains.iter().map(|d| d.0.clone()).collect(),
+                    ports: ports.iter().map(|p| p.get()).collect(),
+                    roles: roles.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let mut plan = AddressPlan { carve_outs: Vec::new(), internal, nat64, self_addrs, listeners, named };
         for (i, net) in carve_outs.iter().enumerate() {
             if !plan.overlaps_denied_range(net) {
                 return Err(Refused::at(
@@ -580,7 +732,7 @@ struct Refused {
 }
 
 impl Refused {
-    fn at(path: String, reason: String, value: IpNet) -> Self {
+    fn at(path: String, reason: String, value: impl fmt::Display) -> Self {
         Refused { message: format!("{path}: {reason}"), value: Some((path, value.to_string())) }
     }
 }
@@ -595,10 +747,16 @@ impl From<String> for Refused {
 /// each key of the path is looked for in turn, then the value after the last.
 fn line_of(text: &str, path: &str, value: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
+    // A key at the start of a line, or inside a flow mapping (`{cidr: .., roles: ..}`).
+    let has_key = |line: &str, key: &str| {
+        line.match_indices(key).any(|(at, _)| {
+            let before = line[..at].trim_end_matches(' ');
+            line[at + key.len()..].starts_with(':') && (before.is_empty() || before.ends_with(['{', ',', '-']))
+        })
+    };
     let mut from = 0;
     for key in path.split('.').map(|k| k.split('[').next().unwrap_or(k)) {
-        let key = format!("{key}:");
-        from += lines[from..].iter().position(|l| l.trim_start().trim_start_matches("- ").starts_with(&key))?;
+        from += lines[from..].iter().position(|l| has_key(l, key))?;
     }
     lines[from..].iter().position(|l| l.contains(value)).map(|i| from + i + 1)
 }
@@ -676,6 +834,11 @@ mod tests {
                 "roles.default.allow.cidrs[1]: 2001:db8:64::/96 covers a whole",
             ),
             ("timeouts:\n  tunnel_idle: 5124095576030431h\nroles:\n  default: {}\n", 2, "must be at most 7 days"),
+            ("allow_ranges:\n  - {cidr: 169.254.0.0/16, domains: [meta.example]}\nroles:\n  default: {}\n", 2, "contains the metadata address 169.254.169.254/32"),
+            ("allow_ranges:\n  - {cidr: 10.0.0.0/8, ports: [443]}\nroles:\n  default: {}\n", 2, "`ports` needs `domains`"),
+            ("allow_ranges:\n  - {cidr: 10.0.0.0/8}\nroles:\n  default: {}\n", 2, "needs `roles` or `domains`"),
+            ("allow_ranges:\n  - {cidr: 10.0.0.0/8, domains: [a.example], roles: [nobody]}\nroles:\n  default: {}\n", 2, "role \"nobody\" is not defined"),
+            ("dns:\n  static:\n    \"bad name!\": [10.0.0.1]\nroles:\n  default: {}\n", 3, "is not a host name"),
             ("roles:\n  default:\n    mode: permissive\n", 3, "unknown variant `permissive`"),
             ("roles:\n  default:\n    allow:\n      http_ports: [0]\n", 4, "nonzero"),
             ("roles:\n  default:\n    allow:\n      connect_ports: [70000]\n", 4, "70000"),

@@ -2,7 +2,9 @@
 //! families, and every answer is handed to the policy. The dialer never sees
 //! a name, so there is no second lookup for an attacker to rebind.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
@@ -24,11 +26,13 @@ pub enum ResolveError {
     Failed(String),
 }
 
-/// A caching, TTL-aware resolver.
+/// A caching, TTL-aware resolver, with names pinned in config answered
+/// without a query.
 #[derive(Clone)]
 pub struct Resolver {
     inner: TokioResolver,
     timeout: Duration,
+    pinned: Arc<HashMap<Box<str>, Vec<IpAddr>>>,
 }
 
 impl Resolver {
@@ -60,11 +64,20 @@ impl Resolver {
         }
         // The whole lookup (A and AAAA, retries over TCP) gets a bound too.
         let timeout = config.timeout.0 * 3;
-        Ok(Resolver { inner: builder.build(), timeout })
+        let pinned = config.pinned.iter().map(|(name, addrs)| (name.0.as_str().into(), addrs.clone())).collect();
+        Ok(Resolver { inner: builder.build(), timeout, pinned: Arc::new(pinned) })
+    }
+
+    /// The pinned answer for `name`, if config pins it.
+    pub fn pinned(&self, name: &DomainName) -> Option<&[IpAddr]> {
+        self.pinned.get(name.as_str()).map(Vec::as_slice)
     }
 
     /// Every address `name` resolves to, in answer order, without duplicates.
     pub async fn resolve(&self, name: &DomainName) -> Result<Vec<IpAddr>, ResolveError> {
+        if let Some(addrs) = self.pinned(name) {
+            return Ok(addrs.to_vec());
+        }
         // The trailing dot makes the query absolute: what was checked is what is asked.
         let fqdn = format!("{}.", name.as_str());
         let lookup = tokio::time::timeout(self.timeout, self.inner.lookup_ip(fqdn))

@@ -249,6 +249,20 @@ impl Identities {
         Ok((policy.default_role(), IdentitySource::Default))
     }
 
+    /// The role of a client known only by its source address: a connection
+    /// redirected to the transparent listener carries no credentials and no
+    /// certificate. When credentials are required, a source without a
+    /// source rule is refused (it has no way to present any).
+    pub fn identify_source(&self, policy: &Policy, source: IpAddr) -> Result<(RoleId, IdentitySource), DenyReason> {
+        if let Some(role) = self.sources.lookup(source.to_canonical()) {
+            return Ok((*role, IdentitySource::SourceAddress));
+        }
+        if self.require_credentials {
+            return Err(DenyReason::AuthRequired);
+        }
+        Ok((policy.default_role(), IdentitySource::Default))
+    }
+
     fn check_credentials(&self, header: &HeaderValue) -> Result<RoleId, DenyReason> {
         let text = header.to_str().map_err(|_| DenyReason::AuthFailed)?;
         let (scheme, value) = text.split_once(' ').ok_or(DenyReason::AuthFailed)?;

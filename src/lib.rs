@@ -16,6 +16,7 @@ pub mod identity;
 pub mod import;
 pub mod logging;
 pub mod metrics;
+pub mod orig_dst;
 pub mod policy;
 pub mod policytest;
 pub mod proxy;

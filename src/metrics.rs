@@ -31,6 +31,12 @@ pub struct Metrics {
     pub revoked: IntCounterVec,
     /// `portcullis_relayed_bytes_total{direction}`.
     pub relayed_bytes: IntCounterVec,
+    /// `portcullis_role_relayed_bytes_total{role, direction}`: the same
+    /// bytes by role (role names come from the config, so the set is bounded).
+    pub role_relayed_bytes: IntCounterVec,
+    /// `portcullis_tunnel_duration_seconds`: how long CONNECT tunnels stayed
+    /// open, observed when they close.
+    pub tunnel_duration: Histogram,
     /// `portcullis_connections_refused_total{reason}`.
     pub connections_refused: IntCounterVec,
     /// `portcullis_config_reloads_total{result}`.
@@ -47,6 +53,35 @@ pub struct Metrics {
     /// count when rendered (under the lock, so two scrapes cannot both add
     /// the same difference).
     log_lines_dropped: std::sync::Mutex<IntCounter>,
+    /// `process_open_fds` and `process_max_fds`, read at each scrape (Linux).
+    #[cfg(target_os = "linux")]
+    descriptors: Descriptors,
+}
+
+/// The counters one role's relayed bytes go to, looked up once so a long
+/// tunnel adds to them without hashing label values again.
+#[derive(Clone)]
+pub struct RelayedBytes {
+    up: IntCounter,
+    down: IntCounter,
+    role_up: IntCounter,
+    role_down: IntCounter,
+}
+
+impl RelayedBytes {
+    /// Adds bytes relayed client to upstream (`up`) and back (`down`).
+    pub fn add(&self, up: u64, down: u64) {
+        self.up.inc_by(up);
+        self.role_up.inc_by(up);
+        self.down.inc_by(down);
+        self.role_down.inc_by(down);
+    }
+}
+
+/// Buckets from 10 ms to about 11.6 hours: tunnels last from a single
+/// request to a whole working day.
+fn tunnel_buckets() -> Vec<f64> {
+    exponential_buckets(0.01, 4.0, 12).expect("constant bucket parameters are valid")
 }
 
 /// Buckets from 100 µs to about 13 s.
@@ -93,7 +128,14 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         registry.register(Box::new(log_lines_dropped.clone())).expect("metric names are unique");
+        let tunnel_duration = Histogram::with_opts(
+            HistogramOpts::new("portcullis_tunnel_duration_seconds", "How long CONNECT tunnels stayed open.")
+                .buckets(tunnel_buckets()),
+        )
+        .expect("metric definition is valid");
+        registry.register(Box::new(tunnel_duration.clone())).expect("metric names are unique");
         let metrics = Metrics {
+            tunnel_duration,
             requests: counter_vec(
                 "portcullis_requests_total",
                 "Requests by kind, policy decision, reason code and role.",
@@ -119,8 +161,13 @@ impl Metrics {
             ),
             relayed_bytes: counter_vec(
                 "portcullis_relayed_bytes_total",
-                "Bytes relayed, counted when a request or tunnel finishes.",
+                "Bytes relayed; a request's when it finishes, an open tunnel's every few seconds.",
                 &["direction"],
+            ),
+            role_relayed_bytes: counter_vec(
+                "portcullis_role_relayed_bytes_total",
+                "Bytes relayed by role; a request's when it finishes, an open tunnel's every few seconds.",
+                &["role", "direction"],
             ),
             connections_refused: counter_vec(
                 "portcullis_connections_refused_total",
@@ -132,6 +179,8 @@ impl Metrics {
             draining: gauge("portcullis_draining", "1 while the process is shutting down."),
             last_reload_success,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
+            #[cfg(target_os = "linux")]
+            descriptors: Descriptors::register(&registry),
             build_info,
             registry,
         };
@@ -139,11 +188,14 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for reason in ["global_limit", "per_client_limit", "tunnel_limit", "per_client_tunnel_limit", "tls_handshake"] {
+        for reason in ["global_limit", "per_client_limit", "tunnel_limit", "per_client_tunnel_limit", "tls_handshake", "fd_exhausted"] {
             metrics.refused(reason);
         }
         for kind in ["tunnel", "pooled"] {
             metrics.revoked.with_label_values(&[kind]);
+        }
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            metrics.relayed_bytes.with_label_values(&[direction]);
         }
         metrics
     }
@@ -153,10 +205,24 @@ impl Metrics {
         self.requests.with_label_values(&[kind, decision, reason, role]).inc();
     }
 
-    /// Records relayed bytes of a finished request or tunnel.
-    pub fn count_bytes(&self, client_to_upstream: u64, upstream_to_client: u64) {
-        self.relayed_bytes.with_label_values(&["client_to_upstream"]).inc_by(client_to_upstream);
-        self.relayed_bytes.with_label_values(&["upstream_to_client"]).inc_by(upstream_to_client);
+    /// Records bytes a request of `role` relayed. Nothing at all for none,
+    /// so requests refused before a role was known add no series.
+    pub fn count_bytes(&self, role: &str, client_to_upstream: u64, upstream_to_client: u64) {
+        if client_to_upstream == 0 && upstream_to_client == 0 {
+            return;
+        }
+        self.relayed_bytes_for(role).add(client_to_upstream, upstream_to_client);
+    }
+
+    /// The relayed-bytes counters of `role`, for a tunnel that adds to
+    /// them while it is open.
+    pub fn relayed_bytes_for(&self, role: &str) -> RelayedBytes {
+        RelayedBytes {
+            up: self.relayed_bytes.with_label_values(&["client_to_upstream"]),
+            down: self.relayed_bytes.with_label_values(&["upstream_to_client"]),
+            role_up: self.role_relayed_bytes.with_label_values(&[role, "client_to_upstream"]),
+            role_down: self.role_relayed_bytes.with_label_values(&[role, "upstream_to_client"]),
+        }
     }
 
     /// Records a reload outcome.
@@ -183,6 +249,8 @@ impl Metrics {
             let counter = self.log_lines_dropped.lock().unwrap_or_else(|e| e.into_inner());
             counter.inc_by(crate::logging::dropped_lines().saturating_sub(counter.get()));
         }
+        #[cfg(target_os = "linux")]
+        self.descriptors.update();
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -191,8 +259,80 @@ impl Metrics {
     }
 }
 
+/// The process's open file descriptors and its limit, so an alert can
+/// warn before accepts start failing for lack of them. Read from
+/// `/proc/self/fd` and `getrlimit` at scrape time, never on the request path.
+#[cfg(target_os = "linux")]
+struct Descriptors {
+    open: IntGauge,
+    max: IntGauge,
+}
+
+#[cfg(target_os = "linux")]
+impl Descriptors {
+    fn register(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).expect("metric definition is valid");
+            registry.register(Box::new(m.clone())).expect("metric names are unique");
+            m
+        };
+        Descriptors {
+            open: gauge("process_open_fds", "Open file descriptors of the proxy process."),
+            max: gauge("process_max_fds", "The soft limit on open file descriptors of the proxy process."),
+        }
+    }
+
+    fn update(&self) {
+        use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            // One of the entries is the directory handle this count reads through.
+            self.open.set(entries.count().saturating_sub(1) as i64);
+        }
+        if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            self.max.set(if soft == RLIM_INFINITY { i64::MAX } else { soft.min(i64::MAX as u64) as i64 });
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes count under both the direction and the role; a request that
+    /// moved nothing (refused before a role was known) adds no series.
+    #[test]
+    fn bytes_count_by_direction_and_role() {
+        let metrics = Metrics::new();
+        metrics.count_bytes("", 0, 0);
+        metrics.count_bytes("team-a", 3, 4);
+        metrics.count_bytes("team-b", 0, 10);
+        let text = metrics.render();
+        for (series, value) in [
+            ("portcullis_relayed_bytes_total{direction=\"client_to_upstream\"}", 3),
+            ("portcullis_relayed_bytes_total{direction=\"upstream_to_client\"}", 14),
+            ("portcullis_role_relayed_bytes_total{direction=\"client_to_upstream\",role=\"team-a\"}", 3),
+            ("portcullis_role_relayed_bytes_total{direction=\"upstream_to_client\",role=\"team-a\"}", 4),
+            ("portcullis_role_relayed_bytes_total{direction=\"upstream_to_client\",role=\"team-b\"}", 10),
+        ] {
+            assert!(text.lines().any(|l| l == format!("{series} {value}")), "{series} {value} in:\n{text}");
+        }
+        assert!(!text.contains("role=\"\""), "{text}");
+    }
+
+    /// The descriptor gauges are read at render: at least the standard
+    /// streams are open, and the count is under the limit.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn descriptors_are_read_at_render() {
+        let metrics = Metrics::new();
+        metrics.render();
+        let (open, max) = (metrics.descriptors.open.get(), metrics.descriptors.max.get());
+        assert!(open >= 3 && open < max, "{open} of {max}");
     }
 }

@@ -89,9 +89,11 @@ impl Reloader {
             );
         }
         let generation = snapshot.generation;
+        // Counted before it is published: whoever observes the new policy
+        // then also reads its generation in the metrics.
+        self.metrics.count_reload(true, generation);
         self.handle.store(Arc::new(snapshot));
         self.generation.store(generation, Ordering::SeqCst);
-        self.metrics.count_reload(true, generation);
         tracing::info!(trigger = trigger.as_str(), generation, config = %file, "config reloaded");
         Ok(generation)
     }

@@ -259,7 +259,7 @@ impl<'a> Reader<'a> {
 /// Builds ClientHello bytes for tests: one handshake message, optionally
 /// split over several records.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     /// A minimal TLS 1.2-style ClientHello carrying `extensions` (raw bytes).
     pub fn client_hello_with_extensions(extensions: Option<&[u8]>) -> Vec<u8> {
         let mut body = vec![0x03, 0x03];

@@ -105,9 +105,10 @@ pub fn suggest(policy: &Policy, log: &str, file: &str, only_role: Option<&str>) 
         }
         out.lines += 1;
         let destination = format!("{}:{}", line.host, line.port);
+        // Transparent kinds use the same port lists as their explicit twins.
         let kind = match line.kind.as_str() {
-            "http" => "http",
-            "connect" => "connect",
+            "http" | "transparent-http" => "http",
+            "connect" | "transparent-tls" | "transparent-tcp" => "connect",
             _ => "",
         };
         let addressable = matches!(line.reason.as_str(), "not-allowlisted" | "port-not-allowed") && !kind.is_empty();

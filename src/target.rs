@@ -212,7 +212,8 @@ impl Target {
         Self::parse_authority_with_default(authority.as_str(), Some(80))
     }
 
-    fn parse_authority_with_default(
+    /// Parses `host[:port]`, with `default_port` when the port is left out.
+    pub fn parse_authority_with_default(
         authority: &str,
         default_port: Option<u16>,
     ) -> Result<Self, TargetError> {

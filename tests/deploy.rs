@@ -10,6 +10,9 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 const CONFIG_PATH: &str = "/etc/portcullis/portcullis.yaml";
+/// The init container that runs deploy/transparent/redirect.sh.
+const REDIRECT_INIT: &str = "redirect";
+const REDIRECT_SCRIPT: &str = "deploy/transparent/redirect.sh";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -83,7 +86,7 @@ fn every_yaml_file_parses() {
 /// accepted by the real loader.
 #[test]
 fn embedded_configs_are_valid() {
-    for rel in ["deploy/compose/portcullis.yaml", "deploy/container/portcullis.yaml"] {
+    for rel in ["deploy/compose/portcullis.yaml", "deploy/compose/portcullis.transparent.yaml", "deploy/container/portcullis.yaml"] {
         Config::from_yaml_str(&read(rel), rel).unwrap_or_else(|e| panic!("{e}"));
     }
     let mut configmaps = 0;
@@ -92,7 +95,7 @@ fn embedded_configs_are_valid() {
         Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
         configmaps += 1;
     }
-    assert_eq!(configmaps, 2, "sidecar and shared ConfigMaps");
+    assert_eq!(configmaps, 3, "sidecar, shared and transparent-sidecar ConfigMaps");
 }
 
 /// The container image's config is the shipped policy, listening on all
@@ -169,7 +172,9 @@ fn kubernetes_manifests_match_the_config() {
         let spec = &doc["spec"]["template"]["spec"];
         let mut containers: Vec<&Value> = spec["containers"].as_sequence().unwrap().iter().collect();
         if let Some(init) = spec["initContainers"].as_sequence() {
-            for c in init {
+            // Every init container is a native sidecar, except the one-shot
+            // interception setup of the transparent pattern.
+            for c in init.iter().filter(|c| c["name"].as_str() != Some(REDIRECT_INIT)) {
                 assert_eq!(c["restartPolicy"].as_str(), Some("Always"), "{file}: native sidecar");
                 containers.push(c);
             }
@@ -191,14 +196,19 @@ fn kubernetes_manifests_match_the_config() {
             let sc = &c["securityContext"];
             assert_eq!((sc["runAsNonRoot"].as_bool(), sc["readOnlyRootFilesystem"].as_bool()), (Some(true), Some(true)), "{file}");
         }
-        // A worker next to a sidecar points its proxy variables at it.
+        // A worker next to a sidecar points its proxy variables at it; a
+        // transparently intercepted worker has none.
         for c in spec["containers"].as_sequence().unwrap().iter().filter(|c| c["name"].as_str() == Some("worker")) {
+            if file.contains("transparent") {
+                assert!(c.get("env").is_none(), "{file}: the intercepted worker is unchanged, no proxy env");
+                continue;
+            }
             let env = c["env"].as_sequence().unwrap();
             let proxy_var = env.iter().find(|e| e["name"].as_str() == Some("HTTPS_PROXY")).unwrap();
             assert_eq!(proxy_var["value"].as_str(), Some(format!("http://127.0.0.1:{proxy}").as_str()));
         }
     }
-    assert_eq!(portcullis_containers, 2, "sidecar and shared Deployment");
+    assert_eq!(portcullis_containers, 3, "sidecar, shared and transparent-sidecar Deployments");
 
     let service = docs.iter().find(|(_, d)| kind(d) == "Service").map(|(_, d)| d).expect("a Service");
     let svc_ports: Vec<(String, u64)> = service["spec"]["ports"]
@@ -244,4 +254,107 @@ fn kubernetes_manifests_match_the_config() {
         let c = Config::from_yaml_str(doc["data"]["portcullis.yaml"].as_str().unwrap(), file).unwrap();
         assert_eq!((port_of(&c.listen.to_string()), c.admin_listen.port()), (proxy, admin), "{file}");
     }
+}
+
+/// The port a config's `transparent_listen` uses; the config must enable it.
+fn transparent_port(text: &str, file: &str) -> u16 {
+    let config = Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
+    config.transparent_listen.unwrap_or_else(|| panic!("{file}: transparent_listen is not set")).port()
+}
+
+/// The settings handed to redirect.sh, as (name, value).
+fn redirect_env(env: &Value) -> Vec<(String, String)> {
+    match env {
+        Value::Sequence(list) => list
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().unwrap_or("").to_string()))
+            .collect(),
+        Value::Mapping(map) => map.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string())).collect(),
+        _ => panic!("redirect settings missing: {env:?}"),
+    }
+}
+
+fn setting<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
+    env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("{name} not set: {env:?}"))
+}
+
+/// The Dockerfile's `redirect` stage ships the script itself, unmodified,
+/// as its entry point.
+#[test]
+fn redirect_image_runs_the_shipped_script() {
+    let dockerfile = read("Dockerfile");
+    let stage: Vec<&str> = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM ") || !l.ends_with(" AS redirect"))
+        .take_while(|l| !l.starts_with("FROM ") || l.ends_with(" AS redirect"))
+        .collect();
+    assert!(stage.iter().any(|l| *l == format!("COPY {REDIRECT_SCRIPT} /usr/local/bin/redirect.sh")), "{stage:?}");
+    assert!(stage.iter().any(|l| l.starts_with("ENTRYPOINT") && l.contains("/usr/local/bin/redirect.sh")), "{stage:?}");
+    let last_from = dockerfile.lines().rfind(|l| l.starts_with("FROM ")).unwrap();
+    assert!(last_from.contains("distroless"), "the proxy image stays the default (last) target: {last_from}");
+}
+
+/// Kubernetes: the init container has only NET_ADMIN/NET_RAW and exempts
+/// the uid the Portcullis sidecar runs as; the sidecar listens where the
+/// script redirects; the worker runs under another uid.
+#[test]
+fn transparent_sidecar_is_consistent() {
+    let file = "deploy/kubernetes/transparent-sidecar/worker.yaml";
+    let docs = documents(file);
+    let config = docs.iter().find(|d| kind(d) == "ConfigMap").expect("ConfigMap");
+    let port = transparent_port(config["data"]["portcullis.yaml"].as_str().unwrap(), file);
+    let spec = &docs.iter().find(|d| kind(d) == "Deployment").expect("Deployment")["spec"]["template"]["spec"];
+    let init = spec["initContainers"].as_sequence().unwrap();
+    assert_eq!(init[0]["name"].as_str(), Some(REDIRECT_INIT), "interception is set up before anything else starts");
+    let redirect = &init[0];
+    assert!(redirect.get("restartPolicy").is_none(), "a one-shot init container");
+    let caps = &redirect["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], Value::from(vec!["ALL"]));
+    assert_eq!(caps["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(redirect["securityContext"]["allowPrivilegeEscalation"], Value::Bool(false));
+    let env = redirect_env(&redirect["env"]);
+    assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
+    let proxy = init.iter().find(|c| c["name"].as_str() == Some("portcullis")).expect("portcullis sidecar");
+    let proxy_uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert_eq!(setting(&env, "PORTCULLIS_UID"), proxy_uid.to_string(), "the sidecar runs as the exempt uid");
+    for worker in spec["containers"].as_sequence().unwrap() {
+        assert_ne!(worker["securityContext"]["runAsUser"].as_u64(), Some(proxy_uid), "a worker under the exempt uid would bypass");
+    }
+}
+
+/// Compose: the worker and the script share Portcullis's network
+/// namespace, the script runs before the worker with NET_ADMIN/NET_RAW,
+/// and exempts the uid Portcullis runs as.
+#[test]
+fn transparent_compose_is_consistent() {
+    let rel = "deploy/compose/docker-compose.transparent.yml";
+    let compose = &documents(rel)[0];
+    let services = &compose["services"];
+    let proxy = &services["portcullis"];
+    let mounts: Vec<&str> = proxy["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let mounted = mounts
+        .iter()
+        .find_map(|m| m.strip_suffix(&format!(":{CONFIG_PATH}:ro")))
+        .unwrap_or_else(|| panic!("no config mounted: {mounts:?}"));
+    let config_rel = format!("deploy/compose/{}", mounted.trim_start_matches("./"));
+    let port = transparent_port(&read(&config_rel), &config_rel);
+    let proxy_uid = proxy["user"].as_str().unwrap().split(':').next().unwrap();
+    let redirect = &services[REDIRECT_INIT];
+    assert_eq!(redirect["build"]["target"].as_str(), Some("redirect"));
+    assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis"));
+    assert_eq!(redirect["cap_add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
+    let env = redirect_env(&redirect["environment"]);
+    assert_eq!(setting(&env, "PORTCULLIS_UID"), proxy_uid);
+    assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
+    let worker = &services["worker"];
+    assert_eq!(worker["network_mode"].as_str(), Some("service:portcullis"));
+    assert_eq!(worker["depends_on"][REDIRECT_INIT]["condition"].as_str(), Some("service_completed_successfully"));
+    assert!(worker.get("environment").is_none(), "no proxy variables");
+    assert_ne!(worker["user"].as_str().unwrap().split(':').next(), Some(proxy_uid));
+    // Build contexts point at the repository root (the Dockerfile).
+    for svc in [proxy, redirect] {
+        let context = svc["build"].as_str().or(svc["build"]["context"].as_str()).unwrap();
+        assert!(root().join("deploy/compose").join(context).join("Dockerfile").exists(), "{context}");
+    }
+    assert!(root().join(REDIRECT_SCRIPT).exists());
 }

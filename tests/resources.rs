@@ -203,12 +203,19 @@ struct Running {
 
 impl Running {
     fn start(config: &std::path::Path) -> Running {
+        Running::spawn(std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")), config)
+    }
+
+    /// Runs the binary under `prlimit --nofile=N:N` (util-linux).
+    fn start_with_nofile(config: &std::path::Path, nofile: u64) -> Running {
+        let mut command = std::process::Command::new("prlimit");
+        command.arg(format!("--nofile={nofile}:{nofile}")).arg(env!("CARGO_BIN_EXE_portcullis"));
+        Running::spawn(command, config)
+    }
+
+    fn spawn(mut command: std::process::Command, config: &std::path::Path) -> Running {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = command.args(["run", "--config", config.to_str().unwrap()]).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -318,4 +325,154 @@ async fn the_proxy_never_proxies_to_itself() {
     assert_eq!((looped.status, looped.header("x-portcullis-error")), (508, Some("loop-detected")));
     let foreign = send_raw(proxy, &format!("GET {url} HTTP/1.1\r\nHost: x\r\nVia: 1.1 portcullis-00000000\r\n\r\n")).await;
     assert_eq!(foreign.status, 200, "another Portcullis in the chain is not a loop");
+}
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Keep-alive HTTP origins on `n` ports.
+async fn start_origins(n: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        ports.push(start_port_reporting_origin(0).await.port());
+    }
+    ports
+}
+
+/// One hostile client against a proxy with 256 descriptors: it piles up
+/// tunnels and connections, fills the pool through an `open` role across
+/// many origins, and nests CONNECTs through the proxy itself. Each attempt
+/// stops at its limit, a second client is served throughout, and
+/// afterwards the gauges and the descriptors return to where they were.
+#[tokio::test]
+async fn one_client_cannot_exhaust_a_proxy_with_few_descriptors() {
+    let echo = start_tcp_echo().await;
+    let origins = start_origins(12).await;
+    let (proxy_port, admin_port) = (closed_port().await, closed_port().await);
+    let mut ports: Vec<String> = origins.iter().map(|p| p.to_string()).collect();
+    ports.push(echo.port().to_string());
+    ports.push(proxy_port.to_string());
+    let ports = ports.join(", ");
+    let yaml = format!(
+        "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\n\
+         limits:\n  max_connections: 60\n  max_connections_per_client: 30\n  max_tunnels: 40\n  max_tunnels_per_client: 20\n  \
+         max_idle_upstream: 8\n  max_idle_upstream_per_destination: 2\n\
+         allow_ranges: [127.0.0.0/8]\nidentity:\n  sources:\n    - {{cidr: 127.0.0.2/32, role: ci}}\n\
+         roles:\n  default:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{ports}], connect_ports: [{ports}]}}\n  \
+         ci:\n    mode: open\n    allow: {{http_ports: [{ports}], connect_ports: [{ports}]}}\n"
+    );
+    // 2 x 60 + 8 + 64 = 192 descriptors needed; the process gets 256.
+    let path = temp_file("exhaust", "portcullis.yaml", &yaml);
+    let running = Running::start_with_nofile(&path, 256);
+    let pid = running.child.id();
+    let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let victim_url = format!("http://127.0.0.1:{}/", origins[0]);
+    let victim = || async { get_from_source(proxy, "127.0.0.3", &victim_url).await.status };
+    assert_eq!(victim().await, 200);
+    let baseline_fds = open_fds(pid);
+
+    // Tunnels: 20 granted, the rest refused, never more.
+    let mut held = Vec::new();
+    let mut refused_tunnels = 0;
+    for _ in 0..35 {
+        let (resp, stream) = tunnel_from(proxy, "127.0.0.2", &format!("127.0.0.1:{}", echo.port())).await;
+        match resp.status {
+            200 => held.push(stream),
+            503 => refused_tunnels += 1,
+            other => panic!("tunnel answered {other}"),
+        }
+    }
+    assert_eq!((held.len(), refused_tunnels), (20, 15));
+    assert_eq!(victim().await, 200, "the victim is served while the attacker holds its tunnels");
+
+    // Plain connections: the attacker's 30 slots are full after 10 more.
+    let mut refused_connections = 0;
+    for _ in 0..20 {
+        let mut stream = connect_from(proxy, "127.0.0.2").await;
+        stream.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        match read_response(&mut stream).await.status {
+            503 => refused_connections += 1,
+            _ => held.push(stream),
+        }
+    }
+    assert_eq!(refused_connections, 10);
+    assert_eq!(victim().await, 200);
+
+    // The pool: one keep-alive connection of the open role visits every
+    // origin twice over; at most 8 idle connections stay.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut keep_alive = loop {
+        // The freed slot is released once the proxy sees the close.
+        let mut stream = connect_from(proxy, "127.0.0.2").await;
+        stream.write_all(format!("GET http://127.0.0.1:{}/ HTTP/1.1\r\nHost: x\r\n\r\n", origins[0]).as_bytes()).await.unwrap();
+        if read_response(&mut stream).await.status == 200 {
+            break stream;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the freed slot never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for port in origins.iter().chain(&origins) {
+        keep_alive.write_all(format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut keep_alive).await.status, 200);
+    }
+
+    // Nested CONNECT through the proxy's own port: refused before dialing.
+    let (resp, _) = tunnel_from(proxy, "127.0.0.3", &format!("127.0.0.1:{proxy_port}")).await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")));
+    assert_eq!(victim().await, 200);
+
+    let metrics = parse_sample_lines(&send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await.text());
+    assert!(metrics["portcullis_upstream_idle_connections"] <= 8.0, "{metrics:?}");
+    assert_eq!(metrics["portcullis_active_tunnels"], 20.0);
+    assert!(open_fds(pid) <= 256);
+
+    drop(held);
+    drop(keep_alive);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let metrics = parse_sample_lines(&send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await.text());
+        // The scrape itself is not a proxy connection; only the proxy's count.
+        let settled = metrics["portcullis_active_tunnels"] == 0.0 && metrics["portcullis_active_connections"] == 0.0;
+        // Pooled upstream sockets may stay (bounded above); the rest is closed.
+        let fds_back = open_fds(pid) <= baseline_fds + 8;
+        if settled && fds_back {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not settled: {metrics:?}, fds {} (baseline {baseline_fds})", open_fds(pid));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET url` from a chosen loopback source address.
+async fn get_from_source(proxy: SocketAddr, source: &str, url: &str) -> RawResponse {
+    let mut stream = connect_from(proxy, source).await;
+    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// Unlabelled samples of a metrics page, by name.
+fn parse_sample_lines(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(name, value)| Some((name.to_string(), value.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Refuses a config whose limits cannot fit the open-file limit, with the numbers.
+#[test]
+fn limits_that_cannot_fit_the_descriptor_limit_are_refused() {
+    let path = temp_file("nofile", "portcullis.yaml", "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlimits:\n  max_connections: 500\n  max_idle_upstream: 64\nroles:\n  default: {}\n");
+    let out = std::process::Command::new("prlimit")
+        .args(["--nofile=256:256", env!("CARGO_BIN_EXE_portcullis"), "run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("limits need up to 1128 file descriptors") && stderr.contains("open-file limit is 256"), "{stderr}");
+    assert!(stderr.contains("lower limits.max_connections to 64"), "{stderr}");
 }

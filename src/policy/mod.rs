@@ -56,6 +56,15 @@ pub enum RequestKind {
     Http,
     /// A CONNECT tunnel.
     Connect,
+    /// A plain HTTP request on a redirected connection, named by its Host
+    /// header; HTTP ports apply.
+    TransparentHttp,
+    /// A redirected TLS connection, named by its ClientHello's SNI;
+    /// CONNECT ports apply.
+    TransparentTls,
+    /// A redirected connection with no name, decided on its original
+    /// destination; CONNECT ports apply.
+    TransparentTcp,
 }
 
 impl RequestKind {
@@ -64,6 +73,9 @@ impl RequestKind {
         match self {
             RequestKind::Http => "http",
             RequestKind::Connect => "connect",
+            RequestKind::TransparentHttp => "transparent-http",
+            RequestKind::TransparentTls => "transparent-tls",
+            RequestKind::TransparentTcp => "transparent-tcp",
         }
     }
 }
@@ -220,6 +232,17 @@ impl Permit {
     pub fn would_deny(&self) -> Option<DenyReason> {
         self.would_deny
     }
+
+    /// Narrows the permit to `original` when it is one of the checked
+    /// addresses; otherwise leaves every checked address, so an unchecked
+    /// address can never enter a permit this way.
+    fn toward(mut self, original: IpAddr) -> Permit {
+        let original = original.to_canonical();
+        if let Some(addr) = self.addrs.iter().copied().find(|a| a.ip() == original) {
+            self.addrs = vec![addr];
+        }
+        self
+    }
 }
 
 /// The outcome of a policy check.
@@ -330,8 +353,8 @@ impl AllowList {
 
     fn ports(&self, kind: RequestKind) -> &PortSet {
         match kind {
-            RequestKind::Http => &self.http_ports,
-            RequestKind::Connect => &self.connect_ports,
+            RequestKind::Http | RequestKind::TransparentHttp => &self.http_ports,
+            RequestKind::Connect | RequestKind::TransparentTls | RequestKind::TransparentTcp => &self.connect_ports,
         }
     }
 
@@ -560,6 +583,39 @@ pub struct AddressPlan {
     /// The proxy's own listening sockets: denied as `self` whatever is
     /// carved out (an unspecified address stands for every host address).
     pub listeners: Vec<SocketAddr>,
+    /// Carve-outs bound to names.
+    pub named: Vec<NamedCarveOut>,
+}
+
+/// A carve-out that lifts a denied range only for requests naming one of
+/// `domains` (and, when given, on one of `ports`, for one of `roles`):
+/// never for an IP literal or another name resolving into it, and never
+/// for a metadata address.
+#[derive(Debug, Clone)]
+pub struct NamedCarveOut {
+    pub net: IpNet,
+    pub domains: Vec<DomainPattern>,
+    pub ports: Vec<u16>,
+    /// Role names; empty means every role.
+    pub roles: Vec<String>,
+}
+
+/// A compiled [`NamedCarveOut`].
+#[derive(Debug, Clone)]
+struct NameBinding {
+    net: IpNet,
+    domains: DomainMatcher<()>,
+    ports: Option<PortSet>,
+    roles: Option<Box<[RoleId]>>,
+}
+
+impl NameBinding {
+    fn lifts(&self, role: RoleId, name: &DomainName, port: u16, addr: IpAddr) -> bool {
+        self.net.contains(&addr)
+            && self.domains.lookup(name.as_str()).is_some()
+            && self.ports.as_ref().is_none_or(|p| p.contains(port))
+            && self.roles.as_ref().is_none_or(|r| r.contains(&role))
+    }
 }
 
 impl AddressPlan {
@@ -575,6 +631,7 @@ impl AddressPlan {
 #[derive(Debug, Clone)]
 pub struct Policy {
     transitions: Transitions,
+    bindings: Box<[NameBinding]>,
     listeners: Box<[SocketAddr]>,
     self_addrs: Box<[IpAddr]>,
     ranges: CidrTable<RangeVerdict>,
@@ -650,8 +707,29 @@ impl Policy {
             source: None,
         });
         let transitions = Transitions::new(plan.nat64.iter().copied());
+        let bindings = plan
+            .named
+            .iter()
+            .map(|n| {
+                let roles = if n.roles.is_empty() {
+                    None
+                } else {
+                    let ids = n.roles.iter().map(|name| {
+                        roles.iter().position(|r| &*r.name == name).map(RoleId).ok_or_else(|| PolicyError::MissingRole(name.clone()))
+                    });
+                    Some(ids.collect::<Result<Box<[RoleId]>, _>>()?)
+                };
+                Ok(NameBinding {
+                    net: n.net,
+                    domains: DomainMatcher::new(n.domains.iter().map(|d| (d.clone(), ()))),
+                    ports: (!n.ports.is_empty()).then(|| PortSet::new(n.ports.iter().copied())),
+                    roles,
+                })
+            })
+            .collect::<Result<_, PolicyError>>()?;
         Ok(Policy {
             transitions,
+            bindings,
             listeners: plan.listeners.iter().copied().collect(),
             self_addrs: plan.self_addrs.iter().copied().collect(),
             ranges,
@@ -728,6 +806,14 @@ impl Policy {
         self.role_ranges[role.0].as_ref().unwrap_or(&self.ranges)
     }
 
+    /// True when a name-bound carve-out lifts the denied `kind` of `addr`
+    /// for this request. Metadata is never lifted.
+    fn bound_to_name(&self, role: RoleId, target: &Target, addr: IpAddr, kind: RangeKind) -> bool {
+        let Host::Name(name) = &target.host else { return false };
+        let addr = self.transitions.judged(addr);
+        kind != RangeKind::Metadata && self.bindings.iter().any(|b| b.lifts(role, name, target.port, addr))
+    }
+
     /// The index of the listener `addr:port` is, if it is one of the
     /// proxy's own listening sockets.
     fn own_listener(&self, addr: IpAddr, port: u16) -> Option<usize> {
@@ -794,9 +880,14 @@ impl Policy {
         for addr in addrs {
             let judged = self.transitions.judged(*addr);
             let verdict = table.lookup(judged).copied();
-            trace.step(Step::Range { addr: *addr, judged, verdict: range_step(verdict) });
-            if let Some(RangeVerdict::Denied(kind, source)) = verdict {
-                return Decision::Deny { reason: DenyReason::DeniedRange(kind), rule: RuleId::Range(source) };
+            let bound = matches!(verdict, Some(RangeVerdict::Denied(kind, _)) if self.bound_to_name(role_id, target, *addr, kind));
+            let step = if bound { RangeStep::Lifted(Lift::BoundToName) } else { range_step(verdict) };
+            trace.step(Step::Range { addr: *addr, judged, verdict: step });
+            match verdict {
+                Some(RangeVerdict::Denied(kind, source)) if !bound => {
+                    return Decision::Deny { reason: DenyReason::DeniedRange(kind), rule: RuleId::Range(source) };
+                }
+                _ => {}
             }
         }
         for addr in addrs {
@@ -828,6 +919,26 @@ impl Policy {
         let sni_check = role.sni_check && rule == AllowedBy::Domain;
         Decision::Allow(Permit { addrs, rule, rule_id: RuleId::Role(r, rule_id), would_deny, sni_check })
     }
+
+    /// [`Policy::decide`] for a connection redirected to the transparent
+    /// listener, whose packets were headed for `original`: the decision is
+    /// the same, and an allowed permit is narrowed to `original` when that
+    /// is one of the checked addresses. Otherwise the permit keeps the
+    /// checked addresses of the name (a client with another DNS view, or one
+    /// lying in its SNI/Host): `original` itself is never dialed unchecked.
+    pub fn decide_redirected(
+        &self,
+        role: RoleId,
+        kind: RequestKind,
+        target: &Target,
+        addrs: &[IpAddr],
+        original: IpAddr,
+    ) -> Decision {
+        match self.decide(role, kind, target, addrs) {
+            Decision::Allow(permit) => Decision::Allow(permit.toward(original)),
+            deny => deny,
+        }
+    }
 }
 
 fn range_step(verdict: Option<RangeVerdict>) -> RangeStep {
@@ -850,3 +961,5 @@ pub enum PolicyError {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transparent_tests;

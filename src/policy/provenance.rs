@@ -76,6 +76,8 @@ pub enum Lift {
     CarveOut(u32),
     /// A carve-out naming the role at this index (index into its own).
     RoleCarveOut(u16, u32),
+    /// A carve-out bound to the requested name (`allow_ranges` with `domains`).
+    BoundToName,
 }
 
 /// One rule consulted while deciding, in the order consulted.
@@ -365,8 +367,10 @@ impl RuleCatalog {
             RoleRule::DenyCidr(i) => list_item(name, "deny.cidrs", i, &r.deny_cidrs),
             RoleRule::Ports(kind) => {
                 let (field, ports) = match kind {
-                    RequestKind::Http => ("http_ports", &r.http_ports),
-                    RequestKind::Connect => ("connect_ports", &r.connect_ports),
+                    RequestKind::Http | RequestKind::TransparentHttp => ("http_ports", &r.http_ports),
+                    RequestKind::Connect | RequestKind::TransparentTls | RequestKind::TransparentTcp => {
+                        ("connect_ports", &r.connect_ports)
+                    }
                 };
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
                 (format!("roles.{name}.allow.{field}"), None, format!("[{}]", list.join(", ")))
@@ -500,6 +504,9 @@ impl fmt::Display for StepText<'_> {
                     RangeStep::Lifted(Lift::CarveOut(i)) => {
                         let net = c.carve_outs.get(i as usize).map_or(String::new(), |n| n.to_string());
                         write!(f, ": not denied, carved out by allow_ranges ({net})")
+                    }
+                    RangeStep::Lifted(Lift::BoundToName) => {
+                        f.write_str(": not denied, carved out for the requested name by allow_ranges")
                     }
                     RangeStep::Lifted(Lift::RoleCarveOut(role, i)) => {
                         let role = c.roles.get(usize::from(role));

@@ -547,3 +547,29 @@ fn decisions_name_their_rule() {
     let decision = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip("8.8.8.8")]);
     assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:self (listener 8.8.8.8:443)");
 }
+
+/// A carve-out bound to a name lifts the range for that name only, and
+/// `explain` says so; the IP literal is still denied by the registry row.
+#[test]
+fn name_bound_carve_outs_show_in_the_trace() {
+    let allow = AllowList::new([DomainPattern::parse("registry.corp.example").unwrap()], ["10.0.0.0/8".parse().unwrap()], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        named: vec![NamedCarveOut {
+            net: "10.20.0.0/16".parse().unwrap(),
+            domains: vec![DomainPattern::parse("registry.corp.example").unwrap()],
+            ports: vec![],
+            roles: vec![],
+        }],
+        ..AddressPlan::default()
+    };
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
+    let addr: IpAddr = "10.20.1.2".parse().unwrap();
+    let named = Target::parse_authority("registry.corp.example:443").unwrap();
+    let (decision, steps) = p.explain(p.default_role(), RequestKind::Connect, &named, &[addr]);
+    assert!(matches!(decision, Decision::Allow(_)), "{decision:?}");
+    let text = p.catalog().describe_step(steps[1]).to_string();
+    assert_eq!(text, "always-denied ranges: 10.20.1.2: not denied, carved out for the requested name by allow_ranges");
+    let literal = Target::parse_authority("10.20.1.2:443").unwrap();
+    let decision = p.decide(p.default_role(), RequestKind::Connect, &literal, &[addr]);
+    assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:private (10.0.0.0/8)");
+}

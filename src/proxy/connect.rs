@@ -18,7 +18,8 @@ use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
 use super::{Shared, Snapshot};
-use crate::metrics::Metrics;
+use crate::config::Timeouts;
+use crate::metrics::{Metrics, RelayedBytes};
 use crate::access_log::{AccessRecord, Outcome};
 use crate::policy::{DenyReason, Permit};
 use crate::sni::{self, SniError};
@@ -30,32 +31,80 @@ use crate::target::Target;
 /// transfer moves in large chunks.
 const RELAY_BUF_START: usize = 2 * 1024;
 const RELAY_BUF_MAX: usize = 128 * 1024;
+/// A grown buffer that sees no byte for this long shrinks back to the
+/// start size, so a tunnel that once moved a burst idles as cheaply as one
+/// that never did.
+const RELAY_QUIET: Duration = Duration::from_millis(250);
+/// How often an open tunnel adds the bytes it relayed since the last time
+/// to the metrics, so a long transfer shows on a graph while it runs.
+const METER_EVERY: Duration = Duration::from_secs(2);
 
-/// Opens a TCP connection to the first reachable address of `permit`,
-/// trying them in order within one overall `timeout`. The permit is the only
-/// way to name an address here: nothing unchecked can be dialed.
-pub async fn dial(permit: &Permit, timeout: Duration, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+/// Opens a TCP connection to a reachable address of `permit` within one
+/// overall `upstream_connect` timeout, racing the addresses Happy Eyeballs
+/// style (RFC 8305): families interleaved, the next attempt started after
+/// `connect_stagger` or as soon as one fails, the first to connect kept.
+/// The permit is the only way to name an address here: nothing unchecked
+/// can be dialed.
+pub async fn dial(permit: &Permit, timeouts: &Timeouts, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let started = Instant::now();
-    let dialed = dial_any(permit, timeout).await;
+    let dialed = dial_any(permit, timeouts.upstream_connect.0, timeouts.connect_stagger.0).await;
     metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
     dialed
 }
 
-async fn dial_any(permit: &Permit, timeout: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = UpstreamError::ConnectTimeout;
-    for addr in permit.addrs() {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(*addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, *addr));
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => last = UpstreamError::Refused,
-            Ok(Err(e)) => last = UpstreamError::Unreachable(e),
-            Err(_) => return Err(UpstreamError::ConnectTimeout),
+/// The addresses in RFC 8305 §4 order: the family of the first answer
+/// first, then the two families alternating, each in answer order.
+fn interleaved(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
+    let (lead, other): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(addrs.len());
+    let (mut lead, mut other) = (lead.into_iter(), other.into_iter());
+    loop {
+        match (lead.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
         }
     }
-    Err(last)
+}
+
+async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut waiting = interleaved(permit.addrs()).into_iter();
+    // Dropping the set aborts the attempts that lost the race.
+    let mut attempts = tokio::task::JoinSet::new();
+    if waiting.len() == 0 {
+        return Err(UpstreamError::ConnectTimeout);
+    }
+    let next_attempt = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(next_attempt);
+    loop {
+        tokio::select! {
+            () = &mut next_attempt, if waiting.len() > 0 => {
+                if let Some(addr) = waiting.next() {
+                    attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+                }
+                next_attempt.as_mut().reset(tokio::time::Instant::now() + stagger);
+            }
+            Some(joined) = attempts.join_next() => match joined {
+                Ok((addr, Ok(stream))) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr));
+                }
+                Ok((addr, Err(e))) => {
+                    tracing::debug!(%addr, error = %e, "connect attempt failed");
+                    if attempts.is_empty() && waiting.len() == 0 {
+                        // The last attempt's failure stands for all of them.
+                        let refused = e.kind() == io::ErrorKind::ConnectionRefused;
+                        return Err(if refused { UpstreamError::Refused } else { UpstreamError::Unreachable(e) });
+                    }
+                    // A failure starts the next attempt at once.
+                    next_attempt.as_mut().reset(tokio::time::Instant::now());
+                }
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::ConnectTimeout),
+        }
+    }
 }
 
 /// Dials the permitted destination, answers 200 only once the upstream
@@ -78,26 +127,35 @@ pub async fn tunnel(
     // upstream socket; held (with the client connection's slot) until the
     // tunnel ends.
     let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = dial(&permit, snapshot.timeouts.upstream_connect.0, &metrics).await?;
+    let (upstream, addr) = match &snapshot.parent {
+        Some(parent) if parent.applies(&role, target, permit.addrs()) => {
+            parent.tunnel(&permit, snapshot.timeouts.upstream_connect.0).await?
+        }
+        _ => dial(&permit, &snapshot.timeouts, &metrics).await?,
+    };
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
     // The ClientHello is the head of a tunnel: it gets the head's time limit.
     let sni = permit.sni_check().then(|| (target.host.to_string(), snapshot.timeouts.request_header.0));
+    let mut meter = TunnelMeter::new(metrics.relayed_bytes_for(&role));
     let registration = Tunnels::register(shared, role, target.clone(), addr);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
+                let opened = Instant::now();
+                let counts = RelayCounts::default();
                 let served = async {
                     match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
                         // The plain listener: relay between the two sockets
                         // directly, without a lock around the client stream.
                         Ok(parts) => {
                             let early = parts.read_buf.to_vec();
-                            serve_tunnel(parts.io.into_inner().into_inner(), early, upstream, sni, idle).await
+                            let client = parts.io.into_inner().into_inner();
+                            serve_tunnel(client, early, upstream, sni, idle, &counts).await
                         }
-                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle).await,
+                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle, &counts).await,
                     }
                 };
                 let end_of_life = async {
@@ -108,16 +166,18 @@ pub async fn tunnel(
                 };
                 // Dropping `served` closes both sockets.
                 tokio::select! {
-                    outcome = served => match outcome {
-                        Ok((up, down)) => {
-                            record.bytes_in = up;
-                            record.bytes_out = down;
-                        }
-                        Err(reason) => record.outcome = Outcome::Deny(reason),
+                    outcome = served => if let Err(reason) = outcome {
+                        record.outcome = Outcome::Deny(reason);
                     },
                     _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
                     _ = end_of_life => record.outcome = Outcome::Error("tunnel-lifetime"),
+                    never = meter.run(&counts) => match never {},
                 }
+                let (up, down) = counts.get();
+                meter.flush(up, down);
+                (record.bytes_in, record.bytes_out) = (up, down);
+                record.bytes_metered = (up, down);
+                metrics.tunnel_duration.observe(opened.elapsed().as_secs_f64());
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -136,7 +196,8 @@ async fn serve_tunnel<C>(
     mut upstream: TcpStream,
     sni: Option<(String, Duration)>,
     idle: Duration,
-) -> Result<(u64, u64), DenyReason>
+    counts: &RelayCounts,
+) -> Result<(), DenyReason>
 where
     C: ClientStream,
 {
@@ -150,7 +211,8 @@ where
             }
         },
     };
-    Ok(relay_after(client, upstream, first, idle).await)
+    relay_after(client, upstream, first, idle, counts).await;
+    Ok(())
 }
 
 /// A client side of a tunnel that can be split into independent halves.
@@ -258,21 +320,64 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration) -> (u64, u64)
+pub(super) async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
 where
     C: ClientStream,
 {
-    let already = first.len() as u64;
     if !first.is_empty() {
         match tokio::time::timeout(idle, upstream.write_all(&first)).await {
-            Ok(Ok(())) => {}
-            _ => return (0, 0),
-        }
+            Ok(Ok(())) => counts.sent.fetch_add(first.len() as u64, Ordering::Relaxed),
+            _ => return,
+        };
     }
     // The ClientHello buffer is not kept for the life of the tunnel.
     drop(first);
-    let (up, down) = relay(client, upstream, idle).await;
-    (up + already, down)
+    relay_counted(client, upstream, idle, counts).await;
+}
+
+/// Bytes a tunnel has relayed so far, per direction. Each direction's copy
+/// loop is the only writer of its counter; the tunnel's [`TunnelMeter`]
+/// reads both every few seconds, so the shared metrics are not touched per read.
+#[derive(Default)]
+pub struct RelayCounts {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl RelayCounts {
+    /// (client→upstream, upstream→client) bytes so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
+    }
+}
+
+/// Adds an open tunnel's relayed bytes to the metrics: every
+/// [`METER_EVERY`] what moved since the last time, and the rest at the end,
+/// so the totals match the log line's and nothing is counted twice.
+struct TunnelMeter {
+    bytes: RelayedBytes,
+    counted: (u64, u64),
+}
+
+impl TunnelMeter {
+    fn new(bytes: RelayedBytes) -> Self {
+        TunnelMeter { bytes, counted: (0, 0) }
+    }
+
+    /// Adds the difference between (`up`, `down`) and what was counted.
+    fn flush(&mut self, up: u64, down: u64) {
+        self.bytes.add(up - self.counted.0, down - self.counted.1);
+        self.counted = (up, down);
+    }
+
+    /// Flushes `counts` every [`METER_EVERY`]; never completes.
+    async fn run(&mut self, counts: &RelayCounts) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(METER_EVERY).await;
+            let (up, down) = counts.get();
+            self.flush(up, down);
+        }
+    }
 }
 
 /// Copies both directions until each has seen EOF (propagating half-close)
@@ -281,21 +386,30 @@ pub async fn relay<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u
 where
     C: ClientStream,
 {
+    let counts = RelayCounts::default();
+    relay_counted(client, upstream, idle, &counts).await;
+    counts.get()
+}
+
+/// [`relay`], counting into `counts` as bytes move, so they can be read
+/// while the relay runs.
+pub async fn relay_counted<C>(client: C, upstream: TcpStream, idle: Duration, counts: &RelayCounts)
+where
+    C: ClientStream,
+{
     let (mut client_read, mut client_write) = client.halves();
     let (mut up_read, mut up_write) = upstream.into_split();
     let activity = Activity::new();
-    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::join!(
-            copy_half(&mut client_read, &mut up_write, &sent, &activity),
-            copy_half(&mut up_read, &mut client_write, &received, &activity),
+            copy_half(&mut client_read, &mut up_write, &counts.sent, &activity),
+            copy_half(&mut up_read, &mut client_write, &counts.received, &activity),
         )
     };
     tokio::select! {
         _ = both => {}
         _ = activity.idle_for(idle) => tracing::debug!("tunnel idle timeout"),
     }
-    (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed))
 }
 
 async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
@@ -305,7 +419,7 @@ where
 {
     let mut buf = vec![0u8; RELAY_BUF_START];
     loop {
-        let n = match reader.read(&mut buf).await {
+        let n = match read_or_shrink(reader, &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -330,6 +444,19 @@ where
     // EOF from this side: pass the half-close on so the peer sees it while
     // the other direction keeps flowing.
     let _ = writer.shutdown().await;
+}
+
+/// Reads into `buf`; a grown buffer that waits longer than [`RELAY_QUIET`]
+/// for data is replaced by a start-sized one first (reads are cancel-safe:
+/// nothing is lost by giving up the first wait).
+async fn read_or_shrink<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.len() > RELAY_BUF_START {
+        if let Ok(read) = tokio::time::timeout(RELAY_QUIET, reader.read(buf)).await {
+            return read;
+        }
+        *buf = vec![0u8; RELAY_BUF_START];
+    }
+    reader.read(buf).await
 }
 
 /// Relays the rest of a bulk transfer with `splice(2)` when both halves are
@@ -419,6 +546,55 @@ mod tests {
         r.read_to_string(&mut answer).await.unwrap();
         assert_eq!(answer, "got 5 bytes");
         assert_eq!(relay.await.unwrap(), (5, 11));
+    }
+
+    /// A grown relay buffer that waits past the quiet time is replaced by
+    /// a start-sized one; data that arrives in time is read into the big one.
+    #[tokio::test]
+    async fn grown_buffers_shrink_when_quiet() {
+        let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
+        let mut buf = vec![0u8; RELAY_BUF_MAX];
+        writer.write_all(b"now").await.unwrap();
+        assert_eq!(read_or_shrink(&mut reader, &mut buf).await.unwrap(), 3);
+        assert_eq!(buf.len(), RELAY_BUF_MAX, "busy: kept");
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(RELAY_QUIET * 2).await;
+            writer.write_all(b"later").await.unwrap();
+            writer
+        });
+        assert_eq!(read_or_shrink(&mut reader, &mut buf).await.unwrap(), 5);
+        assert_eq!(&buf[..5], b"later", "nothing lost across the shrink");
+        assert_eq!(buf.len(), RELAY_BUF_START, "quiet: shrunk");
+        drop(late.await.unwrap());
+    }
+
+    #[test]
+    fn addresses_are_interleaved_by_family() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let input = [a("[2001:db8::1]:1"), a("[2001:db8::2]:1"), a("192.0.2.1:1"), a("[2001:db8::3]:1"), a("192.0.2.2:1")];
+        let want = [a("[2001:db8::1]:1"), a("192.0.2.1:1"), a("[2001:db8::2]:1"), a("192.0.2.2:1"), a("[2001:db8::3]:1")];
+        assert_eq!(interleaved(&input), want);
+        let v4_first = [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")];
+        assert_eq!(interleaved(&v4_first), [a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")]);
+        assert!(interleaved(&[]).is_empty());
+    }
+
+    /// Each flush adds only what moved since the last one, so the periodic
+    /// flushes and the final one add up to the tunnel's totals.
+    #[test]
+    fn meter_adds_only_what_moved_since_the_last_flush() {
+        let metrics = Metrics::new();
+        let mut meter = TunnelMeter::new(metrics.relayed_bytes_for("team-a"));
+        let counted = |role: &str, direction: &str| {
+            let all = metrics.relayed_bytes.with_label_values(&[direction]).get();
+            let by_role = metrics.role_relayed_bytes.with_label_values(&[role, direction]).get();
+            assert_eq!(all, by_role, "{direction}");
+            all
+        };
+        for (up, down) in [(0, 0), (10, 0), (10, 5), (250, 5), (250, 5), (1 << 40, 7)] {
+            meter.flush(up, down);
+            assert_eq!((counted("team-a", "client_to_upstream"), counted("team-a", "upstream_to_client")), (up, down));
+        }
     }
 
     #[tokio::test]

@@ -84,6 +84,14 @@ pub enum UpstreamError {
     ResponseTimeout,
     #[error("the destination closed or broke the connection: {0}")]
     Protocol(hyper::Error),
+    #[error("the parent proxy cannot be reached: {0}")]
+    ParentUnreachable(std::io::Error),
+    #[error("the parent proxy refused the request with status {0}")]
+    ParentRefused(u16),
+    #[error("the parent proxy did not accept this proxy's credentials")]
+    ParentAuthFailed,
+    #[error("the parent proxy answered something unusable: {0}")]
+    ParentError(String),
 }
 
 impl UpstreamError {
@@ -96,6 +104,10 @@ impl UpstreamError {
             UpstreamError::Unreachable(_) => "upstream-unreachable",
             UpstreamError::ResponseTimeout => "upstream-response-timeout",
             UpstreamError::Protocol(_) => "upstream-error",
+            UpstreamError::ParentUnreachable(_) => "parent-unreachable",
+            UpstreamError::ParentRefused(_) => "parent-refused",
+            UpstreamError::ParentAuthFailed => "parent-auth-failed",
+            UpstreamError::ParentError(_) => "parent-error",
         }
     }
 }

@@ -20,6 +20,7 @@ use super::body::{CountedBody, ProxyBody, Upload};
 use super::connect::dial;
 use super::error::{ClientError, ProxyError, UpstreamError};
 use super::framing::Refusal;
+use super::parent::Parent;
 use super::pool::{PoolKey, PoolLimits, Sender};
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
@@ -72,7 +73,13 @@ pub async fn forward(
     let upload = Arc::new(Upload::default());
     let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;
-    let pooled_ready = match shared.pool.checkout(&role, permit.addrs()) {
+    let parent = snapshot.parent.as_ref().filter(|p| p.applies(&role, target, permit.addrs()));
+    if let Some(parent) = parent {
+        for_parent(&mut upstream_req, permit.addrs()[0], parent);
+    }
+    // Connections to a parent are not pooled: they carry other targets.
+    let pooled = if parent.is_some() { None } else { shared.pool.checkout(&role, permit.addrs()) };
+    let pooled_ready = match pooled {
         // A pooled connection becomes ready as soon as its connection task
         // has finished the previous exchange; one that fails (the origin
         // closed it) or takes too long is replaced by a new connection.
@@ -84,7 +91,7 @@ pub async fn forward(
     };
     let (mut sender, mut addr, mut pooled) = match pooled_ready {
         Some((sender, addr)) => (sender, addr, true),
-        None => connect(&permit, snapshot, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
+        None => connect(&permit, parent, snapshot, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
     };
     record.dialed = Some(addr);
     let response = loop {
@@ -102,7 +109,7 @@ pub async fn forward(
                 match (pooled, e.take_message()) {
                     (true, Some(req)) => {
                         upstream_req = req;
-                        (sender, addr) = connect(&permit, snapshot, &shared.metrics).await?;
+                        (sender, addr) = connect(&permit, parent, snapshot, &shared.metrics).await?;
                         record.dialed = Some(addr);
                         pooled = false;
                     }
@@ -111,6 +118,10 @@ pub async fn forward(
             }
         }
     };
+    if parent.is_some() && response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        // Only the parent asks for proxy credentials: ours were refused.
+        return Err(UpstreamError::ParentAuthFailed.into());
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.append(header::VIA, via().clone());
@@ -121,7 +132,13 @@ pub async fn forward(
     };
     let body = UpstreamBody {
         inner: body,
-        return_to: Some(PoolReturn { shared: shared.clone(), key: PoolKey { role, addr }, target: target.clone(), sender, limits }),
+        return_to: parent.is_none().then(|| PoolReturn {
+            shared: shared.clone(),
+            key: PoolKey { role, addr },
+            target: target.clone(),
+            sender,
+            limits,
+        }),
         upload,
         received: 0,
         record,
@@ -129,8 +146,17 @@ pub async fn forward(
     Ok(Response::from_parts(parts, ProxyBody::Upstream(Box::new(body))))
 }
 
-async fn connect(permit: &Permit, snapshot: &Snapshot, metrics: &Metrics) -> Result<(Sender, SocketAddr), UpstreamError> {
-    let (stream, addr) = dial(permit, snapshot.timeouts.upstream_connect.0, metrics).await?;
+/// A new upstream connection: to a permitted address, or to the parent.
+async fn connect(
+    permit: &Permit,
+    parent: Option<&Parent>,
+    snapshot: &Snapshot,
+    metrics: &Metrics,
+) -> Result<(Sender, SocketAddr), UpstreamError> {
+    let (stream, addr) = match parent {
+        Some(parent) => parent.dial(snapshot.timeouts.upstream_connect.0).await?,
+        None => dial(permit, &snapshot.timeouts, metrics).await?,
+    };
     let stream = IdleStream::new(stream, snapshot.timeouts.tunnel_idle.0);
     handshake(stream, snapshot.limits.max_response_head_bytes).await.map(|s| (s, addr))
 }
@@ -256,6 +282,19 @@ fn origin_form(uri: &Uri) -> Uri {
     };
     // path_and_query of a parsed URI is valid origin-form once it starts with '/'.
     target.unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Turns an origin-form request into the absolute-form request a parent
+/// proxy expects, naming the checked address (the `Host` header keeps the
+/// name), with the parent's credentials.
+fn for_parent(req: &mut Request<CountedBody>, checked: SocketAddr, parent: &Parent) {
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if let Ok(uri) = Uri::try_from(format!("http://{checked}{path}")) {
+        *req.uri_mut() = uri;
+    }
+    if let Some(auth) = parent.auth() {
+        req.headers_mut().insert(header::PROXY_AUTHORIZATION, auth.clone());
+    }
 }
 
 /// Leaves at most one `Content-Length`, and none when the body was

@@ -6,11 +6,13 @@ pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod parent;
 pub mod pool;
 pub mod revoke;
 pub mod slots;
 #[cfg(target_os = "linux")]
 mod splice;
+pub mod transparent;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,6 +50,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub resolver: Resolver,
+    /// The parent proxy, when one is configured.
+    pub parent: Option<parent::Parent>,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
 }
@@ -67,6 +71,7 @@ impl Snapshot {
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
+            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
             generation,
         })
     }
@@ -142,21 +147,10 @@ impl Server {
         let _reaper = AbortOnDrop(tokio::spawn(forward::reap_idle(self.shared.clone())));
         let _revoker = AbortOnDrop(tokio::spawn(revoke::on_reload(self.shared.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                _ = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((stream, client)) => self.admit(stream, client, stop_rx.clone()),
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+        accept_until(&self.listener, &self.shared.metrics, shutdown, |stream, client| {
+            self.admit(stream, client, stop_rx.clone())
+        })
+        .await;
         drop(self.listener);
         let metrics = &self.shared.metrics;
         metrics.draining.set(1);
@@ -181,16 +175,47 @@ impl Server {
 
     /// Applies the connection limits, then serves the connection.
     fn admit(&self, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
-        match self.shared.slots.connection(client.ip(), &self.shared.snapshot.load().limits) {
-            Ok(slot) => {
-                let guard = ConnectionGuard { shared: self.shared.clone(), slot: Arc::new(slot) };
-                tokio::spawn(serve_connection(guard, stream, client, stop));
-            }
-            Err(_) => {
-                tokio::spawn(refuse_over_limit(stream));
+        match admit_slot(&self.shared, client.ip()) {
+            Some(guard) => tokio::spawn(serve_connection(guard, stream, client, stop)),
+            None => tokio::spawn(refuse_over_limit(stream)),
+        };
+    }
+}
+
+/// Accepts on `listener`, handing each connection to `admit`, until
+/// `shutdown` completes.
+async fn accept_until(
+    listener: &TcpListener,
+    metrics: &Metrics,
+    shutdown: impl Future<Output = ()>,
+    mut admit: impl FnMut(TcpStream, SocketAddr),
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => return,
+        };
+        match accepted {
+            Ok((stream, client)) => admit(stream, client),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, and
+                // count it (the connection waits in the backlog).
+                // EMFILE (24) and ENFILE (23), the same on Linux and the BSDs.
+                let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24));
+                metrics.refused(if out_of_fds { "fd_exhausted" } else { "accept_error" }).inc();
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
+}
+
+/// Takes a connection slot for `ip` within the limits (a refusal is
+/// counted by the slots), or `None`.
+fn admit_slot(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<ConnectionGuard> {
+    let slot = shared.slots.connection(ip, &shared.snapshot.load().limits).ok()?;
+    Some(ConnectionGuard { shared: shared.clone(), slot: Arc::new(slot) })
 }
 
 /// A served connection: the shared state and its slot in the limits. The
@@ -263,29 +288,48 @@ async fn serve_http<I>(
     io: I,
     client: SocketAddr,
     cert: Option<Arc<CertNames>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shared = guard.shared.clone();
+    let slot = guard.slot.clone();
+    let service = move |wire: Arc<Wire>| {
+        hyper::service::service_fn(move |req| {
+            let conflicting = wire.next_request_conflicting();
+            handle(shared.clone(), client, cert.clone(), slot.clone(), conflicting, req)
+        })
+    };
+    serve_with(guard, io, client, service, stop).await
+}
+
+/// Serves HTTP/1 on a client connection with the service `make_service`
+/// builds (given the connection's framing watch), under the head limits,
+/// until the client is done or shutdown asks it to finish. A request hyper
+/// refuses before the service sees it still gets its decision line.
+async fn serve_with<I, S>(
+    guard: ConnectionGuard,
+    io: I,
+    client: SocketAddr,
+    make_service: impl FnOnce(Arc<Wire>) -> S,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
     let (header_timeout, max_head) = {
-        let snapshot = shared.snapshot.load();
+        let snapshot = guard.shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
     let wire = Arc::new(Wire::default());
     let io = WatchedIo::new(io, wire.clone(), max_head);
-    let service_wire = wire.clone();
-    let slot = guard.slot.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let conflicting = service_wire.next_request_conflicting();
-        handle(shared.clone(), client, cert.clone(), slot.clone(), conflicting, req)
-    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(max_head)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection(TokioIo::new(io), make_service(wire.clone()))
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -340,10 +384,16 @@ async fn handle(
         }
         Err(reason) => Err(ProxyError::Denied(reason)),
     };
-    Ok(match routed {
+    Ok(respond(&shared, record, routed))
+}
+
+/// The response for a routed request: the upstream's, or the error's, in
+/// which case the request's log line is written here.
+fn respond(shared: &Shared, record: AccessRecord, routed: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+    match routed {
         Ok(response) => response,
-        Err(err) => refuse(&shared, record, err),
-    })
+        Err(err) => refuse(shared, record, err),
+    }
 }
 
 /// The answer for a request that failed, with its log line and count.
@@ -381,16 +431,11 @@ async fn route(
     if forward::has_looped(req.headers()) {
         return Err(ProxyError::LoopDetected);
     }
-    let permit = authorize(shared, snapshot, role, kind, &target, record).await?;
+    let permit = authorize(shared, snapshot, role, kind, &target, record, None).await?;
+    let role_name = snapshot.policy.role(role).shared_name();
     match kind {
-        RequestKind::Connect => {
-            let role = snapshot.policy.role(role).shared_name();
-            connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot, role).await
-        }
-        RequestKind::Http => {
-            let role = snapshot.policy.role(role).shared_name();
-            forward::forward(shared, snapshot, permit, &target, req, record.clone(), role).await
-        }
+        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot, role_name).await,
+        _ => forward::forward(shared, snapshot, permit, &target, req, record.clone(), role_name).await,
     }
 }
 
@@ -423,12 +468,14 @@ fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Ta
             Target::parse_authority(authority.as_str())
         }
         RequestKind::Http if req.uri().authority().is_none() => return Err(ClientError::OriginForm.into()),
-        RequestKind::Http => Target::parse_absolute(req.uri()),
+        _ => Target::parse_absolute(req.uri()),
     };
     Ok(parsed.map_err(ClientError::InvalidTarget)?)
 }
 
 /// Resolves if needed and asks the policy; returns the permit to dial.
+/// `original` is where a redirected connection was headed (transparent
+/// listener), so the policy can prefer it when it is a checked address.
 async fn authorize(
     shared: &Shared,
     snapshot: &Snapshot,
@@ -436,16 +483,21 @@ async fn authorize(
     kind: RequestKind,
     target: &Target,
     record: &mut AccessRecord,
+    original: Option<SocketAddr>,
 ) -> Result<Permit, ProxyError> {
     let policy = &snapshot.policy;
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
         PreResolution::Resolve(name) => {
+            record.answer = if snapshot.resolver.pinned(name).is_some() { "static" } else { "dns" };
             let started = std::time::Instant::now();
             let resolved = snapshot.resolver.resolve(name).await;
             shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
             let addrs = resolved.map_err(UpstreamError::Resolve)?;
-            policy.decide(role, kind, target, &addrs)
+            match original {
+                None => policy.decide(role, kind, target, &addrs),
+                Some(original) => policy.decide_redirected(role, kind, target, &addrs, original.ip()),
+            }
         }
     };
     match decision {

@@ -101,7 +101,12 @@ impl http_body::Body for PatternBody {
 
 /// A TCP origin that echoes every byte back and closes when the client half-closes.
 pub async fn start_tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_tcp_echo_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`start_tcp_echo`] on a given address (a test-owned namespace's address).
+pub async fn start_tcp_echo_on(bind: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -156,6 +161,11 @@ pub struct DnsServer {
 }
 
 pub async fn start_dns(records: &[(&str, &[&str])]) -> DnsServer {
+    start_dns_on("127.0.0.1:0".parse().unwrap(), records).await
+}
+
+/// [`start_dns`] on a given address (a test-owned namespace's address).
+pub async fn start_dns_on(bind: SocketAddr, records: &[(&str, &[&str])]) -> DnsServer {
     use hickory_proto::op::{Message, MessageType, ResponseCode};
     use hickory_proto::rr::{rdata, RData, Record, RecordType};
 
@@ -163,7 +173,7 @@ pub async fn start_dns(records: &[(&str, &[&str])]) -> DnsServer {
         .iter()
         .map(|(name, addrs)| (format!("{}.", name.to_lowercase()), addrs.iter().map(|a| a.parse().unwrap()).collect()))
         .collect();
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = UdpSocket::bind(bind).await.unwrap();
     let addr = socket.local_addr().unwrap();
     let queries = Arc::new(Mutex::new(HashMap::new()));
     let counter = queries.clone();

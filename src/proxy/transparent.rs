@@ -1,0 +1,530 @@
+//! The transparent entrance: connections that netfilter redirected here
+//! (`deploy/transparent/redirect.sh`) from clients that never chose a proxy.
+//!
+//! The original destination comes from `SO_ORIGINAL_DST`; the first bytes
+//! say what the client wants: a TLS ClientHello names its host by SNI, an
+//! HTTP/1 request by its Host header (each request on the connection is
+//! decided on its own), anything else has no name and is decided on the
+//! original destination alone. From there the connection joins the
+//! explicit proxy's path: identify (source address only), `authorize`
+//! with the original destination, then dial the permit and relay or
+//! forward. A name's checked addresses are dialed, the original
+//! destination only when it is one of them.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::body::ProxyBody;
+use super::error::{ClientError, ProxyError};
+use super::revoke::{Registration, Tunnels};
+use super::slots::TunnelSlot;
+use super::{accept_until, admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
+use crate::access_log::{AccessRecord, Outcome};
+use crate::orig_dst;
+use crate::policy::{DenyReason, RequestKind, RoleId};
+use crate::sni::{self, SniError};
+use crate::target::{Host, Target};
+
+/// Why a redirected connection was closed before anything was decided.
+/// Counted in `portcullis_connections_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its original destination is one of this proxy's own listeners (or
+    /// it was not redirected at all): serving it would loop.
+    Loop,
+    /// The original destination could not be read (no conntrack entry).
+    NoOriginalDst,
+}
+
+impl Refusal {
+    /// The metric label.
+    const fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Loop => "transparent_loop",
+            Refusal::NoOriginalDst => "transparent_no_original_dst",
+        }
+    }
+}
+
+/// What the first bytes of a redirected connection are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FirstBytes {
+    /// A TLS ClientHello, with its server name when it carries one.
+    Tls(Option<String>),
+    /// An HTTP/1.x request line.
+    Http,
+    /// Anything else, or nothing within the time limit.
+    Other,
+}
+
+/// The transparent listener, sharing its proxy's snapshot, connection
+/// pool, limits and metrics.
+pub struct TransparentServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    /// Every listener of this process, for the loop guard.
+    own: Arc<[SocketAddr]>,
+}
+
+impl Server {
+    /// Binds the transparent listener on `listen`. `others` are the
+    /// process's other listeners (proxy, admin): connections headed for
+    /// any of them, or for this one, are refused.
+    pub async fn bind_transparent(&self, listen: SocketAddr, others: &[SocketAddr]) -> io::Result<TransparentServer> {
+        let listener = TcpListener::bind(listen).await?;
+        let mut own = others.to_vec();
+        own.push(listener.local_addr()?);
+        Ok(TransparentServer { listener, shared: self.shared.clone(), own: own.into() })
+    }
+}
+
+impl TransparentServer {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts redirected connections until `shutdown` completes, then
+    /// stops accepting and asks open HTTP connections to finish their
+    /// current request. The proxy's [`Server::run_until`] waits for them,
+    /// as they hold the same connection slots.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = &self.shared;
+        let own = &self.own;
+        accept_until(&self.listener, &shared.metrics, shutdown, |stream, client: SocketAddr| {
+            // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+            let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+            if let Some(guard) = admit_slot(shared, client.ip()) {
+                tokio::spawn(serve(guard, stream, client, own.clone(), stop_rx.clone()));
+            }
+        })
+        .await;
+        let _ = stop_tx.send(true);
+    }
+}
+
+/// True when `original` names one of this process's listeners, or the
+/// connection's own local address (a client that connected to the
+/// transparent port directly).
+fn is_own_listener(original: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
+    let original = SocketAddr::new(original.ip().to_canonical(), original.port());
+    if original == SocketAddr::new(local.ip().to_canonical(), local.port()) {
+        return true;
+    }
+    own.iter().filter(|l| l.port() == original.port()).any(|l| {
+        let ip = l.ip().to_canonical();
+        ip == original.ip() || (ip.is_unspecified() && orig_dst::is_local_address(original.ip()))
+    })
+}
+
+async fn serve(
+    guard: super::ConnectionGuard,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    own: Arc<[SocketAddr]>,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let metrics = guard.shared.metrics.clone();
+    let original = match (orig_dst::original_destination(&stream), stream.local_addr()) {
+        (Ok(original), Ok(local)) if is_own_listener(original, local, &own) => {
+            tracing::warn!(%client, %original, "redirected connection headed for this proxy; refused");
+            metrics.refused(Refusal::Loop.as_str()).inc();
+            return;
+        }
+        (Ok(original), Ok(_)) => SocketAddr::new(original.ip().to_canonical(), original.port()),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::info!(%client, error = %e, "no original destination; refused");
+            metrics.refused(Refusal::NoOriginalDst.as_str()).inc();
+            return;
+        }
+    };
+    let (limit, max_head) = {
+        let snapshot = guard.shared.snapshot.load();
+        (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
+    };
+    // A request line is part of the head: the head's size limit applies.
+    let (first_bytes, first) = classify(&mut stream, limit, max_head).await;
+    match first_bytes {
+        FirstBytes::Http => {
+            let shared = guard.shared.clone();
+            let service = move |_wire| hyper::service::service_fn(move |req| handle(shared.clone(), client, original, req));
+            super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
+        }
+        FirstBytes::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
+        FirstBytes::Other => relay(guard, stream, client, original, RequestKind::TransparentTcp, None, first).await,
+    }
+}
+
+/// Reads the first bytes, at most `limit` long and about `max_line` bytes
+/// for a request line (a ClientHello gets up to [`sni::MAX_PEEK`]), and
+/// says what they are. The bytes read are returned to be replayed.
+async fn classify<S>(stream: &mut S, limit: Duration, max_line: usize) -> (FirstBytes, Vec<u8>)
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(4096);
+    let mut verdict = FirstBytes::Other;
+    let _ = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(decided) = judge(&buf, max_line) {
+                verdict = decided;
+                return;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    (verdict, buf)
+}
+
+/// What `buf` is, or `None` when more bytes are needed to tell.
+fn judge(buf: &[u8], max_line: usize) -> Option<FirstBytes> {
+    let first = *buf.first()?;
+    if first == 0x16 {
+        return match sni::server_name(buf) {
+            Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => None,
+            Ok(name) => Some(FirstBytes::Tls(Some(name))),
+            Err(SniError::Missing) => Some(FirstBytes::Tls(None)),
+            Err(_) => Some(FirstBytes::Other),
+        };
+    }
+    if !first.is_ascii_uppercase() {
+        return Some(FirstBytes::Other);
+    }
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) if is_http1_request_line(&buf[..end]) => Some(FirstBytes::Http),
+        Some(_) => Some(FirstBytes::Other),
+        None if buf.len() >= max_line => Some(FirstBytes::Other),
+        None => None,
+    }
+}
+
+/// `METHOD SP request-target SP HTTP/1.x` (RFC 9112 section 3).
+fn is_http1_request_line(line: &[u8]) -> bool {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !method.is_empty()
+        && method.iter().all(|b| b.is_ascii_uppercase() || *b == b'-')
+        && !target.is_empty()
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
+}
+
+/// Serves one HTTP request of a redirected connection, named by its Host.
+async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    original: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let snapshot = shared.snapshot.load_full();
+    let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
+    record.kind = Some(RequestKind::TransparentHttp);
+    record.original_dst = Some(original);
+    let routed = match identify(&snapshot, client.ip(), &mut record) {
+        Ok(role) => route(&shared, &snapshot, role, original, &mut record, req).await,
+        Err(e) => Err(e),
+    };
+    Ok(respond(&shared, record, routed))
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    role: RoleId,
+    original: SocketAddr,
+    record: &mut AccessRecord,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let target = request_target(&req, original)?;
+    record.host = target.host.to_string();
+    record.port = target.port;
+    let permit = authorize(shared, snapshot, role, RequestKind::TransparentHttp, &target, record, Some(original)).await?;
+    let role_name = snapshot.policy.role(role).shared_name();
+    forward::forward(shared, snapshot, permit, &target, req, record.clone(), role_name).await
+}
+
+/// The target of a redirected HTTP request: the host its client named (the
+/// absolute-form authority, else the Host header) at the original port,
+/// which is where the client's packets went. Without either, the original
+/// destination itself.
+fn request_target<B>(req: &Request<B>, original: SocketAddr) -> Result<Target, ProxyError> {
+    let named = match req.uri().authority() {
+        Some(authority) => Some(authority.host().to_string()),
+        None => match req.headers().get(http::header::HOST) {
+            Some(value) => {
+                let text = value.to_str().map_err(|_| invalid_host())?;
+                let authority: http::uri::Authority = text.parse().map_err(|_| invalid_host())?;
+                Some(authority.host().to_string())
+            }
+            None => None,
+        },
+    };
+    let host = match named {
+        Some(name) => Host::parse(&name).map_err(ClientError::InvalidTarget)?,
+        None => Host::Ip(original.ip()),
+    };
+    Ok(Target { host, port: original.port() })
+}
+
+fn invalid_host() -> ProxyError {
+    ClientError::InvalidTarget(crate::target::TargetError::EmptyHost).into()
+}
+
+/// The role of a redirected connection's client, from its source address.
+fn identify(snapshot: &Snapshot, source: IpAddr, record: &mut AccessRecord) -> Result<RoleId, ProxyError> {
+    let (role, source) = snapshot.identities.identify_source(&snapshot.policy, source).map_err(ProxyError::Denied)?;
+    record.identity = source.as_str();
+    record.role = snapshot.policy.role(role).name().to_string();
+    record.mode = snapshot.policy.role(role).mode();
+    Ok(role)
+}
+
+/// Decides a TLS or other TCP connection once, then relays it to the
+/// permitted address; a refusal closes it (TLS clients get an
+/// `access_denied` alert). One log line either way.
+async fn relay(
+    guard: super::ConnectionGuard,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    original: SocketAddr,
+    kind: RequestKind,
+    name: Option<String>,
+    first: Vec<u8>,
+) {
+    let shared = guard.shared.clone();
+    let snapshot = shared.snapshot.load_full();
+    // A redirected connection is logged like a tunnel.
+    let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
+    record.kind = Some(kind);
+    record.original_dst = Some(original);
+    let (dialed, tunnel_slot, registration) = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
+        Ok(opened) => opened,
+        Err(err) => {
+            refuse(&shared, &mut record, &err);
+            if kind == RequestKind::TransparentTls {
+                // A fatal access_denied alert (RFC 8446 6.2).
+                let _ = stream.write_all(&[21, 3, 3, 0, 2, 2, 49]).await;
+            }
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let idle = snapshot.timeouts.tunnel_idle.0;
+    let counts = connect::RelayCounts::default();
+    tokio::select! {
+        () = connect::relay_after(stream, dialed, first, idle, &counts) => {}
+        _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
+    }
+    (record.bytes_in, record.bytes_out) = counts.get();
+    drop((tunnel_slot, registration));
+    record.emit();
+    drop(guard);
+}
+
+/// Identifies, decides and dials a redirected TLS/TCP connection.
+async fn open(
+    shared: &Arc<Shared>,
+    snapshot: &Snapshot,
+    client: SocketAddr,
+    original: SocketAddr,
+    kind: RequestKind,
+    name: Option<String>,
+    record: &mut AccessRecord,
+) -> Result<(TcpStream, TunnelSlot, Registration), ProxyError> {
+    let host = match name {
+        Some(name) => Host::parse(&name).map_err(ClientError::InvalidTarget)?,
+        None => Host::Ip(original.ip()),
+    };
+    let target = Target { host, port: original.port() };
+    record.host = target.host.to_string();
+    record.port = target.port;
+    let role = identify(snapshot, client.ip(), record)?;
+    let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
+    // Like a CONNECT tunnel: within the tunnel limits, and re-decided on reload.
+    let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
+    let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, &shared.metrics).await?;
+    record.dialed = Some(addr);
+    let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, addr);
+    Ok((upstream, tunnel_slot, registration))
+}
+
+/// Logs and counts a redirected connection that is closed undecided or denied.
+fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
+    record.outcome = err.outcome();
+    if let ProxyError::Upstream(e) = err {
+        shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
+    }
+    record.emit();
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first, then the socket. Writes go straight to the socket.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Replays `prefix` before reading from `inner`.
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed { prefix, read: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.read < this.prefix.len() {
+            let n = (this.prefix.len() - this.read).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_are_classified() {
+        let hello = crate::sni::testing::hello_for("allowed.test");
+        let cases: Vec<(Vec<u8>, Option<FirstBytes>)> = vec![
+            (hello.clone(), Some(FirstBytes::Tls(Some("allowed.test".into())))),
+            (hello[..hello.len() - 3].to_vec(), None),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), Some(FirstBytes::Http)),
+            (b"POST /x?y=1 HTTP/1.0\r\n".to_vec(), Some(FirstBytes::Http)),
+            (b"M-SEARCH * HTTP/1.1\r\n".to_vec(), Some(FirstBytes::Http)),
+            (b"GET / HTTP/1.1".to_vec(), None),
+            (b"GET / HTTP/2.0\r\n".to_vec(), Some(FirstBytes::Other)),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), Some(FirstBytes::Other)),
+            (b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), Some(FirstBytes::Other)),
+            (b"GET  / HTTP/1.1\r\n".to_vec(), Some(FirstBytes::Other)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f".to_vec(), Some(FirstBytes::Other)),
+            (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00".to_vec(), Some(FirstBytes::Other)),
+            (vec![b'G'; 100], Some(FirstBytes::Other)),
+            (Vec::new(), None),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(judge(&bytes, 64), want, "{:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[tokio::test]
+    async fn silence_is_other_after_the_limit() {
+        let (mut proxy_side, _client) = tokio::io::duplex(64);
+        let (kind, bytes) = classify(&mut proxy_side, Duration::from_millis(50), 1024).await;
+        assert_eq!((kind, bytes), (FirstBytes::Other, Vec::new()));
+    }
+
+    #[tokio::test]
+    async fn prefix_is_replayed_before_the_stream() {
+        let (mut client, mut proxy_side) = tokio::io::duplex(1024);
+        let sent = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest of the stream";
+        client.write_all(sent).await.unwrap();
+        drop(client);
+        let (kind, first) = classify(&mut proxy_side, Duration::from_secs(5), 1024).await;
+        assert_eq!(kind, FirstBytes::Http);
+        let mut replayed = Vec::new();
+        Prefixed::new(first, proxy_side).read_to_end(&mut replayed).await.unwrap();
+        assert_eq!(replayed, sent);
+    }
+
+    #[test]
+    fn redirected_request_targets() {
+        let original: SocketAddr = "11.0.0.10:8080".parse().unwrap();
+        // (request target, Host header, want host:port | None for 400)
+        let cases: [(&str, Option<&str>, Option<&str>); 8] = [
+            ("/", Some("allowed.test"), Some("allowed.test:8080")),
+            ("/", Some("Allowed.TEST:9999"), Some("allowed.test:8080")),
+            ("/x?y", Some("[2600::10]:80"), Some("[2600::10]:8080")),
+            ("/", Some("11.0.0.20"), Some("11.0.0.20:8080")),
+            ("/", None, Some("11.0.0.10:8080")),
+            ("http://other.test/p", Some("allowed.test"), Some("other.test:8080")),
+            ("/", Some("bad host"), None),
+            ("/", Some("0x7f.1"), None),
+        ];
+        for (uri, host, want) in cases {
+            let mut req = Request::builder().uri(uri);
+            if let Some(host) = host {
+                req = req.header(http::header::HOST, host);
+            }
+            let got = request_target(&req.body(()).unwrap(), original).ok().map(|t| t.to_string());
+            assert_eq!(got.as_deref(), want, "{uri} Host: {host:?}");
+        }
+    }
+
+    #[test]
+    fn loop_guard() {
+        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let own: Vec<SocketAddr> =
+            ["127.0.0.1:3128", "0.0.0.0:9128", "[::]:15001"].iter().map(|a| a.parse().unwrap()).collect();
+        let cases = [
+            ("127.0.0.1:15001", true),
+            ("[::ffff:127.0.0.1]:15001", true),
+            ("127.0.0.1:3128", true),
+            ("127.0.0.1:9128", true),
+            ("[::1]:15001", true),
+            ("11.0.0.10:3128", false),
+            ("11.0.0.10:443", false),
+            ("127.0.0.1:8080", false),
+        ];
+        for (original, want) in cases {
+            assert_eq!(is_own_listener(original.parse().unwrap(), local, &own), want, "{original}");
+        }
+    }
+}
