@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::policy::provenance::RuleRef;
 use crate::policy::{DenyReason, Mode, RequestKind};
 use crate::proxy::framing::Refusal;
 
@@ -73,6 +74,9 @@ pub struct AccessRecord {
     /// Where the role came from: certificate, credentials, source, default.
     pub identity: &'static str,
     pub mode: Mode,
+    /// The rule that decided, described only when the line is written
+    /// (operators only: never in a response).
+    pub rule: Option<RuleRef>,
     pub status: u16,
     /// Bytes from the client to the destination (request body, tunnel upstream).
     pub bytes_in: u64,
@@ -108,6 +112,7 @@ impl AccessRecord {
             role: String::new(),
             identity: "",
             mode: Mode::Enforce,
+            rule: None,
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -187,6 +192,18 @@ impl AccessRecord {
         json_str(out, self.identity);
         out.extend_from_slice(b",\"mode\":");
         json_str(out, self.mode.as_str());
+        out.extend_from_slice(b",\"rule\":");
+        match (&self.rule, self.outcome) {
+            // Decided after the allow, by the tunnel's TLS check or a reload.
+            (Some(rule), Outcome::Deny(DenyReason::SniMismatch | DenyReason::SniMissing | DenyReason::NotTls | DenyReason::SniTimeout)) => {
+                json_str(out, &format!("sni_check (after the allow by {rule})"))
+            }
+            (Some(rule), Outcome::Deny(DenyReason::Revoked)) => {
+                json_str(out, &format!("revoked by a reload (was allowed by {rule})"))
+            }
+            (Some(rule), _) => json_str(out, &rule.to_string()),
+            (None, _) => out.extend_from_slice(b"\"\""),
+        }
         let _ = writeln!(
             out,
             ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}}}",
@@ -217,6 +234,11 @@ mod tests {
         record.role = "team \"a\"".to_string();
         record.identity = "credentials";
         record.mode = Mode::Report;
+        let config = crate::config::Config::from_yaml_str("roles:\n  default:\n    allow:\n      domains: [\"*.a.example\"]\n", "p.yaml").unwrap();
+        let policy = config.compile().unwrap();
+        let target = crate::target::Target::parse_authority("x.a.example:443").unwrap();
+        let decision = policy.decide(policy.default_role(), RequestKind::Connect, &target, &["8.8.8.8".parse().unwrap()]);
+        record.rule = Some(policy.rule_ref(decision.rule()));
         record.status = 502;
         record.bytes_in = 12;
         record.bytes_out = u64::MAX;
@@ -239,6 +261,7 @@ mod tests {
         assert_eq!(field("role"), "team \"a\"");
         assert_eq!(field("identity"), "credentials");
         assert_eq!(field("mode"), "report");
+        assert_eq!(field("rule"), "roles.default.allow.domains[0] (*.a.example) at p.yaml:4");
         assert_eq!(field("status"), 502);
         assert_eq!(field("bytes_in"), 12);
         assert_eq!(field("bytes_out"), u64::MAX);
@@ -246,6 +269,17 @@ mod tests {
         let timestamp = field("timestamp").as_str().unwrap();
         assert!(timestamp.len() == 27 && timestamp.ends_with('Z'), "{timestamp}");
         assert_eq!(field("answer"), "static");
-        assert_eq!(value.as_object().unwrap().len(), 19, "no other fields: {value}");
+        assert_eq!(value.as_object().unwrap().len(), 20, "no other fields: {value}");
+        for (outcome, rule) in [
+            (Outcome::Deny(DenyReason::SniMismatch), "sni_check (after the allow by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),
+            (Outcome::Deny(DenyReason::Revoked), "revoked by a reload (was allowed by roles.default.allow.domains[0] (*.a.example) at p.yaml:4)"),
+            (Outcome::Error("upstream-refused"), "roles.default.allow.domains[0] (*.a.example) at p.yaml:4"),
+        ] {
+            record.outcome = outcome;
+            let mut line = Vec::new();
+            record.write_json(&mut line);
+            let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+            assert_eq!(value["rule"], rule, "{outcome:?}");
+        }
     }
 }

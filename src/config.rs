@@ -7,14 +7,16 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::domain::DomainPattern;
+use crate::policy::provenance::SourceLines;
 use crate::policy::ranges::{Nat64Prefix, Transitions};
-use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PortSet, Role};
+use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PolicyError, PortSet, Role};
 
 /// The role that applies to clients without an identity.
 pub const DEFAULT_ROLE: &str = "default";
@@ -90,6 +92,9 @@ pub struct Config {
     /// access); a role's own `deny_message` replaces it for that role.
     #[serde(default)]
     pub deny_message: Option<String>,
+    /// Where each rule sits in the file it was read from, for provenance.
+    #[serde(skip)]
+    pub source: Option<Arc<SourceLines>>,
 }
 
 /// `upstream_proxy`: allowed requests of `roles` (every role when empty)
@@ -614,11 +619,12 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
             file: file.to_string(),
             line: e.location().map(|l| l.line()),
             message: e.to_string(),
         })?;
+        config.source = Some(Arc::new(SourceLines::index(file, text)));
         config.check_all().map_err(|refused| ConfigError::Invalid {
             file: file.to_string(),
             line: refused.value.as_ref().and_then(|(path, v)| line_of(text, path, v)),
@@ -716,8 +722,15 @@ impl Config {
             let own = for_all.clone().filter(|(c, _)| matches!(c, CarveOut::Roles { .. }) && c.applies_to(name));
             roles.push(compile_role(&transitions, name, role)?.with_carve_outs(own.map(|(_, n)| *n).collect()));
         }
-        Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| {
-            format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity").into()
+        let policy = Policy::new(roles, DEFAULT_ROLE, &plan).map_err(|e| match e {
+            PolicyError::MissingRole(_) => {
+                format!("roles: {e}; every config needs a `{DEFAULT_ROLE}` role for clients without an identity")
+            }
+            PolicyError::TooManyRoles(_) => format!("roles: {e}"),
+        })?;
+        Ok(match &self.source {
+            Some(source) => policy.with_source(source.clone()),
+            None => policy,
         })
     }
 }

@@ -1,5 +1,5 @@
 //! The `portcullis` command: run the proxy, check a URL against a policy,
-//! or validate a config file.
+//! run policy test cases, or validate a config file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,10 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
-use portcullis::policy::{Decision, PreResolution, RequestKind};
+use portcullis::policy::{Decision, PreResolution};
+use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
 use portcullis::proxy::Snapshot;
-use portcullis::target::Target;
 
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "An egress filtering forward proxy")]
@@ -37,11 +37,53 @@ enum Command {
         role: Option<String>,
         /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT).
         url: String,
+        /// List every rule consulted, in order, before the decision.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Run policy test cases against a config, without DNS or a server.
+    /// Exit code 0: all pass, 1: any fails, 2: bad input.
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the results as JUnit XML to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Case files (YAML: `resolve:` and `cases:`).
+        #[arg(required = true)]
+        cases: Vec<PathBuf>,
+    },
+    /// Propose allow-list additions from a decision log (would_deny and
+    /// deny lines). Exit code 0, or 2 for bad input.
+    Suggest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The decision log (JSON lines, as `portcullis run` writes them).
+        #[arg(long)]
+        log: PathBuf,
+        /// Only this role's lines.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Convert another proxy's egress policy into Portcullis roles (YAML on
+    /// stdout; what does not translate follows as comments). Exit code 0, or 2.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
     },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// A Smokescreen egress ACL (v1: services, global allow and deny lists, default).
+    Smokescreen {
+        /// The ACL file.
+        acl: PathBuf,
     },
 }
 
@@ -56,7 +98,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
-        Command::Check { config, role, url } => runtime.block_on(check(config, role.as_deref(), &url)),
+        Command::Check { config, role, url, explain } => runtime.block_on(check(config, role.as_deref(), &url, explain)),
+        Command::Test { config, junit, cases } => test(config, junit, &cases),
+        Command::Suggest { config, log, role } => suggest(config, log, role.as_deref()),
+        Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
     };
     match result {
@@ -135,27 +180,10 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Parses what an operator types: an http(s) URL or a bare `host:port`.
-fn parse_check_target(url: &str) -> Result<(RequestKind, Target), String> {
-    let lower = url.to_ascii_lowercase();
-    let (kind, parsed) = if lower.starts_with("https://") {
-        let uri: http::Uri = format!("http://{}", &url[8..]).parse().map_err(|e| format!("{e}"))?;
-        let authority = uri.authority().ok_or("missing host")?.as_str();
-        let with_port = if uri.port().is_some() { authority.to_string() } else { format!("{authority}:443") };
-        (RequestKind::Connect, Target::parse_authority(&with_port))
-    } else if lower.starts_with("http://") {
-        let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-        (RequestKind::Http, Target::parse_absolute(&uri))
-    } else {
-        (RequestKind::Connect, Target::parse_authority(url))
-    };
-    parsed.map(|t| (kind, t)).map_err(|e| format!("invalid-target: {e}"))
-}
-
-async fn check(path: PathBuf, role: Option<&str>, url: &str) -> anyhow::Result<ExitCode> {
+async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
-    let (kind, target) = match parse_check_target(url) {
+    let (kind, target) = match policytest::parse_request(url) {
         Ok(parsed) => parsed,
         Err(e) => {
             println!("deny {url}: {e}");
@@ -167,29 +195,38 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str) -> anyhow::Result<E
         Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
         None => policy.default_role(),
     };
-    let decision = match policy.pre_resolution(role, kind, &target) {
-        PreResolution::Decided(d) => d,
+    let (decision, addrs) = match policy.pre_resolution(role, kind, &target) {
+        PreResolution::Decided(d) => (d, literal_addr(&target.host).into_iter().collect()),
         PreResolution::Resolve(name) => {
             let addrs = snapshot.resolver.resolve(name).await.with_context(|| format!("resolve-failed: {name}"))?;
-            policy.decide(role, kind, &target, &addrs)
+            (policy.decide(role, kind, &target, &addrs), addrs)
         }
     };
+    if explain {
+        // Decided before resolution: the walk over the same rules, with the
+        // addresses there were (none for a name denied outright).
+        let (_, steps) = policy.explain(role, kind, &target, &addrs);
+        for (i, step) in steps.iter().enumerate() {
+            println!("{:>3}. {}", i + 1, policy.catalog().describe_step(*step));
+        }
+    }
     let role_name = policy.role(role).name();
+    let rule = policy.describe(decision.rule());
     match decision {
-        Decision::Deny(reason) => {
-            println!("deny {} {target} role={role_name} reason={reason}", kind.as_str());
+        Decision::Deny { reason, .. } => {
+            println!("deny {} {target} role={role_name} reason={reason} rule={rule}", kind.as_str());
             Ok(ExitCode::from(1))
         }
         Decision::Allow(permit) => {
             let addrs: Vec<String> = permit.addrs().iter().map(|a| a.to_string()).collect();
             match permit.would_deny() {
                 Some(reason) => println!(
-                    "allow {} {target} role={role_name} (report mode: would deny, reason={reason}) addrs={}",
+                    "allow {} {target} role={role_name} (report mode: would deny, reason={reason}) rule={rule} addrs={}",
                     kind.as_str(),
                     addrs.join(",")
                 ),
                 None => println!(
-                    "allow {} {target} role={role_name} rule={} addrs={}",
+                    "allow {} {target} role={role_name} by={} rule={rule} addrs={}",
                     kind.as_str(),
                     permit.rule().as_str(),
                     addrs.join(",")
@@ -197,5 +234,83 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str) -> anyhow::Result<E
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The config's policy and identity rules, or `None` once the refusal
+/// (file, line, reason) is printed.
+fn policy_under_test(config: &std::path::Path) -> Option<PolicyUnderTest> {
+    let loaded = Config::load(config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c));
+    loaded.map_err(|e| eprintln!("{e}")).ok()
+}
+
+/// Runs case files; bad input (config or cases) is exit code 2.
+fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
+    let mut files = Vec::with_capacity(case_paths.len());
+    for path in case_paths {
+        match CaseFile::load(path) {
+            Ok(file) => files.push(file),
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    let results = put.run_all(&files);
+    for r in &results {
+        match &r.failure {
+            None => println!("PASS {}: {}", r.case, r.got),
+            Some(failure) => println!("FAIL {}: {failure}", r.case),
+        }
+    }
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    println!("{} cases: {} passed, {failed} failed", results.len(), results.len() - failed);
+    if let Some(path) = junit {
+        std::fs::write(&path, policytest::junit_xml(&results)).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
+    let text = std::fs::read_to_string(&log).with_context(|| format!("{}: cannot read", log.display()))?;
+    match portcullis::suggest::suggest(put.policy(), &text, &log.display().to_string(), role) {
+        Ok(suggestion) => {
+            print!("{suggestion}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn import_smokescreen(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match portcullis::import::smokescreen(&text, &path.display().to_string()) {
+        Ok(imported) => {
+            print!("{imported}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The address of an IP-literal target.
+fn literal_addr(host: &portcullis::target::Host) -> Option<std::net::IpAddr> {
+    match host {
+        portcullis::target::Host::Ip(ip) => Some(*ip),
+        portcullis::target::Host::Name(_) => None,
     }
 }

@@ -2,24 +2,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use common::portcullis;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 fn shipped_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.yaml")
 }
 
-fn portcullis(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run portcullis");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
     common::temp_file("cli", name, text)
@@ -53,7 +44,7 @@ fn check_allows_with_exit_0() {
     );
     let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "http://127.0.0.1/"]);
     assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.starts_with("allow http 127.0.0.1:80") && stdout.contains("rule=cidr"), "{stdout}");
+    assert!(stdout.starts_with("allow http 127.0.0.1:80") && stdout.contains("by=cidr rule=roles.default.allow.cidrs[0] (127.0.0.1/32)"), "{stdout}");
     let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "https://[::ffff:8.8.8.8]/"]);
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("addrs=8.8.8.8:443"), "{stdout}");
@@ -104,6 +95,7 @@ async fn run_serves_and_logs_one_line_per_request() {
         "\"mode\":\"enforce\"",
         "\"role\":\"default\"",
         "\"identity\":\"default\"",
+        "\"rule\":\"always-denied:metadata (169.254.169.254/32)\"",
         "\"status\":403",
         "\"dialed\":\"\"",
         "\"bytes_in\":0",

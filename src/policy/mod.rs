@@ -7,6 +7,7 @@
 
 pub mod cidr;
 pub mod domain;
+pub mod provenance;
 pub mod ranges;
 pub mod registry;
 
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use crate::target::{DomainName, Host, Target};
 use cidr::CidrTable;
 use domain::{DomainMatcher, DomainPattern};
+use provenance::{Lift, NoTrace, RangeSource, RangeStep, RoleRule, RoleRules, RuleCatalog, RuleId, RuleRef, RuleText, SourceLines, Step, Trace};
 use ranges::{Nat64Prefix, RangeKind, Transitions};
 
 /// How a role's allow-list is applied.
@@ -48,7 +50,7 @@ impl Mode {
 }
 
 /// What the client asked the proxy to do; ports are allowed per kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestKind {
     /// An absolute-form plain HTTP request, forwarded.
     Http,
@@ -192,12 +194,20 @@ impl AllowedBy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoleId(usize);
 
+impl RoleId {
+    /// The index as carried in a [`RuleId`] (a policy has fewer than 2^16 roles).
+    fn index(self) -> u16 {
+        self.0 as u16
+    }
+}
+
 /// Permission to dial: the checked socket addresses and the rule that
 /// allowed them. Only the policy engine constructs one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Permit {
     addrs: Vec<SocketAddr>,
     rule: AllowedBy,
+    rule_id: RuleId,
     would_deny: Option<DenyReason>,
     sni_check: bool,
     tunnel: TunnelStart,
@@ -223,9 +233,15 @@ impl Permit {
         &self.addrs
     }
 
-    /// The rule that allowed the request.
+    /// The kind of rule that allowed the request.
     pub fn rule(&self) -> AllowedBy {
         self.rule
+    }
+
+    /// The rule that decided: the allow rule, or in report mode the rule
+    /// that would have denied. Described by [`Policy::describe`].
+    pub fn rule_id(&self) -> RuleId {
+        self.rule_id
     }
 
     /// True when a tunnel must carry a TLS ClientHello whose SNI names the
@@ -261,7 +277,27 @@ impl Permit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow(Permit),
-    Deny(DenyReason),
+    /// Denied for `reason` by `rule`.
+    Deny { reason: DenyReason, rule: RuleId },
+}
+
+impl Decision {
+    /// The reason of a deny.
+    pub fn deny_reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Deny { reason, .. } => Some(*reason),
+            Decision::Allow(_) => None,
+        }
+    }
+
+    /// The rule that decided (for an allow in report mode, the rule that
+    /// would have denied).
+    pub fn rule(&self) -> RuleId {
+        match self {
+            Decision::Deny { rule, .. } => *rule,
+            Decision::Allow(permit) => permit.rule_id,
+        }
+    }
 }
 
 /// What can be decided before resolving the target's name.
@@ -295,14 +331,18 @@ impl PortSet {
 /// Destinations a role may reach: domains, CIDRs and ports.
 #[derive(Debug, Clone)]
 pub struct AllowList {
-    domains: DomainMatcher<()>,
-    cidrs: CidrTable<()>,
+    /// Values are indices into `rules`' domains and cidrs.
+    domains: DomainMatcher<u32>,
+    cidrs: CidrTable<u32>,
     http_ports: PortSet,
     connect_ports: PortSet,
     /// False: CIDR rules admit IP literals only; a name that matches no
     /// domain rule is denied without being resolved (no DNS query leaves
     /// for it, which closes the exfiltration channel through denied names).
     resolve_unlisted: bool,
+    /// The rules as written, in config order, for provenance.
+    domain_list: Box<[DomainPattern]>,
+    cidr_list: Box<[IpNet]>,
 }
 
 impl AllowList {
@@ -313,12 +353,16 @@ impl AllowList {
         http_ports: PortSet,
         connect_ports: PortSet,
     ) -> Self {
+        let domain_list: Box<[DomainPattern]> = domains.into_iter().collect();
+        let cidr_list: Box<[IpNet]> = cidrs.into_iter().collect();
         AllowList {
-            domains: DomainMatcher::new(domains.into_iter().map(|d| (d, ()))),
-            cidrs: CidrTable::new(cidrs.into_iter().map(|n| (n, ()))),
+            domains: DomainMatcher::new(indexed(&domain_list)),
+            cidrs: CidrTable::new(indexed(&cidr_list)),
             http_ports,
             connect_ports,
             resolve_unlisted: true,
+            domain_list,
+            cidr_list,
         }
     }
 
@@ -333,6 +377,15 @@ impl AllowList {
     /// by a CIDR rule once resolved.
     fn cidrs_admit_names(&self) -> bool {
         self.resolve_unlisted && !self.cidrs.is_empty()
+    }
+
+    /// The port list named for `kind` (a `CONNECT` is also admitted on an
+    /// `http_ports` port when it carries plain HTTP, see [`Self::port_allowed`]).
+    fn ports(&self, kind: RequestKind) -> &PortSet {
+        match kind {
+            RequestKind::Http | RequestKind::TransparentHttp => &self.http_ports,
+            RequestKind::Connect | RequestKind::TransparentTls | RequestKind::TransparentTcp => &self.connect_ports,
+        }
     }
 
     /// Plain HTTP goes to `http_ports`; a tunnel to `connect_ports`, or to
@@ -357,52 +410,70 @@ impl AllowList {
         }
     }
 
-    fn name_allowed(&self, name: &DomainName) -> bool {
-        self.domains.lookup(name.as_str()).is_some()
-    }
-
-    fn addr_allowed(&self, transitions: &Transitions, addr: IpAddr) -> bool {
-        self.cidrs.lookup(transitions.judged(addr)).is_some()
+    fn name_rule(&self, name: &DomainName) -> Option<u32> {
+        self.domains.lookup(name.as_str()).map(|m| *m.value())
     }
 
     /// The part of the check that needs no addresses: the port, and for a
     /// name when no CIDR rule could admit it through its addresses, the name
     /// itself. A name denied here is never resolved.
-    fn check_before_resolution(&self, kind: RequestKind, target: &Target) -> Result<(), DenyReason> {
+    fn check_before_resolution(&self, kind: RequestKind, target: &Target) -> Result<(), (DenyReason, RoleRule)> {
         if !self.port_allowed(kind, target.port) {
-            return Err(DenyReason::PortNotAllowed);
+            return Err((DenyReason::PortNotAllowed, RoleRule::Ports(kind)));
         }
         match &target.host {
-            Host::Name(name) if !self.cidrs_admit_names() && !self.name_allowed(name) => {
-                Err(DenyReason::NotAllowListed)
+            Host::Name(name) if !self.cidrs_admit_names() && self.name_rule(name).is_none() => {
+                Err((DenyReason::NotAllowListed, RoleRule::DefaultDeny))
             }
             _ => Ok(()),
         }
     }
 
-    fn check(
+    /// Checks port, name and addresses; `role` only labels the trace.
+    #[inline(always)]
+    fn check<T: Trace>(
         &self,
         transitions: &Transitions,
-        kind: RequestKind,
+        (role, kind): (u16, RequestKind),
         target: &Target,
         addrs: &[IpAddr],
-    ) -> Result<AllowedBy, DenyReason> {
-        if !self.port_allowed(kind, target.port) {
-            return Err(DenyReason::PortNotAllowed);
+        trace: &mut T,
+    ) -> Result<(AllowedBy, RoleRule), (DenyReason, RoleRule)> {
+        let port_allowed = self.port_allowed(kind, target.port);
+        trace.step(Step::Port { port: target.port, rule: RuleId::Role(role, RoleRule::Ports(kind)), allowed: port_allowed });
+        if !port_allowed {
+            return Err((DenyReason::PortNotAllowed, RoleRule::Ports(kind)));
         }
         if let Host::Name(name) = &target.host {
-            if self.name_allowed(name) {
-                return Ok(AllowedBy::Domain);
+            let matched = self.name_rule(name);
+            trace.step(Step::AllowName { matched: matched.map(|i| RuleId::Role(role, RoleRule::AllowDomain(i))) });
+            if let Some(i) = matched {
+                return Ok((AllowedBy::Domain, RoleRule::AllowDomain(i)));
             }
             if !self.resolve_unlisted {
-                return Err(DenyReason::NotAllowListed);
+                trace.step(Step::UnlistedNameNotResolved);
+                return Err((DenyReason::NotAllowListed, RoleRule::DefaultDeny));
             }
         }
-        if !addrs.is_empty() && addrs.iter().all(|a| self.addr_allowed(transitions, *a)) {
-            return Ok(AllowedBy::Cidr);
+        let mut first = None;
+        for addr in addrs {
+            let matched = self.cidrs.lookup(transitions.judged(*addr)).copied();
+            trace.step(Step::AllowAddr { addr: *addr, matched: matched.map(|i| RuleId::Role(role, RoleRule::AllowCidr(i))) });
+            match matched {
+                Some(i) => first = first.or(Some(i)),
+                None => return Err((DenyReason::NotAllowListed, RoleRule::DefaultDeny)),
+            }
         }
-        Err(DenyReason::NotAllowListed)
+        match first {
+            Some(i) => Ok((AllowedBy::Cidr, RoleRule::AllowCidr(i))),
+            None => Err((DenyReason::NotAllowListed, RoleRule::DefaultDeny)),
+        }
     }
+}
+
+/// `(rule, index)` pairs: the index is the rule's provenance.
+fn indexed<T: Clone>(list: &[T]) -> impl Iterator<Item = (T, u32)> + '_ {
+    list.iter().cloned().zip(0..)
 }
 
 /// A named set of rules applied to a class of clients.
@@ -425,8 +496,11 @@ pub struct Role {
 /// IPv6 spelling and in the IPv4 form a transition address carries.
 #[derive(Debug, Clone)]
 pub struct DenyList {
-    domains: DomainMatcher<()>,
-    cidrs: CidrTable<()>,
+    /// Values are indices into the lists as written.
+    domains: DomainMatcher<u32>,
+    cidrs: CidrTable<u32>,
+    domain_list: Box<[DomainPattern]>,
+    cidr_list: Box<[IpNet]>,
 }
 
 impl Default for DenyList {
@@ -438,18 +512,34 @@ impl Default for DenyList {
 impl DenyList {
     /// Compiles a deny list.
     pub fn new(domains: impl IntoIterator<Item = DomainPattern>, cidrs: impl IntoIterator<Item = IpNet>) -> Self {
+        let domain_list: Box<[DomainPattern]> = domains.into_iter().collect();
+        let cidr_list: Box<[IpNet]> = cidrs.into_iter().collect();
         DenyList {
-            domains: DomainMatcher::new(domains.into_iter().map(|d| (d, ()))),
-            cidrs: CidrTable::new(cidrs.into_iter().map(|n| (n, ()))),
+            domains: DomainMatcher::new(indexed(&domain_list)),
+            cidrs: CidrTable::new(indexed(&cidr_list)),
+            domain_list,
+            cidr_list,
         }
     }
 
-    fn denies(&self, transitions: &Transitions, target: &Target, addrs: &[IpAddr]) -> bool {
-        let name_denied = matches!(&target.host, Host::Name(n) if self.domains.lookup(n.as_str()).is_some());
-        let addr_denied = |a: &IpAddr| {
-            self.cidrs.lookup(*a).is_some() || self.cidrs.lookup(transitions.judged(*a)).is_some()
-        };
-        name_denied || addrs.iter().any(addr_denied)
+    /// The deny rule matching the name or any address; `role` labels the trace.
+    #[inline(always)]
+    fn denies<T: Trace>(&self, transitions: &Transitions, role: u16, target: &Target, addrs: &[IpAddr], trace: &mut T) -> Option<RoleRule> {
+        if let Host::Name(n) = &target.host {
+            let matched = self.domains.lookup(n.as_str()).map(|m| *m.value());
+            trace.step(Step::RoleDenyName { matched: matched.map(|i| RuleId::Role(role, RoleRule::DenyDomain(i))) });
+            if let Some(i) = matched {
+                return Some(RoleRule::DenyDomain(i));
+            }
+        }
+        for a in addrs {
+            let matched = self.cidrs.lookup(*a).or_else(|| self.cidrs.lookup(transitions.judged(*a))).copied();
+            trace.step(Step::RoleDenyAddr { addr: *a, matched: matched.map(|i| RuleId::Role(role, RoleRule::DenyCidr(i))) });
+            if let Some(i) = matched {
+                return Some(RoleRule::DenyCidr(i));
+            }
+        }
+        None
     }
 }
 
@@ -485,14 +575,48 @@ impl Role {
     pub fn mode(&self) -> Mode {
         self.mode
     }
+
+    /// True when the role's allow-list admits `port` for `kind`.
+    pub fn allows_port(&self, kind: RequestKind, port: u16) -> bool {
+        self.allow.port_allowed(kind, port)
+    }
+
+    /// The ports the role allows for `kind`, sorted.
+    pub fn ports(&self, kind: RequestKind) -> &[u16] {
+        &self.allow.ports(kind).0
+    }
+
+    /// True when a domain rule of the role's allow-list matches `name`.
+    pub fn allows_name(&self, name: &DomainName) -> bool {
+        self.allow.name_rule(name).is_some()
+    }
+
+    /// True when a CIDR rule of the role's allow-list covers `addr` (as judged).
+    pub fn allows_addr(&self, transitions: &Transitions, addr: IpAddr) -> bool {
+        self.allow.cidrs.lookup(transitions.judged(addr)).is_some()
+    }
+
+    /// The role's rules as written, for provenance.
+    fn rules(&self) -> RoleRules {
+        RoleRules {
+            name: self.name.clone(),
+            allow_domains: self.allow.domain_list.clone(),
+            allow_cidrs: self.allow.cidr_list.clone(),
+            deny_domains: self.deny.domain_list.clone(),
+            deny_cidrs: self.deny.cidr_list.clone(),
+            http_ports: self.allow.http_ports.0.clone(),
+            connect_ports: self.allow.connect_ports.0.clone(),
+            carve_outs: self.carve_outs.clone().into_boxed_slice(),
+        }
+    }
 }
 
 /// Whether an address range is denied, or not denied inside a denied block
 /// (a globally reachable registry row, or the operator's carve-out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RangeVerdict {
-    Denied(RangeKind),
-    NotDenied,
+    Denied(RangeKind, RangeSource),
+    NotDenied(Lift),
 }
 
 /// What the operator adds to the built-in address table.
@@ -565,9 +689,12 @@ pub struct Policy {
     ranges: CidrTable<RangeVerdict>,
     /// Per role: its own table when it has role-specific carve-outs.
     role_ranges: Vec<Option<CidrTable<RangeVerdict>>>,
-    denied_names: DomainMatcher<RangeKind>,
+    /// The kind and the rule index (see [`RuleId::DeniedName`]).
+    denied_names: DomainMatcher<(RangeKind, u16)>,
     roles: Vec<Role>,
     default_role: RoleId,
+    /// Describes the rule ids this snapshot hands out.
+    catalog: Arc<RuleCatalog>,
 }
 
 impl Policy {
@@ -576,6 +703,9 @@ impl Policy {
     /// always-denied and internal ranges only where they are at least as
     /// specific.
     pub fn new(roles: Vec<Role>, default_role: &str, plan: &AddressPlan) -> Result<Self, PolicyError> {
+        if roles.len() > usize::from(u16::MAX) {
+            return Err(PolicyError::TooManyRoles(roles.len()));
+        }
         let default_role = roles
             .iter()
             .position(|r| &*r.name == default_role)
@@ -583,31 +713,51 @@ impl Policy {
             .ok_or_else(|| PolicyError::MissingRole(default_role.to_string()))?;
         // Loopback is left to its range (and the listener check): a carve-out
         // of it is how tests and sidecars reach local origins.
-        let own: Vec<IpNet> = plan.self_addrs.iter().filter(|a| !a.is_loopback()).map(|a| IpNet::from(*a)).collect();
+        let own: Vec<(IpNet, u32)> =
+            plan.self_addrs.iter().zip(0..).filter(|(a, _)| !a.is_loopback()).map(|(a, i)| (IpNet::from(*a), i)).collect();
+        let row_index = |net: IpNet| registry::rows().position(|r| r.net() == net).unwrap_or(0) as u16;
         // Later entries win for an identical prefix: internal ranges and
         // host addresses over the registry rows, carve-outs over all.
-        let table = |extra: &[IpNet]| {
+        let table = |role: Option<(u16, &[IpNet])>| {
+            let (role_index, extra) = role.unwrap_or((0, &[]));
             CidrTable::new(
-                ranges::denied_ranges()
-                    .map(|(n, k)| (n, RangeVerdict::Denied(k)))
-                    .chain(ranges::reachable_exceptions().map(|n| (n, RangeVerdict::NotDenied)))
-                    .chain(plan.internal.iter().map(|n| (*n, RangeVerdict::Denied(RangeKind::Internal))))
-                    .chain(own.iter().map(|n| (*n, RangeVerdict::Denied(RangeKind::SelfAddr))))
-                    .chain(plan.carve_outs.iter().chain(extra).map(|n| (*n, RangeVerdict::NotDenied))),
+                registry::rows()
+                    .zip(0..)
+                    .filter_map(|(row, i)| match row.treatment {
+                        registry::Treatment::Deny(k) => Some((row.net(), RangeVerdict::Denied(k, RangeSource::Registry(i)))),
+                        _ => None,
+                    })
+                    .chain(ranges::reachable_exceptions().map(|n| (n, RangeVerdict::NotDenied(Lift::Reachable(row_index(n))))))
+                    .chain(plan.internal.iter().zip(0..).map(|(n, i)| {
+                        (*n, RangeVerdict::Denied(RangeKind::Internal, RangeSource::Internal(i)))
+                    }))
+                    .chain(own.iter().map(|(n, i)| (*n, RangeVerdict::Denied(RangeKind::SelfAddr, RangeSource::SelfAddr(*i)))))
+                    .chain(plan.carve_outs.iter().zip(0..).map(|(n, i)| (*n, RangeVerdict::NotDenied(Lift::CarveOut(i)))))
+                    .chain(extra.iter().zip(0..).map(|(n, i)| (*n, RangeVerdict::NotDenied(Lift::RoleCarveOut(role_index, i))))),
             )
         };
-        let ranges = table(&[]);
+        let ranges = table(None);
         let role_ranges = roles
             .iter()
-            .map(|r| (!r.carve_outs.is_empty()).then(|| table(&r.carve_outs)))
+            .zip(0..)
+            .map(|(r, i)| (!r.carve_outs.is_empty()).then(|| table(Some((i, &r.carve_outs)))))
             .collect();
         let denied_names = DomainMatcher::new(
             ranges::DENIED_NAMES
                 .iter()
                 .map(|(n, k)| (DomainPattern::parse(n), *k))
                 .chain(ranges::DENIED_NAME_SUFFIXES.iter().map(|(n, k)| (DomainPattern::parse(&format!("*.{n}")), *k)))
-                .map(|(p, k)| (p.expect("built-in denied names are valid"), k)),
+                .zip(0..)
+                .map(|((p, k), i)| (p.expect("built-in denied names are valid"), (k, i))),
         );
+        let catalog = Arc::new(RuleCatalog {
+            roles: roles.iter().map(Role::rules).collect(),
+            internal: plan.internal.clone(),
+            self_addrs: plan.self_addrs.clone(),
+            listeners: plan.listeners.clone(),
+            carve_outs: plan.carve_outs.clone(),
+            source: None,
+        });
         let transitions = Transitions::new(plan.nat64.iter().copied());
         let bindings = plan
             .named
@@ -639,7 +789,30 @@ impl Policy {
             denied_names,
             roles,
             default_role,
+            catalog,
         })
+    }
+
+    /// Attaches the config's source lines, so rules print with `file:line`.
+    pub fn with_source(mut self, source: Arc<SourceLines>) -> Self {
+        Arc::make_mut(&mut self.catalog).source = Some(source);
+        self
+    }
+
+    /// The rule as an operator reads it (never sent to clients).
+    pub fn describe(&self, rule: RuleId) -> RuleText<'_> {
+        self.catalog.describe(rule)
+    }
+
+    /// The rule with a handle on this snapshot's catalog, to describe it
+    /// later (when the decision line is written).
+    pub fn rule_ref(&self, rule: RuleId) -> RuleRef {
+        RuleRef::new(self.catalog.clone(), rule)
+    }
+
+    /// Describes rule ids and consulted steps of this snapshot.
+    pub fn catalog(&self) -> &RuleCatalog {
+        &self.catalog
     }
 
     /// The role for clients without an identity.
@@ -676,9 +849,13 @@ impl Policy {
 
     fn range_verdict(&self, table: &CidrTable<RangeVerdict>, addr: IpAddr) -> Option<RangeKind> {
         match table.lookup(self.transitions.judged(addr)) {
-            Some(RangeVerdict::Denied(kind)) => Some(*kind),
+            Some(RangeVerdict::Denied(kind, _)) => Some(*kind),
             _ => None,
         }
+    }
+
+    fn range_table(&self, role: RoleId) -> &CidrTable<RangeVerdict> {
+        self.role_ranges[role.0].as_ref().unwrap_or(&self.ranges)
     }
 
     /// True when a name-bound carve-out lifts the denied `kind` of `addr`
@@ -689,10 +866,11 @@ impl Policy {
         kind != RangeKind::Metadata && self.bindings.iter().any(|b| b.lifts(role, name, target.port, addr))
     }
 
-    /// True when `addr:port` is one of the proxy's own listening sockets.
-    fn is_own_listener(&self, addr: IpAddr, port: u16) -> bool {
+    /// The index of the listener `addr:port` is, if it is one of the
+    /// proxy's own listening sockets.
+    fn own_listener(&self, addr: IpAddr, port: u16) -> Option<usize> {
         let addr = self.transitions.judged(addr);
-        self.listeners.iter().any(|l| {
+        self.listeners.iter().position(|l| {
             l.port() == port
                 && (l.ip().to_canonical() == addr
                     || (l.ip().is_unspecified() && (addr.is_loopback() || self.self_addrs.contains(&addr))))
@@ -701,7 +879,7 @@ impl Policy {
 
     /// The kind of an always-denied name.
     pub fn denied_name(&self, name: &DomainName) -> Option<RangeKind> {
-        self.denied_names.lookup(name.as_str()).map(|m| *m.value())
+        self.denied_names.lookup(name.as_str()).map(|m| m.value().0)
     }
 
     /// Decides what can be decided before DNS: IP literals completely,
@@ -711,15 +889,18 @@ impl Policy {
             Host::Ip(ip) => return PreResolution::Decided(self.decide(role, kind, target, &[*ip])),
             Host::Name(name) => name,
         };
-        if let Some(range) = self.denied_name(name) {
-            return PreResolution::Decided(Decision::Deny(DenyReason::DeniedName(range)));
+        if let Some((range, i)) = self.denied_names.lookup(name.as_str()).map(|m| *m.value()) {
+            return PreResolution::Decided(Decision::Deny { reason: DenyReason::DeniedName(range), rule: RuleId::DeniedName(i) });
         }
+        let r = role.index();
         let role = self.role(role);
-        if role.deny.denies(&self.transitions, target, &[]) {
-            return PreResolution::Decided(Decision::Deny(DenyReason::DeniedByRole));
+        if let Some(rule) = role.deny.denies(&self.transitions, r, target, &[], &mut NoTrace) {
+            return PreResolution::Decided(Decision::Deny { reason: DenyReason::DeniedByRole, rule: RuleId::Role(r, rule) });
         }
         match role.allow.check_before_resolution(kind, target) {
-            Err(reason) if role.mode == Mode::Enforce => PreResolution::Decided(Decision::Deny(reason)),
+            Err((reason, rule)) if role.mode == Mode::Enforce => {
+                PreResolution::Decided(Decision::Deny { reason, rule: RuleId::Role(r, rule) })
+            }
             _ => PreResolution::Resolve(name),
         }
     }
@@ -727,41 +908,69 @@ impl Policy {
     /// Decides a request given every address the target resolved to (or the
     /// literal address). One denied address denies the whole request.
     pub fn decide(&self, role: RoleId, kind: RequestKind, target: &Target, addrs: &[IpAddr]) -> Decision {
+        self.decide_with(role, kind, target, addrs, &mut NoTrace)
+    }
+
+    /// Decides like [`Policy::decide`] and lists every rule consulted, in
+    /// order (`check --explain`). Allocates; not for the request path.
+    pub fn explain(&self, role: RoleId, kind: RequestKind, target: &Target, addrs: &[IpAddr]) -> (Decision, Vec<Step>) {
+        let mut steps = Vec::new();
+        let decision = self.decide_with(role, kind, target, addrs, &mut steps);
+        (decision, steps)
+    }
+
+    #[inline(always)]
+    fn decide_with<T: Trace>(&self, role_id: RoleId, kind: RequestKind, target: &Target, addrs: &[IpAddr], trace: &mut T) -> Decision {
         if let Host::Name(name) = &target.host {
-            if let Some(range) = self.denied_name(name) {
-                return Decision::Deny(DenyReason::DeniedName(range));
+            let matched = self.denied_names.lookup(name.as_str()).map(|m| *m.value());
+            trace.step(Step::DeniedName { matched: matched.map(|(_, i)| RuleId::DeniedName(i)) });
+            if let Some((range, i)) = matched {
+                return Decision::Deny { reason: DenyReason::DeniedName(range), rule: RuleId::DeniedName(i) };
             }
         }
-        let denied = addrs.iter().find_map(|a| {
-            let kind = self.denied_range_for(role, *a)?;
-            (!self.bound_to_name(role, target, *a, kind)).then_some(kind)
-        });
-        if let Some(range) = denied {
-            return Decision::Deny(DenyReason::DeniedRange(range));
+        let table = self.range_table(role_id);
+        for addr in addrs {
+            let judged = self.transitions.judged(*addr);
+            let verdict = table.lookup(judged).copied();
+            let bound = matches!(verdict, Some(RangeVerdict::Denied(kind, _)) if self.bound_to_name(role_id, target, *addr, kind));
+            let step = if bound { RangeStep::Lifted(Lift::BoundToName) } else { range_step(verdict) };
+            trace.step(Step::Range { addr: *addr, judged, verdict: step });
+            match verdict {
+                Some(RangeVerdict::Denied(kind, source)) if !bound => {
+                    return Decision::Deny { reason: DenyReason::DeniedRange(kind), rule: RuleId::Range(source) };
+                }
+                _ => {}
+            }
         }
-        if addrs.iter().any(|a| self.is_own_listener(*a, target.port)) {
-            return Decision::Deny(DenyReason::DeniedRange(RangeKind::SelfAddr));
+        for addr in addrs {
+            let listener = self.own_listener(*addr, target.port).map(|i| RuleId::Listener(i as u16));
+            trace.step(Step::Listener { addr: *addr, matched: listener });
+            if let Some(rule) = listener {
+                return Decision::Deny { reason: DenyReason::DeniedRange(RangeKind::SelfAddr), rule };
+            }
         }
-        let role = self.role(role);
-        if role.deny.denies(&self.transitions, target, addrs) {
-            return Decision::Deny(DenyReason::DeniedByRole);
+        let r = role_id.index();
+        let role = self.role(role_id);
+        if let Some(rule) = role.deny.denies(&self.transitions, r, target, addrs, trace) {
+            return Decision::Deny { reason: DenyReason::DeniedByRole, rule: RuleId::Role(r, rule) };
         }
+        trace.step(Step::Mode { role: r, mode: role.mode });
         let checked = match role.mode {
-            Mode::Open => Ok(AllowedBy::Open),
-            Mode::Enforce | Mode::Report => role.allow.check(&self.transitions, kind, target, addrs),
+            Mode::Open => Ok((AllowedBy::Open, RoleRule::OpenMode)),
+            Mode::Enforce | Mode::Report => role.allow.check(&self.transitions, (r, kind), target, addrs, trace),
         };
-        let (rule, would_deny) = match (checked, role.mode) {
-            (Ok(rule), _) => (rule, None),
-            (Err(reason), Mode::Report | Mode::Open) => (AllowedBy::ReportOnly, Some(reason)),
-            (Err(reason), Mode::Enforce) => return Decision::Deny(reason),
+        let (rule, rule_id, would_deny) = match (checked, role.mode) {
+            (Ok((rule, id)), _) => (rule, id, None),
+            (Err((reason, id)), Mode::Report | Mode::Open) => (AllowedBy::ReportOnly, id, Some(reason)),
+            (Err((reason, id)), Mode::Enforce) => return Decision::Deny { reason, rule: RuleId::Role(r, id) },
         };
         if addrs.is_empty() {
-            return Decision::Deny(DenyReason::NotAllowListed);
+            return Decision::Deny { reason: DenyReason::NotAllowListed, rule: RuleId::NoAddresses };
         }
         let addrs = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), target.port)).collect();
         let sni_check = role.sni_check && rule == AllowedBy::Domain;
         let tunnel = role.allow.tunnel_start(kind, role.mode, target.port);
-        Decision::Allow(Permit { addrs, rule, would_deny, sni_check, tunnel })
+        Decision::Allow(Permit { addrs, rule, rule_id: RuleId::Role(r, rule_id), would_deny, sni_check, tunnel })
     }
 
     /// [`Policy::decide`] for a connection redirected to the transparent
@@ -785,11 +994,22 @@ impl Policy {
     }
 }
 
+fn range_step(verdict: Option<RangeVerdict>) -> RangeStep {
+    match verdict {
+        None => RangeStep::Outside,
+        Some(RangeVerdict::NotDenied(lift)) => RangeStep::Lifted(lift),
+        Some(RangeVerdict::Denied(_, source)) => RangeStep::Denied(RuleId::Range(source)),
+    }
+}
+
 /// A policy that cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     #[error("role {0:?} is not defined")]
     MissingRole(String),
+    /// Rule ids carry the role as 16 bits.
+    #[error("{0} roles: at most 65535 are supported")]
+    TooManyRoles(usize),
 }
 
 #[cfg(test)]

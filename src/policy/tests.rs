@@ -13,6 +13,14 @@ fn policy(mode: Mode, domains: &[&str], cidrs: &[&str], carve_outs: &[&str]) -> 
     Policy::new(vec![Role::new("default", mode, true, allow)], "default", &plan).unwrap()
 }
 
+/// The deny reason of a decision made before resolution.
+fn pre_reason(r: &PreResolution) -> Option<DenyReason> {
+    match r {
+        PreResolution::Decided(d) => d.deny_reason(),
+        PreResolution::Resolve(_) => None,
+    }
+}
+
 #[test]
 fn every_denied_range_and_transition_form() {
     use RangeKind::*;
@@ -93,7 +101,7 @@ fn every_denied_range_and_transition_form() {
         let target = Target { host: Host::Ip(ip), port: 80 };
         let decision = p.decide(p.default_role(), RequestKind::Http, &target, &[ip]);
         match want {
-            Some(kind) => assert_eq!(decision, Decision::Deny(DenyReason::DeniedRange(*kind)), "{addr}"),
+            Some(kind) => assert_eq!(decision.deny_reason(), Some(DenyReason::DeniedRange(*kind)), "{addr}"),
             None => assert!(matches!(decision, Decision::Allow(_)), "{addr}: {decision:?}"),
         }
     }
@@ -114,7 +122,7 @@ fn denied_names_before_resolution() {
     for (name, kind) in cases {
         let target = Target::parse_authority(&format!("{name}:80")).unwrap();
         let got = p.pre_resolution(p.default_role(), RequestKind::Http, &target);
-        assert_eq!(got, PreResolution::Decided(Decision::Deny(DenyReason::DeniedName(*kind))), "{name}");
+        assert_eq!(pre_reason(&got), Some(DenyReason::DeniedName(*kind)), "{name}");
     }
 }
 
@@ -124,8 +132,8 @@ fn one_denied_address_denies_the_name() {
     let target = Target::parse_authority("example.com:443").unwrap();
     let addrs: Vec<IpAddr> = vec!["93.184.216.34".parse().unwrap(), "169.254.169.254".parse().unwrap()];
     assert_eq!(
-        p.decide(p.default_role(), RequestKind::Connect, &target, &addrs),
-        Decision::Deny(DenyReason::DeniedRange(RangeKind::Metadata))
+        p.decide(p.default_role(), RequestKind::Connect, &target, &addrs).deny_reason(),
+        Some(DenyReason::DeniedRange(RangeKind::Metadata))
     );
     let Decision::Allow(permit) = p.decide(p.default_role(), RequestKind::Connect, &target, &addrs[..1]) else {
         panic!("public address of an allowed name must be allowed");
@@ -155,7 +163,7 @@ fn allow_list_and_ports() {
         let target = Target::parse_authority(authority).unwrap();
         let got = match p.decide(role, *kind, &target, addrs) {
             Decision::Allow(permit) => Ok(permit.rule()),
-            Decision::Deny(reason) => Err(reason),
+            Decision::Deny { reason, .. } => Err(reason),
         };
         assert_eq!(got, *want, "{authority} {kind:?}");
     }
@@ -179,14 +187,14 @@ fn pre_resolution_skips_dns_only_when_the_answer_cannot_matter() {
     let other = Target::parse_authority("other.com:443").unwrap();
     let allowed = Target::parse_authority("example.com:443").unwrap();
     let bad_port = Target::parse_authority("example.com:8443").unwrap();
-    let deny = |r| PreResolution::Decided(Decision::Deny(r));
+    let deny = |r| Some(r);
     let resolve = |t: &Target| match &t.host {
         Host::Name(n) => format!("resolve {n}"),
         Host::Ip(_) => unreachable!(),
     };
     let k = RequestKind::Connect;
-    assert_eq!(enforce.pre_resolution(enforce.default_role(), k, &other), deny(DenyReason::NotAllowListed));
-    assert_eq!(enforce.pre_resolution(enforce.default_role(), k, &bad_port), deny(DenyReason::PortNotAllowed));
+    assert_eq!(pre_reason(&enforce.pre_resolution(enforce.default_role(), k, &other)), deny(DenyReason::NotAllowListed));
+    assert_eq!(pre_reason(&enforce.pre_resolution(enforce.default_role(), k, &bad_port)), deny(DenyReason::PortNotAllowed));
     let show = |r: PreResolution| match r {
         PreResolution::Resolve(n) => format!("resolve {n}"),
         PreResolution::Decided(d) => format!("{d:?}"),
@@ -208,8 +216,8 @@ fn report_mode_allows_soft_denies_only() {
     assert_eq!(permit.rule(), AllowedBy::ReportOnly);
     let meta = Target::parse_authority("169.254.169.254:80").unwrap();
     assert_eq!(
-        p.decide(role, RequestKind::Http, &meta, &["169.254.169.254".parse().unwrap()]),
-        Decision::Deny(DenyReason::DeniedRange(RangeKind::Metadata))
+        p.decide(role, RequestKind::Http, &meta, &["169.254.169.254".parse().unwrap()]).deny_reason(),
+        Some(DenyReason::DeniedRange(RangeKind::Metadata))
     );
 }
 
@@ -379,7 +387,7 @@ fn internal_ranges_and_nat64_prefixes() {
         let target = Target { host: Host::Ip(ip), port: 443 };
         let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
         match want {
-            Some(kind) => assert_eq!(got, Decision::Deny(DenyReason::DeniedRange(*kind)), "{addr}"),
+            Some(kind) => assert_eq!(got.deny_reason(), Some(DenyReason::DeniedRange(*kind)), "{addr}"),
             None => assert!(matches!(got, Decision::Allow(_)), "{addr}: {got:?}"),
         }
     }
@@ -404,7 +412,7 @@ fn role_deny_cidrs_match_raw_and_judged_addresses() {
         let ip: IpAddr = addr.parse().unwrap();
         let target = Target { host: Host::Ip(ip), port: 443 };
         let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
-        assert_eq!(got == Decision::Deny(DenyReason::DeniedByRole), denied, "{addr}: {got:?}");
+        assert_eq!(got.deny_reason() == Some(DenyReason::DeniedByRole), denied, "{addr}: {got:?}");
     }
 }
 
@@ -430,8 +438,8 @@ fn unlisted_names_are_not_resolved_when_cidrs_admit_literals_only() {
     let k = RequestKind::Connect;
     assert!(matches!(resolving.pre_resolution(resolving.default_role(), k, &other), PreResolution::Resolve(_)));
     assert_eq!(
-        literal_only.pre_resolution(literal_only.default_role(), k, &other),
-        PreResolution::Decided(Decision::Deny(DenyReason::NotAllowListed))
+        pre_reason(&literal_only.pre_resolution(literal_only.default_role(), k, &other)),
+        Some(DenyReason::NotAllowListed)
     );
     assert!(matches!(literal_only.pre_resolution(literal_only.default_role(), k, &listed), PreResolution::Resolve(_)));
     assert!(matches!(
@@ -441,8 +449,8 @@ fn unlisted_names_are_not_resolved_when_cidrs_admit_literals_only() {
     // Even given addresses inside the CIDR rule, the name is not admitted.
     let inside: IpAddr = "8.8.8.8".parse().unwrap();
     assert_eq!(
-        literal_only.decide(literal_only.default_role(), k, &other, &[inside]),
-        Decision::Deny(DenyReason::NotAllowListed)
+        literal_only.decide(literal_only.default_role(), k, &other, &[inside]).deny_reason(),
+        Some(DenyReason::NotAllowListed)
     );
     assert!(matches!(resolving.decide(resolving.default_role(), k, &other, &[inside]), Decision::Allow(_)));
 }
@@ -460,7 +468,7 @@ fn own_addresses_and_listeners_are_denied() {
         ..AddressPlan::default()
     };
     let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
-    let selfish = Decision::Deny(DenyReason::DeniedRange(RangeKind::SelfAddr));
+    let selfish = Some(DenyReason::DeniedRange(RangeKind::SelfAddr));
     let cases: &[(&str, bool)] = &[
         ("8.8.8.8:443", true),              // a public host address
         ("[::ffff:8.8.8.8]:443", true),     // however spelled
@@ -479,7 +487,7 @@ fn own_addresses_and_listeners_are_denied() {
         let target = Target::parse_authority(authority).unwrap();
         let Host::Ip(ip) = target.host else { unreachable!() };
         let got = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip]);
-        assert_eq!(got == selfish, *denied, "{authority}: {got:?}");
+        assert_eq!(got.deny_reason() == selfish, *denied, "{authority}: {got:?}");
     }
 }
 
@@ -510,8 +518,91 @@ fn tunnel_ports_and_what_a_tunnel_may_start_with() {
         let target = Target::parse_authority(&format!("example.com:{port}")).unwrap();
         let got = match p.decide(p.default_role(), kind, &target, addrs) {
             Decision::Allow(permit) => Ok(permit.tunnel_start()),
-            Decision::Deny(reason) => Err(reason),
+            Decision::Deny { reason, .. } => Err(reason),
         };
         assert_eq!(got, expected, "{mode:?} {kind:?} {port}");
     }
+}
+
+/// Every decision names the rule that made it, and `explain` decides the
+/// same way while listing what it consulted.
+#[test]
+fn decisions_name_their_rule() {
+    use provenance::{RoleRule::*, RuleId};
+    let allow = AllowList::new(
+        ["a.example", "*.b.example"].iter().map(|d| DomainPattern::parse(d).unwrap()),
+        ["8.8.8.0/24", "1.1.1.0/24"].iter().map(|c| c.parse().unwrap()),
+        PortSet::new([80]),
+        PortSet::new([443]),
+    );
+    let deny = DenyList::new([DomainPattern::parse("bad.b.example").unwrap()], ["1.1.1.1/32".parse().unwrap()]);
+    let report = AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        internal: vec!["34.118.0.0/16".parse().unwrap(), "34.119.0.0/16".parse().unwrap()],
+        listeners: vec!["0.0.0.0:3128".parse().unwrap()],
+        ..AddressPlan::default()
+    };
+    let roles = vec![Role::new("default", Mode::Enforce, true, allow).with_deny(deny), Role::new("ci", Mode::Report, true, report)];
+    let p = Policy::new(roles, "default", &plan).unwrap();
+    let ci = p.role_id("ci").unwrap();
+    let row = |prefix: &str| RuleId::Range(provenance::RangeSource::Registry(registry::rows().position(|r| r.prefix == prefix).unwrap() as u16));
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let cases: &[(RoleId, &str, &[IpAddr], RuleId, &str)] = &[
+        (p.default_role(), "a.example:443", &[ip("93.184.216.34")], RuleId::Role(0, AllowDomain(0)), "roles.default.allow.domains[0] (a.example)"),
+        (p.default_role(), "x.b.example:443", &[ip("93.184.216.34")], RuleId::Role(0, AllowDomain(1)), "roles.default.allow.domains[1] (*.b.example)"),
+        (p.default_role(), "bad.b.example:443", &[ip("93.184.216.34")], RuleId::Role(0, DenyDomain(0)), "roles.default.deny.domains[0] (bad.b.example)"),
+        (p.default_role(), "1.1.1.2:443", &[ip("1.1.1.2")], RuleId::Role(0, AllowCidr(1)), "roles.default.allow.cidrs[1] (1.1.1.0/24)"),
+        (p.default_role(), "1.1.1.1:443", &[ip("1.1.1.1")], RuleId::Role(0, DenyCidr(0)), "roles.default.deny.cidrs[0] (1.1.1.1/32)"),
+        (p.default_role(), "a.example:8443", &[ip("93.184.216.34")], RuleId::Role(0, Ports(RequestKind::Connect)), "roles.default.allow.connect_ports ([443])"),
+        (p.default_role(), "other.example:443", &[ip("93.184.216.34")], RuleId::Role(0, DefaultDeny), "default-deny (role default: no allow rule matched)"),
+        (p.default_role(), "a.example:443", &[ip("93.184.216.34"), ip("10.0.0.1")], row("10.0.0.0/8"), "always-denied:private (10.0.0.0/8)"),
+        (p.default_role(), "[::ffff:169.254.169.254]:443", &[ip("::ffff:169.254.169.254")], row("169.254.169.254/32"), "always-denied:metadata (169.254.169.254/32)"),
+        (p.default_role(), "34.119.1.1:443", &[ip("34.119.1.1")], RuleId::Range(provenance::RangeSource::Internal(1)), "internal_ranges[1] (34.119.0.0/16)"),
+        (p.default_role(), "localhost:443", &[ip("127.0.0.1")], RuleId::DeniedName(0), "always-denied:loopback (name localhost)"),
+        (p.default_role(), "x.localhost:443", &[ip("127.0.0.1")], RuleId::DeniedName(ranges::DENIED_NAMES.len() as u16), "always-denied:loopback (name *.localhost)"),
+        (ci, "other.example:443", &[ip("93.184.216.34")], RuleId::Role(1, DefaultDeny), "default-deny (role ci: no allow rule matched)"),
+        (p.default_role(), "a.example:443", &[], RuleId::NoAddresses, "no-addresses (the name resolved to nothing)"),
+    ];
+    for (role, authority, addrs, rule, text) in cases {
+        let target = Target::parse_authority(authority).unwrap();
+        let decision = p.decide(*role, RequestKind::Connect, &target, addrs);
+        assert_eq!(decision.rule(), *rule, "{authority}: {decision:?}");
+        assert_eq!(p.describe(decision.rule()).to_string(), *text, "{authority}");
+        let (explained, steps) = p.explain(*role, RequestKind::Connect, &target, addrs);
+        assert_eq!(explained, decision, "{authority}");
+        assert!(!steps.is_empty(), "{authority}");
+    }
+    // The proxy's own listener on a public host address.
+    let own = AddressPlan { listeners: vec!["8.8.8.8:443".parse().unwrap()], ..AddressPlan::default() };
+    let allow = AllowList::new([], ["8.8.8.0/24".parse().unwrap()], PortSet::new([80]), PortSet::new([443]));
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &own).unwrap();
+    let target = Target::parse_authority("8.8.8.8:443").unwrap();
+    let decision = p.decide(p.default_role(), RequestKind::Connect, &target, &[ip("8.8.8.8")]);
+    assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:self (listener 8.8.8.8:443)");
+}
+
+/// A carve-out bound to a name lifts the range for that name only, and
+/// `explain` says so; the IP literal is still denied by the registry row.
+#[test]
+fn name_bound_carve_outs_show_in_the_trace() {
+    let allow = AllowList::new([DomainPattern::parse("registry.corp.example").unwrap()], ["10.0.0.0/8".parse().unwrap()], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        named: vec![NamedCarveOut {
+            net: "10.20.0.0/16".parse().unwrap(),
+            domains: vec![DomainPattern::parse("registry.corp.example").unwrap()],
+            ports: vec![],
+            roles: vec![],
+        }],
+        ..AddressPlan::default()
+    };
+    let p = Policy::new(vec![Role::new("default", Mode::Enforce, true, allow)], "default", &plan).unwrap();
+    let addr: IpAddr = "10.20.1.2".parse().unwrap();
+    let named = Target::parse_authority("registry.corp.example:443").unwrap();
+    let (decision, steps) = p.explain(p.default_role(), RequestKind::Connect, &named, &[addr]);
+    assert!(matches!(decision, Decision::Allow(_)), "{decision:?}");
+    let text = p.catalog().describe_step(steps[1]).to_string();
+    assert_eq!(text, "always-denied ranges: 10.20.1.2: not denied, carved out for the requested name by allow_ranges");
+    let literal = Target::parse_authority("10.20.1.2:443").unwrap();
+    let decision = p.decide(p.default_role(), RequestKind::Connect, &literal, &[addr]);
+    assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:private (10.0.0.0/8)");
 }

@@ -48,7 +48,7 @@ fn redirected_decisions() {
         let original: IpAddr = original.parse().unwrap();
         let got = match p.decide_redirected(role, *kind, &t, &ips(resolved), original) {
             Decision::Allow(permit) => Ok(permit.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>()),
-            Decision::Deny(reason) => Err(reason),
+            Decision::Deny { reason, .. } => Err(reason),
         };
         let want = want.map(|w| w.iter().map(|a| a.to_string()).collect::<Vec<_>>());
         assert_eq!(got, want, "{kind:?} {target} {resolved:?} original {original}");

@@ -557,8 +557,12 @@ async fn authorize(
         }
     };
     match decision {
-        Decision::Deny(reason) => Err(ProxyError::Denied(reason)),
+        Decision::Deny { reason, rule } => {
+            record.rule = Some(policy.rule_ref(rule));
+            Err(ProxyError::Denied(reason))
+        }
         Decision::Allow(permit) => {
+            record.rule = Some(policy.rule_ref(permit.rule_id()));
             record.outcome = match permit.would_deny() {
                 Some(reason) => Outcome::WouldDeny(reason),
                 None => Outcome::Allow,

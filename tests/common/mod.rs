@@ -349,3 +349,13 @@ pub async fn connect(proxy: SocketAddr, authority: &str) -> (RawResponse, TcpStr
     let resp = read_response(&mut stream).await;
     (resp, stream)
 }
+
+/// Runs the real `portcullis` binary; returns exit code, stdout and stderr.
+pub fn portcullis(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("run portcullis");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
