@@ -227,6 +227,13 @@ async fn run() {
     let _ = origins.wait();
 }
 
+/// The hard open-file limit of this process (`/proc/self/limits`).
+fn hard_nofile() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default();
+    line.split_whitespace().nth(4).and_then(|v| v.parse().ok()).unwrap_or(1024)
+}
+
 /// Microseconds of CPU each process spent per unit (request, MB) between
 /// two readings of [`cpu_secs`].
 fn cpu_us_per(from: [f64; 3], to: [f64; 3], units: f64) -> [f64; 3] {
@@ -265,12 +272,21 @@ impl Proxy {
         let dir = std::env::temp_dir().join(format!("portcullis-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        // As many connections as the proxy's descriptor check admits under
+        // this process's hard limit (the proxy raises its soft limit to it).
+        let conns = (hard_nofile().saturating_sub(1024 + 64) / 2).min(30_000);
+        // `PORTCULLIS_LOAD_OLD_CONFIG=1`: a binary from before the tunnel
+        // limits existed (it refuses unknown keys), for a same-run comparison.
+        let tunnel_limits = match std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG") {
+            Some(_) => String::new(),
+            None => format!(", max_tunnels: {conns}, max_tunnels_per_client: {conns}"),
+        };
         let (transparent_listen, stand_in) = match transparent {
             true => (format!("transparent_listen: 127.0.0.1:{TRANSPARENT_PORT}\n"), format!(", {}/32", std::net::Ipv4Addr::from(STAND_IN))),
             false => (String::new(), String::new()),
         };
         let config = format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: 30000, max_connections_per_client: 30000, max_tunnels: 30000, max_tunnels_per_client: 30000}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
         );
         std::fs::write(dir.join("load.yaml"), config).unwrap();
         let mut command = match transparent {
