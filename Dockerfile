@@ -39,5 +39,10 @@ COPY --from=build /src/target/release/portcullis /usr/local/bin/portcullis
 COPY deploy/container/portcullis.yaml /etc/portcullis/portcullis.yaml
 USER 65532:65532
 EXPOSE 3128 9128
+# Relay buffers of 64 KiB and more are mmap'ed and given back to the kernel
+# when a tunnel goes quiet (glibc otherwise raises its mmap threshold after
+# the first free and keeps them in its heap): 3 KB instead of 41 KB left
+# behind per tunnel after a burst, in the load bench.
+ENV GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536
 ENTRYPOINT ["/usr/local/bin/portcullis"]
 CMD ["run", "--config", "/etc/portcullis/portcullis.yaml"]
