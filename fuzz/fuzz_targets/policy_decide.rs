@@ -317,8 +317,13 @@ impl Reference {
     }
 
     fn allow_check(&self, role: &RefRole, kind: RequestKind, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Result<AllowedBy, DenyReason> {
-        let ports = if kind == RequestKind::Http { &role.http_ports } else { &role.connect_ports };
-        if !ports.contains(&port) {
+        // Plain HTTP on http_ports; a tunnel on connect_ports, or on
+        // http_ports when it carries plain HTTP (checked inside the tunnel).
+        let allowed = match kind {
+            RequestKind::Http => role.http_ports.contains(&port),
+            _ => role.connect_ports.contains(&port) || role.http_ports.contains(&port),
+        };
+        if !allowed {
             return Err(DenyReason::PortNotAllowed);
         }
         if let Some(name) = name {
@@ -517,7 +522,7 @@ fuzz_target!(|spec: Spec| {
         let want = reference.decide(role_index, kind, &target.host, port, &addrs);
         let context = || format!("{kind:?} {authority} {addrs:?} as {}\n{}", reference.roles[role_index].name, built.yaml);
         match (&got, want) {
-            (Decision::Deny(g), Err(w)) => assert_eq!(*g, w, "{}", context()),
+            (Decision::Deny { reason: g, .. }, Err(w)) => assert_eq!(*g, w, "{}", context()),
             (Decision::Allow(p), Ok((rule, would_deny))) => {
                 assert_eq!((p.rule(), p.would_deny()), (rule, would_deny), "{}", context());
                 let sockets: Vec<SocketAddr> = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), port)).collect();
@@ -529,8 +534,8 @@ fuzz_target!(|spec: Spec| {
         }
         match policy.pre_resolution(role, kind, &target) {
             PreResolution::Decided(early) if matches!(target.host, Host::Ip(_)) => assert_eq!(early, got, "{}", context()),
-            PreResolution::Decided(Decision::Deny(_)) => {
-                assert!(matches!(got, Decision::Deny(_)), "refused before DNS, allowed after: {}", context());
+            PreResolution::Decided(Decision::Deny { .. }) => {
+                assert!(matches!(got, Decision::Deny { .. }), "refused before DNS, allowed after: {}", context());
             }
             PreResolution::Decided(allow) => panic!("a name allowed before resolution: {allow:?}: {}", context()),
             PreResolution::Resolve(_) => assert!(matches!(target.host, Host::Name(_)), "asked to resolve an IP literal"),
