@@ -136,7 +136,8 @@ fn spawn_origins() -> (Child, SocketAddr, SocketAddr, SocketAddr) {
 }
 
 async fn run() {
-    let transparent = set_up_interception();
+    // An older binary knows no transparent listener: measure it explicitly only.
+    let transparent = std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG").is_none() && set_up_interception();
     let (mut origins, origin, echo, source) = spawn_origins();
     let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()], transparent);
     let p = proxy.addr;
@@ -276,7 +277,9 @@ impl Proxy {
         // this process's hard limit (the proxy raises its soft limit to it).
         let conns = (hard_nofile().saturating_sub(1024 + 64) / 2).min(30_000);
         // `PORTCULLIS_LOAD_OLD_CONFIG=1`: a binary from before the tunnel
-        // limits existed (it refuses unknown keys), for a same-run comparison.
+        // limits existed (it refuses unknown keys), for a same-run
+        // comparison. The stand-in is a local address of the bench's own
+        // namespace: carved out exactly, or it is the proxy host itself.
         let tunnel_limits = match std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG") {
             Some(_) => String::new(),
             None => format!(", max_tunnels: {conns}, max_tunnels_per_client: {conns}"),
@@ -286,7 +289,7 @@ impl Proxy {
             false => (String::new(), String::new()),
         };
         let config = format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32{stand_in}]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
         );
         std::fs::write(dir.join("load.yaml"), config).unwrap();
         let mut command = match transparent {

@@ -671,11 +671,13 @@ impl NameBinding {
 }
 
 impl AddressPlan {
-    /// True when `net` overlaps an always-denied or internal range, i.e. a
-    /// carve-out for it would change something.
+    /// True when `net` overlaps an always-denied or internal range, or
+    /// holds a host address, i.e. a carve-out for it would change something.
     pub fn overlaps_denied_range(&self, net: &IpNet) -> bool {
         let overlaps = |d: &IpNet| d.contains(&net.network()) || net.contains(&d.network());
-        ranges::denied_ranges().any(|(d, _)| overlaps(&d)) || self.internal.iter().any(overlaps)
+        ranges::denied_ranges().any(|(d, _)| overlaps(&d))
+            || self.internal.iter().any(overlaps)
+            || self.self_addrs.iter().any(|a| net.contains(a))
     }
 }
 
