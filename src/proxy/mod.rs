@@ -420,12 +420,18 @@ fn respond(
     }
 }
 
-/// The answer for a request that failed, with its log line and count.
-fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: ProxyError, json: bool) -> Response<ProxyBody> {
+/// Records why a request failed in its log record, and counts an upstream
+/// failure; shared by every entrance.
+fn record_failure(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
     record.outcome = err.outcome();
-    if let ProxyError::Upstream(e) = &err {
+    if let ProxyError::Upstream(e) = err {
         shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
     }
+}
+
+/// The answer for a request that failed, with its log line and count.
+fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: ProxyError, json: bool) -> Response<ProxyBody> {
+    record_failure(shared, &mut record, &err);
     let failure = match err {
         ProxyError::Denied(DenyReason::AuthFailed) => {
             shared.auth_failures.record(record.client.ip(), std::time::Instant::now())

@@ -372,10 +372,7 @@ async fn open(
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
 fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    record.outcome = err.outcome();
-    if let ProxyError::Upstream(e) = err {
-        shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
-    }
+    super::record_failure(shared, record, err);
     record.emit();
 }
 
