@@ -158,29 +158,29 @@ impl AccessRecord {
     /// (no intermediate map, no allocation per field) in the same shape as
     /// the proxy's other JSON log lines.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write as _;
-        use crate::logging::{json_str, json_timestamp};
+        use crate::logging::{json_str, json_timestamp, push_socket_addr, push_u64};
         out.extend_from_slice(b"{\"timestamp\":");
         json_timestamp(out, std::time::SystemTime::now());
-        out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":");
-        let _ = write!(out, "\"{}\"", self.client);
-        out.extend_from_slice(b",\"method\":");
+        out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":\"");
+        push_socket_addr(out, self.client);
+        out.extend_from_slice(b"\",\"method\":");
         json_str(out, self.method.as_ref().map_or("", http::Method::as_str));
         out.extend_from_slice(b",\"kind\":");
         json_str(out, self.kind.map_or("", RequestKind::as_str));
         out.extend_from_slice(b",\"host\":");
         json_str(out, &self.host);
-        let _ = write!(out, ",\"port\":{},\"dialed\":", self.port);
-        match self.dialed {
-            Some(addr) => {
-                let _ = write!(out, "\"{addr}\"");
-            }
-            None => out.extend_from_slice(b"\"\""),
+        out.extend_from_slice(b",\"port\":");
+        push_u64(out, u64::from(self.port));
+        out.extend_from_slice(b",\"dialed\":\"");
+        if let Some(addr) = self.dialed {
+            push_socket_addr(out, addr);
         }
-        out.extend_from_slice(b",\"answer\":");
+        out.extend_from_slice(b"\",\"answer\":");
         json_str(out, self.answer);
         if let Some(original) = self.original_dst {
-            let _ = write!(out, ",\"original_dst\":\"{original}\"");
+            out.extend_from_slice(b",\"original_dst\":\"");
+            push_socket_addr(out, original);
+            out.push(b'"');
         }
         out.extend_from_slice(b",\"decision\":");
         json_str(out, self.outcome.decision());
@@ -196,22 +196,28 @@ impl AccessRecord {
         match (&self.rule, self.outcome) {
             // Decided after the allow, by the tunnel's TLS check or a reload.
             (Some(rule), Outcome::Deny(DenyReason::SniMismatch | DenyReason::SniMissing | DenyReason::NotTls | DenyReason::SniTimeout)) => {
-                json_str(out, &format!("sni_check (after the allow by {rule})"))
+                json_str(out, &format!("sni_check (after the allow by {})", rule.text()))
             }
             (Some(rule), Outcome::Deny(DenyReason::Revoked)) => {
-                json_str(out, &format!("revoked by a reload (was allowed by {rule})"))
+                json_str(out, &format!("revoked by a reload (was allowed by {})", rule.text()))
             }
-            (Some(rule), _) => json_str(out, &rule.to_string()),
+            (Some(rule), _) => json_str(out, &rule.text()),
             (None, _) => out.extend_from_slice(b"\"\""),
         }
-        let _ = writeln!(
-            out,
-            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}}}",
-            self.status,
-            self.bytes_in,
-            self.bytes_out,
-            self.started.elapsed().as_secs_f64() * 1000.0
-        );
+        out.extend_from_slice(b",\"status\":");
+        push_u64(out, u64::from(self.status));
+        out.extend_from_slice(b",\"bytes_in\":");
+        push_u64(out, self.bytes_in);
+        out.extend_from_slice(b",\"bytes_out\":");
+        push_u64(out, self.bytes_out);
+        // Milliseconds with three decimals, from whole microseconds.
+        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        out.extend_from_slice(b",\"duration_ms\":");
+        push_u64(out, micros / 1000);
+        out.push(b'.');
+        let fraction = micros % 1000;
+        out.extend_from_slice(&[b'0' + (fraction / 100) as u8, b'0' + (fraction / 10 % 10) as u8, b'0' + (fraction % 10) as u8]);
+        out.extend_from_slice(b"}\n");
     }
 }
 

@@ -173,6 +173,12 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkWriter {
 pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings need no escape: one pass to check, one copy.
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -196,6 +202,47 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Writes `n` in decimal (no `fmt` machinery: the decision line writes
+/// several numbers per request).
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    push_padded(out, n, 1);
+}
+
+/// Writes `n` in decimal with at least `width` (at most 20) digits.
+fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at.min(digits.len().saturating_sub(width))..]);
+}
+
+/// Writes a socket address as `Display` does (`1.2.3.4:80`,
+/// `[2001:db8::1]:443`); IPv4 without the `fmt` machinery.
+pub fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+            out.push(b':');
+            push_u64(out, u64::from(v4.port()));
+        }
+        v6 => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Writes the current UTC time as RFC 3339 with microseconds, quoted, the
 /// same shape as the proxy's other log lines.
 pub fn json_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
@@ -203,14 +250,15 @@ pub fn json_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z\"",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    out.push(b'"');
+    push_padded(out, year.max(0) as u64, 4);
+    for (sep, value) in [(b'-', u64::from(month)), (b'-', u64::from(day)), (b'T', rem / 3600), (b':', rem / 60 % 60), (b':', rem % 60)] {
+        out.push(sep);
+        push_padded(out, value, 2);
+    }
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.extend_from_slice(b"Z\"");
 }
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
@@ -238,6 +286,22 @@ mod tests {
         let mut out = Vec::new();
         json_str(&mut out, "a\"b\\c\nd\u{1}e\u{7f}é");
         assert_eq!(String::from_utf8(out).unwrap(), r#""a\"b\\c\nd\u0001e\u007fé""#);
+    }
+
+    /// The hand-written numbers and addresses read exactly as `Display`.
+    #[test]
+    fn numbers_and_addresses_match_display() {
+        for n in [0, 7, 9, 10, 99, 100, 65_535, 1_000_000_007, u64::MAX - 1, u64::MAX] {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
+        }
+        for addr in ["0.0.0.0:0", "127.0.0.1:8080", "255.255.255.255:65535", "10.0.10.1:9", "[::1]:443", "[2001:db8::1%3]:80", "[::ffff:1.2.3.4]:1"] {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let mut out = Vec::new();
+            push_socket_addr(&mut out, addr);
+            assert_eq!(String::from_utf8(out).unwrap(), addr.to_string());
+        }
     }
 
     #[test]

@@ -759,6 +759,7 @@ impl Policy {
             listeners: plan.listeners.clone(),
             carve_outs: plan.carve_outs.clone(),
             source: None,
+            texts: Default::default(),
         });
         let transitions = Transitions::new(plan.nat64.iter().copied());
         let bindings = plan

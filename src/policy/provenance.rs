@@ -301,7 +301,14 @@ pub struct RuleCatalog {
     pub(super) listeners: Vec<SocketAddr>,
     pub(super) carve_outs: Vec<IpNet>,
     pub(super) source: Option<Arc<SourceLines>>,
+    /// Texts of rules that decided requests, formatted once per snapshot
+    /// (the decision log names the rule on every line). At most
+    /// [`RULE_TEXT_CACHE`] entries; past that, texts are formatted each time.
+    pub(super) texts: dashmap::DashMap<RuleId, Arc<str>>,
 }
+
+/// How many rule texts a snapshot keeps formatted.
+const RULE_TEXT_CACHE: usize = 4096;
 
 impl RuleCatalog {
     /// The rule as an operator reads it.
@@ -447,6 +454,18 @@ impl RuleRef {
     /// The rule id.
     pub fn id(&self) -> RuleId {
         self.rule
+    }
+
+    /// The rule's text, formatted on its first use in this snapshot.
+    pub fn text(&self) -> Arc<str> {
+        if let Some(text) = self.catalog.texts.get(&self.rule) {
+            return Arc::clone(&text);
+        }
+        let text: Arc<str> = self.to_string().into();
+        if self.catalog.texts.len() < RULE_TEXT_CACHE {
+            self.catalog.texts.insert(self.rule, Arc::clone(&text));
+        }
+        text
     }
 }
 
