@@ -242,11 +242,16 @@ impl Target {
 
     /// The `Host` header value for this target, omitting the default port.
     pub fn host_header(&self, default_port: u16) -> String {
-        if self.port == default_port {
-            self.host.to_string()
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let mut header = match &self.host {
+            // Names are the common case: copied, not formatted.
+            Host::Name(name) => String::from(name.as_str()),
+            ip => ip.to_string(),
+        };
+        if self.port != default_port {
+            use std::fmt::Write as _;
+            let _ = write!(header, ":{}", self.port);
         }
+        header
     }
 }
 

@@ -351,9 +351,11 @@ impl Tracker {
         if !fresh.windows(2).any(|w| w == b"\n\n") && !fresh.windows(3).any(|w| w == b"\n\r\n") {
             return None;
         }
-        let mut headers = [httparse::EMPTY_HEADER; HYPER_MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(bytes) {
+        // Uninitialised slots: initialising 100 empty headers on every
+        // request cost more than parsing a typical head.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; HYPER_MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(bytes, &mut headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             Err(_) => {
