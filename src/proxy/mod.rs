@@ -504,7 +504,7 @@ async fn route(
 fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessRecord) -> Result<Target, ProxyError> {
     match parse_request_target(kind, req) {
         Ok(target) => {
-            record.host = target.host.to_string();
+            record.host = target.host.to_text();
             record.port = target.port;
             Ok(target)
         }

@@ -258,7 +258,7 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let target = request_target(&req, original)?;
-    record.host = target.host.to_string();
+    record.host = target.host.to_text();
     record.port = target.port;
     let permit = authorize(shared, snapshot, role, RequestKind::TransparentHttp, &target, record, Some(original)).await?;
     let role_name = snapshot.policy.role(role).shared_name();
@@ -358,7 +358,7 @@ async fn open(
         None => Host::Ip(original.ip()),
     };
     let target = Target { host, port: original.port() };
-    record.host = target.host.to_string();
+    record.host = target.host.to_text();
     record.port = target.port;
     let role = identify(snapshot, client.ip(), record)?;
     let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
