@@ -15,6 +15,7 @@ pub mod tunnel_http;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod transparent;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -79,6 +80,20 @@ impl Snapshot {
             deny_messages: error::DenyMessages::from_config(config),
             generation,
         })
+    }
+}
+
+impl Snapshot {
+    /// True when `name` is handed to the parent proxy unresolved
+    /// (`upstream_proxy.resolve: parent`, and the request leaves through
+    /// the parent) and nothing in this config needs its addresses: a pinned
+    /// name is answered from config and checked, and a name a carve-out is
+    /// bound to must be resolved here for the carve-out to apply.
+    fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &crate::target::DomainName) -> bool {
+        let Some(parent) = &self.parent else { return false };
+        parent.resolves(self.policy.role(role).name(), kind, name)
+            && self.resolver.pinned(name).is_none()
+            && !self.policy.binds_name(role, target)
     }
 }
 
@@ -550,6 +565,10 @@ async fn authorize(
     let policy = &snapshot.policy;
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
+        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, target, name) => {
+            record.answer = "parent";
+            policy.decide_name_only(role, kind, target)
+        }
         PreResolution::Resolve(name) => {
             record.answer = if snapshot.resolver.pinned(name).is_some() { "static" } else { "dns" };
             let started = std::time::Instant::now();
