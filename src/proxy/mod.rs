@@ -38,7 +38,7 @@ use crate::dns::Resolver;
 use crate::identity::{CertNames, Identities};
 use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
 use tokio_rustls::TlsAcceptor;
-use crate::target::Target;
+use crate::target::{DomainName, Target};
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
 use framing::{WatchedIo, Wire};
@@ -81,15 +81,13 @@ impl Snapshot {
             generation,
         })
     }
-}
 
-impl Snapshot {
     /// True when `name` is handed to the parent proxy unresolved
     /// (`upstream_proxy.resolve: parent`, and the request leaves through
     /// the parent) and nothing in this config needs its addresses: a pinned
     /// name is answered from config and checked, and a name a carve-out is
     /// bound to must be resolved here for the carve-out to apply.
-    fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &crate::target::DomainName) -> bool {
+    fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
         let Some(parent) = &self.parent else { return false };
         parent.resolves(self.policy.role(role).name(), kind, name)
             && self.resolver.pinned(name).is_none()
