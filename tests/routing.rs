@@ -272,7 +272,6 @@ fn parent_pki(tag: &str) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
 /// over TLS, half-close included.
 #[tokio::test]
 async fn a_tls_parent_carries_tunnels_and_forwarded_requests() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     std::env::set_var("PORTCULLIS_TEST_PARENT_TLS", "relay:s3cret");
     let (ca_file, tls) = parent_pki("tls-parent");
     let (parent, seen, snis) = start_parent_with("relay:s3cret", 200, Some(tls)).await;
@@ -286,15 +285,7 @@ async fn a_tls_parent_carries_tunnels_and_forwarded_requests() {
         let (resp, tunnel) = connect(proxy, &format!("127.0.0.1:{}", echo.port())).await;
         assert_eq!(resp.status, 200, "{}", resp.text());
         let data = pattern(0, 512 * 1024);
-        let (mut from_tunnel, mut into_tunnel) = tunnel.into_split();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            into_tunnel.write_all(&sent).await.unwrap();
-            into_tunnel.shutdown().await.unwrap();
-        });
-        let mut back = Vec::new();
-        tokio::time::timeout(STEP, from_tunnel.read_to_end(&mut back)).await.expect("the echo ends").unwrap();
-        writer.await.unwrap();
+        let back = echo_through(tunnel, &data).await;
         assert!(back == data, "{} of {} bytes came back intact", back.len(), data.len());
 
         let resp = get(proxy, &format!("http://web.test:{}/path?q=1", echo.port())).await;

@@ -417,6 +417,21 @@ pub async fn connect(proxy: SocketAddr, authority: &str) -> (RawResponse, TcpStr
     (resp, stream)
 }
 
+/// Sends `payload` into an open tunnel to an echo origin, half-closes it,
+/// and returns everything that came back (within [`STEP`]).
+pub async fn echo_through(tunnel: TcpStream, payload: &[u8]) -> Vec<u8> {
+    let (mut from_tunnel, mut into_tunnel) = tunnel.into_split();
+    let upload = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        into_tunnel.write_all(&upload).await.unwrap();
+        into_tunnel.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(STEP, from_tunnel.read_to_end(&mut echoed)).await.expect("echo in time").unwrap();
+    writer.await.unwrap();
+    echoed
+}
+
 /// Runs the real `portcullis` binary; returns exit code, stdout and stderr.
 pub fn portcullis(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("run portcullis");
