@@ -50,6 +50,29 @@ fn check_allows_with_exit_0() {
     assert!(stdout.contains("addrs=8.8.8.8:443"), "{stdout}");
 }
 
+/// With `upstream_proxy.resolve: parent`, `check` decides a name the
+/// parent resolves as the proxy does: on the name alone, without DNS (the
+/// configured name server does not exist).
+#[test]
+fn check_leaves_names_to_a_parent_that_resolves_them() {
+    let path = temp_file(
+        "parent-resolves.yaml",
+        "dns:\n  nameservers: [\"127.0.0.1:9\"]\n  timeout: 500ms\nupstream_proxy:\n  url: http://127.0.0.1:3128\n  resolve: parent\n\
+         roles:\n  default:\n    allow:\n      domains: [web.example]\n      cidrs: [8.8.8.0/24]\n",
+    );
+    let path = path.to_str().unwrap();
+    for (url, code, want) in [
+        ("https://web.example/", 0, "addrs=resolved-by-parent"),
+        ("https://cidr-only.example/", 1, "reason=not-allowlisted"),
+        ("8.8.8.8:443", 0, "addrs=8.8.8.8:443"),
+        ("10.1.2.3:443", 1, "reason=denied-range:private"),
+    ] {
+        let (got, stdout, stderr) = portcullis(&["check", "--config", path, url]);
+        assert_eq!(got, code, "{url}: {stdout}{stderr}");
+        assert!(stdout.contains(want), "{url}: {stdout}");
+    }
+}
+
 #[test]
 fn validate_accepts_shipped_and_refuses_bad_config() {
     let (code, stdout, _) = portcullis(&["validate", "--config", shipped_config().to_str().unwrap()]);

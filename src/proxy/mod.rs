@@ -87,7 +87,7 @@ impl Snapshot {
     /// the parent) and nothing in this config needs its addresses: a pinned
     /// name is answered from config and checked, and a name a carve-out is
     /// bound to must be resolved here for the carve-out to apply.
-    fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
+    pub fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
         let Some(parent) = &self.parent else { return false };
         parent.resolves(self.policy.role(role).name(), kind, name)
             && self.resolver.pinned(name).is_none()
