@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use crate::policy::domain::DomainPattern;
 use crate::policy::provenance::SourceLines;
 use crate::policy::ranges::{Nat64Prefix, Transitions};
 use crate::policy::{AddressPlan, AllowList, DenyList, Mode, Policy, PolicyError, PortSet, Role};
+use crate::target::Target;
 
 /// The role that applies to clients without an identity.
 pub const DEFAULT_ROLE: &str = "default";
@@ -102,8 +103,19 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamProxyConfig {
-    /// `http://host:port` of the parent.
-    pub url: ParentUrlConfig,
+    /// `http://host[:port]` or `https://host[:port]` of the parent.
+    pub url: ParentUrl,
+    /// PEM bundle of the CAs that verify an `https://` parent's certificate
+    /// (required for one: there are no built-in roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The name an `https://` parent's certificate is verified against (and
+    /// sent as SNI), instead of the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Who resolves the names of requests that leave through the parent.
+    #[serde(default)]
+    pub resolve: ParentResolve,
     /// An environment variable holding `user:password` for Basic auth to the parent.
     #[serde(default)]
     pub credentials_env: Option<String>,
@@ -114,18 +126,52 @@ pub struct UpstreamProxyConfig {
     pub except: DenyConfig,
 }
 
-/// The parent's URL, validated while parsing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParentUrlConfig {
-    pub authority: String,
+/// `upstream_proxy.resolve`: where the names of requests that leave
+/// through the parent are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParentResolve {
+    /// Here: the policy checks every address and the parent is told the
+    /// checked address.
+    #[default]
+    Local,
+    /// By the parent: the policy decides on the name alone and the parent
+    /// is told the name (local DNS may be unavailable behind a parent).
+    Parent,
 }
 
-impl<'de> Deserialize<'de> for ParentUrlConfig {
+/// The parent's URL, `http://host[:port]` (port 3128 when omitted) or
+/// `https://host[:port]` (port 443), validated while parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentUrl {
+    /// The parent's host and port.
+    pub target: Target,
+    /// `https://`: the connection to the parent is TLS.
+    pub tls: bool,
+}
+
+impl ParentUrl {
+    /// Parses the URL; no path, query or credentials.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (tls, default_port, rest) = match text.split_once("://") {
+            Some(("http", rest)) => (false, 3128, rest),
+            Some(("https", rest)) => (true, 443, rest),
+            _ => return Err(format!("upstream_proxy.url {text:?}: expected http://host[:port] or https://host[:port]")),
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+            return Err(format!("upstream_proxy.url {text:?}: expected scheme://host[:port] with no path or credentials"));
+        }
+        let target = Target::parse_authority_with_default(authority, Some(default_port))
+            .map_err(|e| format!("upstream_proxy.url {text:?}: {e}"))?;
+        Ok(ParentUrl { target, tls })
+    }
+}
+
+impl<'de> Deserialize<'de> for ParentUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        crate::proxy::parent::ParentUrl::parse(&text)
-            .map(|u| ParentUrlConfig { authority: u.authority })
-            .map_err(serde::de::Error::custom)
+        ParentUrl::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -650,6 +696,7 @@ impl Config {
             if let Some(missing) = parent.roles.iter().find(|r| !self.roles.contains_key(*r)) {
                 return Err(format!("upstream_proxy.roles: role {missing:?} is not defined under roles").into());
             }
+            crate::tls::parent_tls(parent).map_err(|e| Refused::at(e.field.to_string(), e.reason, e.value))?;
             crate::proxy::parent::Parent::compile(parent)?;
         }
         if let Some(tls) = &self.tls {
@@ -857,6 +904,12 @@ mod tests {
             ("roles:\n  default:\n    allow:\n      connect_ports: [70000]\n", 4, "70000"),
             ("timeouts:\n  tunnel_idle: forever\nroles:\n  default: {}\n", 2, "invalid duration"),
             ("listen: nowhere\nroles:\n  default: {}\n", 1, "invalid socket address"),
+            ("upstream_proxy:\n  url: ftp://parent.example\nroles:\n  default: {}\n", 2, "expected http://host[:port] or https://host[:port]"),
+            ("upstream_proxy:\n  url: http://parent.example\n  resolve: remote\nroles:\n  default: {}\n", 3, "unknown variant `remote`"),
+            ("upstream_proxy:\n  url: https://parent.example\nroles:\n  default: {}\n", 2, "upstream_proxy.url: an https:// parent needs upstream_proxy.ca_file"),
+            ("upstream_proxy:\n  url: https://[::1]:3129\n  ca_file: /nonexistent/ca.pem\nroles:\n  default: {}\n", 3, "upstream_proxy.ca_file: cannot load /nonexistent/ca.pem"),
+            ("upstream_proxy:\n  url: http://parent.example\n  ca_file: /nonexistent/ca.pem\nroles:\n  default: {}\n", 3, "upstream_proxy.ca_file: only for an https:// parent"),
+            ("upstream_proxy:\n  url: http://parent.example\n  server_name: parent.example\nroles:\n  default: {}\n", 3, "upstream_proxy.server_name: only for an https:// parent"),
         ];
         for (text, line, reason) in cases {
             let err = Config::from_yaml_str(text, "bad.yaml").unwrap_err();
@@ -888,6 +941,59 @@ mod tests {
         assert_eq!(p.denied_range(ip("2600:1900:4000::1")), Some(crate::policy::ranges::RangeKind::Internal));
         assert_eq!(p.denied_range(ip("2001:db8:64::a9fe:a9fe")), Some(crate::policy::ranges::RangeKind::Metadata));
         assert_eq!(p.denied_range(ip("2001:db8:64::808:808")), None);
+    }
+
+    #[test]
+    fn parent_urls_take_the_default_port_of_their_scheme() {
+        let cases = [
+            ("http://parent.example", Some(("parent.example:3128", false))),
+            ("http://parent.example:8080/", Some(("parent.example:8080", false))),
+            ("https://parent.example", Some(("parent.example:443", true))),
+            ("https://10.1.2.3:3129", Some(("10.1.2.3:3129", true))),
+            ("https://[2001:db8::1]", Some(("[2001:db8::1]:443", true))),
+            ("socks5://parent.example:1080", None),
+            ("https://user:pw@parent.example", None),
+            ("https://parent.example/path", None),
+            ("https://", None),
+            ("parent.example:3128", None),
+        ];
+        for (text, want) in cases {
+            let got = ParentUrl::parse(text).ok().map(|u| (u.target.to_string(), u.tls));
+            assert_eq!(got, want.map(|(t, tls)| (t.to_string(), tls)), "{text}");
+        }
+    }
+
+    /// The CA bundle and the name of an `https://` parent are checked when
+    /// the config is loaded, each refusal naming its field.
+    #[test]
+    fn parent_tls_settings_are_checked_at_load() {
+        let dir = std::env::temp_dir().join(format!("portcullis-parent-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca.test".to_string()]).unwrap().self_signed(&key).unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let yaml = |ca_file: &std::path::Path, extra: &str| {
+            format!("upstream_proxy:\n  url: https://parent.example:3129\n  ca_file: {}\n{extra}roles:\n  default: {{}}\n", ca_file.display())
+        };
+        for (text, want) in [
+            (yaml(&empty, ""), Some("upstream_proxy.ca_file: no certificate in")),
+            (yaml(&broken, ""), Some("upstream_proxy.ca_file: ")),
+            (yaml(&good, "  server_name: \"bad name!\"\n"), Some("upstream_proxy.server_name: \"bad name!\" is not a DNS name or an IP address")),
+            (yaml(&good, "  server_name: parent.test\n  resolve: parent\n"), None),
+            (yaml(&good, ""), None),
+        ] {
+            match (Config::from_yaml_str(&text, "p.yaml"), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => assert!(e.to_string().contains(want), "want {want:?} in {e}"),
+                (got, want) => panic!("{text}: got {:?}, want {want:?}", got.map(|_| ())),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -197,6 +197,10 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
     };
     let (decision, addrs) = match policy.pre_resolution(role, kind, &target) {
         PreResolution::Decided(d) => (d, literal_addr(&target.host).into_iter().collect()),
+        // As the proxy does: no local DNS for a name the parent resolves.
+        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, &target, name) => {
+            (policy.decide_name_only(role, kind, &target), Vec::new())
+        }
         PreResolution::Resolve(name) => {
             let addrs = snapshot.resolver.resolve(name).await.with_context(|| format!("resolve-failed: {name}"))?;
             (policy.decide(role, kind, &target, &addrs), addrs)
@@ -218,7 +222,10 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
             Ok(ExitCode::from(1))
         }
         Decision::Allow(permit) => {
-            let addrs: Vec<String> = permit.addrs().iter().map(|a| a.to_string()).collect();
+            let mut addrs: Vec<String> = permit.addrs().iter().map(|a| a.to_string()).collect();
+            if permit.name_only() {
+                addrs.push("resolved-by-parent".to_string());
+            }
             match permit.would_deny() {
                 Some(reason) => println!(
                     "allow {} {target} role={role_name} (report mode: would deny, reason={reason}) rule={rule} addrs={}",

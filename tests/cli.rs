@@ -29,6 +29,11 @@ fn check_decides_without_a_server() {
         ("http://0xA9FEA9FE/", 1, "invalid-target"),
         ("10.1.2.3:443", 1, "reason=denied-range:private"),
     ];
+    assert_checks(config, cases);
+}
+
+/// `check` of each URL against `config` exits with its code and prints its text.
+fn assert_checks(config: &str, cases: &[(&str, i32, &str)]) {
     for (url, code, want) in cases {
         let (got, stdout, stderr) = portcullis(&["check", "--config", config, url]);
         assert_eq!(got, *code, "{url}: {stdout}{stderr}");
@@ -48,6 +53,25 @@ fn check_allows_with_exit_0() {
     let (code, stdout, _) = portcullis(&["check", "--config", path.to_str().unwrap(), "https://[::ffff:8.8.8.8]/"]);
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("addrs=8.8.8.8:443"), "{stdout}");
+}
+
+/// With `upstream_proxy.resolve: parent`, `check` decides a name the
+/// parent resolves as the proxy does: on the name alone, without DNS (the
+/// configured name server does not exist).
+#[test]
+fn check_leaves_names_to_a_parent_that_resolves_them() {
+    let path = temp_file(
+        "parent-resolves.yaml",
+        "dns:\n  nameservers: [\"127.0.0.1:9\"]\n  timeout: 500ms\nupstream_proxy:\n  url: http://127.0.0.1:3128\n  resolve: parent\n\
+         roles:\n  default:\n    allow:\n      domains: [web.example]\n      cidrs: [8.8.8.0/24]\n",
+    );
+    let cases: &[(&str, i32, &str)] = &[
+        ("https://web.example/", 0, "addrs=resolved-by-parent"),
+        ("https://cidr-only.example/", 1, "reason=not-allowlisted"),
+        ("8.8.8.8:443", 0, "addrs=8.8.8.8:443"),
+        ("10.1.2.3:443", 1, "reason=denied-range:private"),
+    ];
+    assert_checks(path.to_str().unwrap(), cases);
 }
 
 #[test]

@@ -13,10 +13,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 
 use common::*;
 use sha2::{Digest, Sha256};
@@ -26,55 +24,14 @@ fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
-/// A running `portcullis run` process and the decision lines it has written.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proxy {
-    async fn spawn(path: &Path, yaml: &str) -> Proxy {
-        let (port, admin) = (closed_port().await, closed_port().await);
-        std::fs::write(path, format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{yaml}")).unwrap();
-        let (child, lines) = run_binary(path);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
-        Proxy { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), log }
-    }
-
-    /// The decision lines that contain every one of `parts`, once there
-    /// are at least `at_least` of them (a tunnel's line is written when it
-    /// closes, just after the client exits), or after [`STEP`].
-    async fn lines_with(&self, parts: &[&str], at_least: usize) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            let lines: Vec<String> =
-                self.log.lock().unwrap().iter().filter(|l| parts.iter().all(|p| l.contains(p))).cloned().collect();
-            if lines.len() >= at_least || tokio::time::Instant::now() > deadline {
-                return lines;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Loopback origins, the test CA, and two proxies: `plain` (no identity
 /// rules) and `challenge` (`challenge_unauthenticated`, alice → team).
 struct World {
     http: u16,
     https: u16,
     ca: PathBuf,
-    plain: Proxy,
-    challenge: Proxy,
+    plain: BinaryProxy,
+    challenge: BinaryProxy,
     _dns: DnsServer,
 }
 
@@ -82,7 +39,7 @@ const ALICE_PASSWORD: &str = "alice-secret";
 
 impl World {
     async fn start(tag: &str) -> World {
-        let (ca_pem, tls) = test_ca_and_origin_tls(&["origin.test", "team.test"]);
+        let (ca_pem, tls) = test_ca_and_server_tls(&["origin.test", "team.test"]);
         let ca = temp_file(tag, "ca.pem", &ca_pem);
         let http = start_http_origin().await.port();
         let https = start_https_origin(tls).await.port();
@@ -101,8 +58,8 @@ impl World {
             "identity:\n  challenge_unauthenticated: true\n  credentials:\n    - {{user: alice, password_sha256: \"{digest}\", role: team}}\n"
         );
         let dir = ca.parent().unwrap();
-        let plain = Proxy::spawn(&dir.join("plain.yaml"), &policy).await;
-        let challenge = Proxy::spawn(&dir.join("challenge.yaml"), &format!("{identity}{policy}")).await;
+        let plain = BinaryProxy::spawn(&dir.join("plain.yaml"), &policy).await;
+        let challenge = BinaryProxy::spawn(&dir.join("challenge.yaml"), &format!("{identity}{policy}")).await;
         World { http, https, ca, plain, challenge, _dns: dns }
     }
 
@@ -144,30 +101,6 @@ impl World {
             .env("CLIENT_AUTH_USER", "alice")
             .env("CLIENT_AUTH_PASS", ALICE_PASSWORD);
     }
-}
-
-/// A CA and a TLS server config for an origin with `names`; the CA as PEM.
-fn test_ca_and_origin_tls(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "portcullis client-matrix CA");
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    (ca.pem(), Arc::new(tls))
 }
 
 /// What a client reported for one case: the HTTP status (or `error`) and
@@ -269,7 +202,7 @@ fn check_cases(client: &str, reports: &Reports, suffix: &str, http: Shows, https
 
 /// Allowed requests to both origin ports left allow lines: the proxy
 /// carried them (the clients could not even resolve `origin.test` alone).
-async fn assert_proxied(proxy: &Proxy, world: &World) {
+async fn assert_proxied(proxy: &BinaryProxy, world: &World) {
     for port in [world.http, world.https] {
         let allowed = proxy.lines_with(&["\"decision\":\"allow\"", "\"host\":\"origin.test\"", &format!("\"port\":{port},")], 1).await;
         assert!(!allowed.is_empty(), "no allow line for port {port}: {:?}", proxy.log.lock().unwrap());

@@ -127,15 +127,7 @@ async fn connect_relays_bytes_exactly() {
     assert_eq!(resp.status, 200);
     // Large enough that both directions switch to splice(2) on Linux.
     let payload = pattern(7, 16 * 1024 * 1024);
-    let (mut r, mut w) = stream.into_split();
-    let upload = payload.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&upload).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut echoed = Vec::new();
-    tokio::time::timeout(STEP, r.read_to_end(&mut echoed)).await.expect("echo in time").unwrap();
-    writer.await.unwrap();
+    let echoed = echo_through(stream, &payload).await;
     assert_eq!(echoed.len(), payload.len());
     assert!(echoed == payload, "tunnel altered the bytes");
 }

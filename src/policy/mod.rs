@@ -211,6 +211,8 @@ pub struct Permit {
     would_deny: Option<DenyReason>,
     sni_check: bool,
     tunnel: TunnelStart,
+    /// Given on the name alone, for a parent proxy that resolves it.
+    name_only: bool,
 }
 
 /// What a CONNECT tunnel may start with, by the port it was allowed on.
@@ -229,8 +231,16 @@ pub enum TunnelStart {
 
 impl Permit {
     /// Every address that was checked, in resolver order; dial only these.
+    /// Empty for a [`Permit::name_only`] permit.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// True when the permit was given on the name alone, for a parent proxy
+    /// that resolves the name (`upstream_proxy.resolve: parent`): it holds
+    /// no address, so only the parent can be asked to reach it.
+    pub fn name_only(&self) -> bool {
+        self.name_only
     }
 
     /// The kind of rule that allowed the request.
@@ -663,8 +673,12 @@ struct NameBinding {
 
 impl NameBinding {
     fn lifts(&self, role: RoleId, name: &DomainName, port: u16, addr: IpAddr) -> bool {
-        self.net.contains(&addr)
-            && self.domains.lookup(name.as_str()).is_some()
+        self.net.contains(&addr) && self.covers(role, name, port)
+    }
+
+    /// True when the binding is for this role, name and port (whatever the address).
+    fn covers(&self, role: RoleId, name: &DomainName, port: u16) -> bool {
+        self.domains.lookup(name.as_str()).is_some()
             && self.ports.as_ref().is_none_or(|p| p.contains(port))
             && self.roles.as_ref().is_none_or(|r| r.contains(&role))
     }
@@ -869,6 +883,15 @@ impl Policy {
         kind != RangeKind::Metadata && self.bindings.iter().any(|b| b.lifts(role, name, target.port, addr))
     }
 
+    /// True when a carve-out bound to names (`allow_ranges` with `domains`)
+    /// is for this request's role, name and port: it can lift a denied
+    /// range only for addresses checked here, so the name must be resolved
+    /// here even when a parent proxy could resolve it.
+    pub fn binds_name(&self, role: RoleId, target: &Target) -> bool {
+        let Host::Name(name) = &target.host else { return false };
+        self.bindings.iter().any(|b| b.covers(role, name, target.port))
+    }
+
     /// The index of the listener `addr:port` is, if it is one of the
     /// proxy's own listening sockets.
     fn own_listener(&self, addr: IpAddr, port: u16) -> Option<usize> {
@@ -922,14 +945,30 @@ impl Policy {
         (decision, steps)
     }
 
+    /// Decides a request on its name alone, for a parent proxy that
+    /// resolves the name (`upstream_proxy.resolve: parent`): the
+    /// always-denied names, the role's deny entries, ports, mode and domain
+    /// rules. No address is checked, so a name that only a CIDR rule could
+    /// admit is denied (`not-allowlisted`); an allowed permit holds no
+    /// address ([`Permit::name_only`]). An IP literal is decided as by
+    /// [`Policy::decide`], against every range.
+    pub fn decide_name_only(&self, role: RoleId, kind: RequestKind, target: &Target) -> Decision {
+        if let Host::Ip(ip) = target.host {
+            return self.decide(role, kind, target, &[ip]);
+        }
+        if let Some(deny) = self.deny_name(target, &mut NoTrace) {
+            return deny;
+        }
+        match self.check_role(role, kind, target, &[], &mut NoTrace) {
+            Ok(permit) => Decision::Allow(Permit { name_only: true, ..permit }),
+            Err(deny) => deny,
+        }
+    }
+
     #[inline(always)]
     fn decide_with<T: Trace>(&self, role_id: RoleId, kind: RequestKind, target: &Target, addrs: &[IpAddr], trace: &mut T) -> Decision {
-        if let Host::Name(name) = &target.host {
-            let matched = self.denied_names.lookup(name.as_str()).map(|m| *m.value());
-            trace.step(Step::DeniedName { matched: matched.map(|(_, i)| RuleId::DeniedName(i)) });
-            if let Some((range, i)) = matched {
-                return Decision::Deny { reason: DenyReason::DeniedName(range), rule: RuleId::DeniedName(i) };
-            }
+        if let Some(deny) = self.deny_name(target, trace) {
+            return deny;
         }
         let table = self.range_table(role_id);
         for addr in addrs {
@@ -952,10 +991,34 @@ impl Policy {
                 return Decision::Deny { reason: DenyReason::DeniedRange(RangeKind::SelfAddr), rule };
             }
         }
+        let mut permit = match self.check_role(role_id, kind, target, addrs, trace) {
+            Ok(permit) => permit,
+            Err(deny) => return deny,
+        };
+        if addrs.is_empty() {
+            return Decision::Deny { reason: DenyReason::NotAllowListed, rule: RuleId::NoAddresses };
+        }
+        permit.addrs = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), target.port)).collect();
+        Decision::Allow(permit)
+    }
+
+    /// The deny of an always-denied name.
+    #[inline(always)]
+    fn deny_name<T: Trace>(&self, target: &Target, trace: &mut T) -> Option<Decision> {
+        let Host::Name(name) = &target.host else { return None };
+        let matched = self.denied_names.lookup(name.as_str()).map(|m| *m.value());
+        trace.step(Step::DeniedName { matched: matched.map(|(_, i)| RuleId::DeniedName(i)) });
+        matched.map(|(range, i)| Decision::Deny { reason: DenyReason::DeniedName(range), rule: RuleId::DeniedName(i) })
+    }
+
+    /// The role's part of a decision (its deny entries, mode and
+    /// allow-list): a permit still without addresses, or the deny.
+    #[inline(always)]
+    fn check_role<T: Trace>(&self, role_id: RoleId, kind: RequestKind, target: &Target, addrs: &[IpAddr], trace: &mut T) -> Result<Permit, Decision> {
         let r = role_id.index();
         let role = self.role(role_id);
         if let Some(rule) = role.deny.denies(&self.transitions, r, target, addrs, trace) {
-            return Decision::Deny { reason: DenyReason::DeniedByRole, rule: RuleId::Role(r, rule) };
+            return Err(Decision::Deny { reason: DenyReason::DeniedByRole, rule: RuleId::Role(r, rule) });
         }
         trace.step(Step::Mode { role: r, mode: role.mode });
         let checked = match role.mode {
@@ -965,15 +1028,17 @@ impl Policy {
         let (rule, rule_id, would_deny) = match (checked, role.mode) {
             (Ok((rule, id)), _) => (rule, id, None),
             (Err((reason, id)), Mode::Report | Mode::Open) => (AllowedBy::ReportOnly, id, Some(reason)),
-            (Err((reason, id)), Mode::Enforce) => return Decision::Deny { reason, rule: RuleId::Role(r, id) },
+            (Err((reason, id)), Mode::Enforce) => return Err(Decision::Deny { reason, rule: RuleId::Role(r, id) }),
         };
-        if addrs.is_empty() {
-            return Decision::Deny { reason: DenyReason::NotAllowListed, rule: RuleId::NoAddresses };
-        }
-        let addrs = addrs.iter().map(|a| SocketAddr::new(a.to_canonical(), target.port)).collect();
-        let sni_check = role.sni_check && rule == AllowedBy::Domain;
-        let tunnel = role.allow.tunnel_start(kind, role.mode, target.port);
-        Decision::Allow(Permit { addrs, rule, rule_id: RuleId::Role(r, rule_id), would_deny, sni_check, tunnel })
+        Ok(Permit {
+            addrs: Vec::new(),
+            rule,
+            rule_id: RuleId::Role(r, rule_id),
+            would_deny,
+            sni_check: role.sni_check && rule == AllowedBy::Domain,
+            tunnel: role.allow.tunnel_start(kind, role.mode, target.port),
+            name_only: false,
+        })
     }
 
     /// [`Policy::decide`] for a connection redirected to the transparent

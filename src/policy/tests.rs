@@ -606,3 +606,91 @@ fn name_bound_carve_outs_show_in_the_trace() {
     let decision = p.decide(p.default_role(), RequestKind::Connect, &literal, &[addr]);
     assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:private (10.0.0.0/8)");
 }
+
+/// For a parent that resolves names, a name is decided on the name alone:
+/// only a domain rule admits it, the denied names, the role's deny domains
+/// and the ports still apply, and the permit holds no address. An IP
+/// literal is decided against every range as always.
+#[test]
+fn names_the_parent_resolves_are_decided_on_the_name_alone() {
+    let allow = |domains: &[&str]| {
+        AllowList::new(
+            domains.iter().map(|d| DomainPattern::parse(d).unwrap()),
+            ["8.8.8.0/24".parse().unwrap()],
+            PortSet::new([80]),
+            PortSet::new([443]),
+        )
+    };
+    let deny = DenyList::new([DomainPattern::parse("blocked.example.com").unwrap()], []);
+    let p = Policy::new(
+        vec![
+            Role::new("default", Mode::Enforce, true, allow(&["*.example.com"])).with_deny(deny),
+            Role::new("audit", Mode::Report, true, allow(&[])),
+            Role::new("open", Mode::Open, true, allow(&[])),
+        ],
+        "default",
+        &AddressPlan::default(),
+    )
+    .unwrap();
+    let (enforce, report, open) = (p.default_role(), p.role_id("audit").unwrap(), p.role_id("open").unwrap());
+    use DenyReason::*;
+    type Case = (RoleId, RequestKind, &'static str, Result<Option<DenyReason>, DenyReason>);
+    let cases: [Case; 11] = [
+        (enforce, RequestKind::Connect, "api.example.com:443", Ok(None)),
+        (enforce, RequestKind::Http, "api.example.com:80", Ok(None)),
+        (enforce, RequestKind::Http, "api.example.com:443", Err(PortNotAllowed)),
+        // Only a CIDR rule could admit it, and there is no address to check.
+        (enforce, RequestKind::Connect, "dns.google:443", Err(NotAllowListed)),
+        (enforce, RequestKind::Connect, "blocked.example.com:443", Err(DeniedByRole)),
+        (enforce, RequestKind::Connect, "metadata.google.internal:443", Err(DeniedName(RangeKind::Metadata))),
+        (enforce, RequestKind::Connect, "8.8.8.8:443", Ok(None)),
+        (enforce, RequestKind::Connect, "10.0.0.1:443", Err(DeniedRange(RangeKind::Private))),
+        (enforce, RequestKind::Http, "169.254.169.254:80", Err(DeniedRange(RangeKind::Metadata))),
+        (report, RequestKind::Connect, "dns.google:443", Ok(Some(NotAllowListed))),
+        (open, RequestKind::Connect, "dns.google:443", Ok(None)),
+    ];
+    for (role, kind, target, want) in cases {
+        let t = Target::parse_authority(target).unwrap();
+        let got = match p.decide_name_only(role, kind, &t) {
+            Decision::Allow(permit) => {
+                let literal = matches!(t.host, Host::Ip(_));
+                assert_eq!(permit.name_only(), !literal, "{target}");
+                assert_eq!(permit.addrs().len(), usize::from(literal), "{target}");
+                Ok(permit.would_deny())
+            }
+            Decision::Deny { reason, .. } => Err(reason),
+        };
+        assert_eq!(got, want, "{target} as {kind:?}");
+    }
+}
+
+/// A carve-out bound to a name is for its role, name and port only.
+#[test]
+fn name_bindings_are_found_by_role_name_and_port() {
+    let allow = || AllowList::new([], [], PortSet::new([80]), PortSet::new([443]));
+    let plan = AddressPlan {
+        named: vec![NamedCarveOut {
+            net: "10.0.5.0/24".parse().unwrap(),
+            domains: vec![DomainPattern::parse("vault.corp.example").unwrap()],
+            ports: vec![8200],
+            roles: vec!["ci".to_string()],
+        }],
+        ..AddressPlan::default()
+    };
+    let p = Policy::new(
+        vec![Role::new("default", Mode::Enforce, true, allow()), Role::new("ci", Mode::Enforce, true, allow())],
+        "default",
+        &plan,
+    )
+    .unwrap();
+    let ci = p.role_id("ci").unwrap();
+    for (role, target, bound) in [
+        (ci, "vault.corp.example:8200", true),
+        (ci, "vault.corp.example:443", false),
+        (ci, "other.corp.example:8200", false),
+        (ci, "10.0.5.1:8200", false),
+        (p.default_role(), "vault.corp.example:8200", false),
+    ] {
+        assert_eq!(p.binds_name(role, &Target::parse_authority(target).unwrap()), bound, "{target}");
+    }
+}

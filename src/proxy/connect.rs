@@ -18,6 +18,7 @@ use super::tunnel_http::{self, Start};
 use super::revoke::Tunnels;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
+use super::upstream::Upstream;
 use super::{Shared, Snapshot};
 use crate::config::Timeouts;
 use crate::metrics::{Metrics, RelayedBytes};
@@ -130,17 +131,19 @@ pub async fn tunnel(
     // tunnel ends.
     let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
     let (upstream, addr) = match &snapshot.parent {
-        Some(parent) if parent.applies(&role, target, permit.addrs()) => {
-            parent.tunnel(&permit, snapshot.timeouts.upstream_connect.0).await?
+        Some(parent) if parent.applies(&role, target, &permit) => {
+            parent.tunnel(&permit, target, snapshot.timeouts.upstream_connect.0).await?
         }
-        _ => dial(&permit, &snapshot.timeouts, &metrics).await?,
+        _ => dial(&permit, &snapshot.timeouts, &metrics).await.map(|(s, a)| (Upstream::Tcp(s), a))?,
     };
     record.dialed = Some(addr);
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
     let sni = StartCheck::of(&permit, target, role.clone(), snapshot);
     let mut meter = TunnelMeter::new(metrics.relayed_bytes_for(&role));
-    let registration = Tunnels::register(shared, role, target.clone(), addr);
+    // A name the parent resolved is re-decided on the name alone.
+    let checked = (!permit.name_only()).then_some(addr);
+    let registration = Tunnels::register(shared, role, target.clone(), checked);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
@@ -148,15 +151,9 @@ pub async fn tunnel(
                 let opened = Instant::now();
                 let counts = RelayCounts::default();
                 let served = async {
-                    match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
-                        // The plain listener: relay between the two sockets
-                        // directly, without a lock around the client stream.
-                        Ok(parts) => {
-                            let early = parts.read_buf.to_vec();
-                            let client = parts.io.into_inner().into_inner();
-                            serve_tunnel(client, early, upstream, sni, idle, &counts).await
-                        }
-                        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, sni, idle, &counts).await,
+                    match upstream {
+                        Upstream::Tcp(upstream) => serve_upgraded(upgraded, upstream, sni, idle, &counts).await,
+                        Upstream::Tls(upstream) => serve_upgraded(upgraded, *upstream, sni, idle, &counts).await,
                     }
                 };
                 let end_of_life = async {
@@ -187,6 +184,30 @@ pub async fn tunnel(
         record.emit();
     });
     Ok(Response::new(ProxyBody::empty()))
+}
+
+/// Serves a tunnel on the client's upgraded connection, with the upstream
+/// as the stream type it is (a TCP socket can be spliced to).
+async fn serve_upgraded<U>(
+    upgraded: hyper::upgrade::Upgraded,
+    upstream: U,
+    check: Option<StartCheck>,
+    idle: Duration,
+    counts: &RelayCounts,
+) -> Result<(), DenyReason>
+where
+    U: RelayEnd + 'static,
+{
+    match upgraded.downcast::<TokioIo<WatchedIo<TcpStream>>>() {
+        // The plain listener: relay between the two sockets
+        // directly, without a lock around the client stream.
+        Ok(parts) => {
+            let early = parts.read_buf.to_vec();
+            let client = parts.io.into_inner().into_inner();
+            serve_tunnel(client, early, upstream, check, idle, counts).await
+        }
+        Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, check, idle, counts).await,
+    }
 }
 
 /// What a tunnel's first bytes are checked for before anything reaches the
@@ -274,16 +295,17 @@ where
 /// The checks on the first bytes (when asked for), then the relay, or for
 /// plain HTTP the request-by-request service. `early` holds bytes the
 /// client sent right behind its CONNECT head.
-async fn serve_tunnel<C>(
+async fn serve_tunnel<C, U>(
     mut client: C,
     early: Vec<u8>,
-    mut upstream: TcpStream,
+    mut upstream: U,
     check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
 ) -> Result<(), DenyReason>
 where
-    C: ClientStream + 'static,
+    C: RelayEnd + 'static,
+    U: RelayEnd + 'static,
 {
     let Some(check) = check else {
         relay_after(client, upstream, early, idle, counts).await;
@@ -308,8 +330,9 @@ where
     }
 }
 
-/// A client side of a tunnel that can be split into independent halves.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+/// One end of a relay, the client's or the upstream's, that can be split
+/// into independent halves.
+pub trait RelayEnd: AsyncRead + AsyncWrite + Unpin + Send {
     type Read: AsyncRead + Unpin + Send + Half;
     type Write: AsyncWrite + Unpin + Send + Half;
     fn halves(self) -> (Self::Read, Self::Write);
@@ -338,7 +361,7 @@ impl Half for tokio::net::tcp::OwnedWriteHalf {
 impl<T> Half for tokio::io::ReadHalf<T> {}
 impl<T> Half for tokio::io::WriteHalf<T> {}
 
-impl ClientStream for TcpStream {
+impl RelayEnd for TcpStream {
     type Read = tokio::net::tcp::OwnedReadHalf;
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn halves(self) -> (Self::Read, Self::Write) {
@@ -346,7 +369,7 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl ClientStream for TokioIo<hyper::upgrade::Upgraded> {
+impl RelayEnd for TokioIo<hyper::upgrade::Upgraded> {
     type Read = tokio::io::ReadHalf<Self>;
     type Write = tokio::io::WriteHalf<Self>;
     fn halves(self) -> (Self::Read, Self::Write) {
@@ -354,9 +377,18 @@ impl ClientStream for TokioIo<hyper::upgrade::Upgraded> {
     }
 }
 
-impl ClientStream for tokio::io::DuplexStream {
+impl RelayEnd for tokio::io::DuplexStream {
     type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
     type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// TLS to an `https://` parent: relayed by copying.
+impl RelayEnd for tokio_rustls::client::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
     fn halves(self) -> (Self::Read, Self::Write) {
         tokio::io::split(self)
     }
@@ -413,9 +445,10 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-pub(super) async fn relay_after<C>(client: C, mut upstream: TcpStream, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
+pub(super) async fn relay_after<C, U>(client: C, mut upstream: U, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
 where
-    C: ClientStream,
+    C: RelayEnd,
+    U: RelayEnd,
 {
     if !first.is_empty() {
         match tokio::time::timeout(idle, upstream.write_all(&first)).await {
@@ -481,9 +514,10 @@ impl TunnelMeter {
 
 /// Copies both directions until each has seen EOF (propagating half-close)
 /// or no byte has moved for `idle`. Returns (client→upstream, upstream→client) bytes.
-pub async fn relay<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u64)
+pub async fn relay<C, U>(client: C, upstream: U, idle: Duration) -> (u64, u64)
 where
-    C: ClientStream,
+    C: RelayEnd,
+    U: RelayEnd,
 {
     let counts = RelayCounts::default();
     relay_counted(client, upstream, idle, &counts).await;
@@ -492,12 +526,13 @@ where
 
 /// [`relay`], counting into `counts` as bytes move, so they can be read
 /// while the relay runs.
-pub async fn relay_counted<C>(client: C, upstream: TcpStream, idle: Duration, counts: &RelayCounts)
+pub async fn relay_counted<C, U>(client: C, upstream: U, idle: Duration, counts: &RelayCounts)
 where
-    C: ClientStream,
+    C: RelayEnd,
+    U: RelayEnd,
 {
     let (mut client_read, mut client_write) = client.halves();
-    let (mut up_read, mut up_write) = upstream.into_split();
+    let (mut up_read, mut up_write) = upstream.halves();
     let activity = Activity::new();
     let both = async {
         tokio::join!(

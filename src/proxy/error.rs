@@ -96,6 +96,11 @@ pub enum UpstreamError {
     ParentAuthFailed,
     #[error("the parent proxy answered something unusable: {0}")]
     ParentError(String),
+    /// The TLS handshake with an `https://` parent failed (its certificate
+    /// did not verify against `upstream_proxy.ca_file`, or it speaks no TLS):
+    /// nothing of the request was sent.
+    #[error("the TLS handshake with the parent proxy failed: {0}")]
+    ParentTlsFailed(std::io::Error),
 }
 
 impl UpstreamError {
@@ -112,6 +117,7 @@ impl UpstreamError {
             UpstreamError::ParentRefused(_) => "parent-refused",
             UpstreamError::ParentAuthFailed => "parent-auth-failed",
             UpstreamError::ParentError(_) => "parent-error",
+            UpstreamError::ParentTlsFailed(_) => "parent-tls-failed",
         }
     }
 }

@@ -73,9 +73,9 @@ pub async fn forward(
     let upload = Arc::new(Upload::default());
     let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;
-    let parent = snapshot.parent.as_ref().filter(|p| p.applies(&role, target, permit.addrs()));
+    let parent = snapshot.parent.as_ref().filter(|p| p.applies(&role, target, &permit));
     if let Some(parent) = parent {
-        for_parent(&mut upstream_req, permit.addrs()[0], parent);
+        for_parent(&mut upstream_req, &Parent::destination(&permit, target), parent);
     }
     // Connections to a parent are not pooled: they carry other targets.
     let pooled = if parent.is_some() { None } else { shared.pool.checkout(&role, permit.addrs()) };
@@ -153,17 +153,26 @@ async fn connect(
     snapshot: &Snapshot,
     metrics: &Metrics,
 ) -> Result<(Sender, SocketAddr), UpstreamError> {
-    let (stream, addr) = match parent {
-        Some(parent) => parent.dial(snapshot.timeouts.upstream_connect.0).await?,
-        None => dial(permit, &snapshot.timeouts, metrics).await?,
+    let (idle, max_head) = (snapshot.timeouts.tunnel_idle.0, snapshot.limits.max_response_head_bytes);
+    let (sender, addr) = match parent {
+        Some(parent) => {
+            let (stream, addr) = parent.dial(snapshot.timeouts.upstream_connect.0).await?;
+            (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
+        }
+        None => {
+            let (stream, addr) = dial(permit, &snapshot.timeouts, metrics).await?;
+            (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
+        }
     };
-    let stream = IdleStream::new(stream, snapshot.timeouts.tunnel_idle.0);
-    handshake(stream, snapshot.limits.max_response_head_bytes).await.map(|s| (s, addr))
+    Ok((sender, addr))
 }
 
 /// Starts HTTP/1 on a dialed connection. A response head larger than
 /// `max_head` bytes fails the request (502) instead of growing the buffer.
-async fn handshake(stream: IdleStream, max_head: usize) -> Result<Sender, UpstreamError> {
+async fn handshake<S>(stream: IdleStream<S>, max_head: usize) -> Result<Sender, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // hyper refuses a buffer limit below 8 KiB.
         .max_buf_size(max_head.max(8192))
@@ -186,15 +195,15 @@ async fn handshake(stream: IdleStream, max_head: usize) -> Result<Sender, Upstre
 /// Moving bytes only records the time; the timer is moved when it fires
 /// (to the last activity plus `idle`), so a busy connection does not touch
 /// the runtime's timer wheel on every read and write.
-struct IdleStream {
-    inner: tokio::net::TcpStream,
+struct IdleStream<S> {
+    inner: S,
     idle: Duration,
     last: tokio::time::Instant,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl IdleStream {
-    fn new(inner: tokio::net::TcpStream, idle: Duration) -> Self {
+impl<S> IdleStream<S> {
+    fn new(inner: S, idle: Duration) -> Self {
         let now = tokio::time::Instant::now();
         IdleStream { inner, idle, last: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
     }
@@ -219,7 +228,7 @@ impl IdleStream {
     }
 }
 
-impl tokio::io::AsyncRead for IdleStream {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
@@ -234,7 +243,7 @@ impl tokio::io::AsyncRead for IdleStream {
     }
 }
 
-impl tokio::io::AsyncWrite for IdleStream {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         match Pin::new(&mut self.inner).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
@@ -287,11 +296,12 @@ fn origin_form(uri: &Uri) -> Uri {
 }
 
 /// Turns an origin-form request into the absolute-form request a parent
-/// proxy expects, naming the checked address (the `Host` header keeps the
-/// name), with the parent's credentials.
-fn for_parent(req: &mut Request<CountedBody>, checked: SocketAddr, parent: &Parent) {
+/// proxy expects, naming `destination` (the checked address, or the name
+/// when the parent resolves it; the `Host` header keeps the name), with the
+/// parent's credentials.
+fn for_parent(req: &mut Request<CountedBody>, destination: &str, parent: &Parent) {
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if let Ok(uri) = Uri::try_from(format!("http://{checked}{path}")) {
+    if let Ok(uri) = Uri::try_from(format!("http://{destination}{path}")) {
         *req.uri_mut() = uri;
     }
     if let Some(auth) = parent.auth() {

@@ -15,6 +15,7 @@ pub mod tunnel_http;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod transparent;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,7 +38,7 @@ use crate::dns::Resolver;
 use crate::identity::{CertNames, Identities};
 use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
 use tokio_rustls::TlsAcceptor;
-use crate::target::Target;
+use crate::target::{DomainName, Target};
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
 use framing::{WatchedIo, Wire};
@@ -79,6 +80,18 @@ impl Snapshot {
             deny_messages: error::DenyMessages::from_config(config),
             generation,
         })
+    }
+
+    /// True when `name` is handed to the parent proxy unresolved
+    /// (`upstream_proxy.resolve: parent`, and the request leaves through
+    /// the parent) and nothing in this config needs its addresses: a pinned
+    /// name is answered from config and checked, and a name a carve-out is
+    /// bound to must be resolved here for the carve-out to apply.
+    pub fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
+        let Some(parent) = &self.parent else { return false };
+        parent.resolves(self.policy.role(role).name(), kind, name)
+            && self.resolver.pinned(name).is_none()
+            && !self.policy.binds_name(role, target)
     }
 }
 
@@ -550,6 +563,10 @@ async fn authorize(
     let policy = &snapshot.policy;
     let decision = match policy.pre_resolution(role, kind, target) {
         PreResolution::Decided(decision) => decision,
+        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, target, name) => {
+            record.answer = "parent";
+            policy.decide_name_only(role, kind, target)
+        }
         PreResolution::Resolve(name) => {
             record.answer = if snapshot.resolver.pinned(name).is_some() { "static" } else { "dns" };
             let started = std::time::Instant::now();

@@ -22,7 +22,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(200);
 struct OpenTunnel {
     role: Arc<str>,
     target: Target,
-    dialed: SocketAddr,
+    /// The checked address dialed; `None` when a parent proxy resolved the name.
+    checked: Option<SocketAddr>,
     revoke: Arc<Notify>,
 }
 
@@ -34,12 +35,14 @@ pub struct Tunnels {
 }
 
 impl Tunnels {
-    /// Registers a tunnel; it is unregistered when the returned value drops.
-    /// `notified()` on the registration completes when a reload revokes it.
-    pub fn register(shared: &Arc<Shared>, role: Arc<str>, target: Target, dialed: SocketAddr) -> Registration {
+    /// Registers a tunnel to `target` at the `checked` address (`None`
+    /// when a parent proxy resolved the name); it is unregistered when the
+    /// returned value drops. `notified()` on the registration completes
+    /// when a reload revokes it.
+    pub fn register(shared: &Arc<Shared>, role: Arc<str>, target: Target, checked: Option<SocketAddr>) -> Registration {
         let id = shared.tunnels.next.fetch_add(1, Ordering::Relaxed);
         let revoke = Arc::new(Notify::new());
-        shared.tunnels.open.insert(id, OpenTunnel { role, target, dialed, revoke: revoke.clone() });
+        shared.tunnels.open.insert(id, OpenTunnel { role, target, checked, revoke: revoke.clone() });
         Registration { shared: shared.clone(), id, revoke }
     }
 }
@@ -64,10 +67,15 @@ impl Drop for Registration {
     }
 }
 
-/// True when `policy` still allows `role` to reach `target` at `dialed`.
-fn still_allowed(policy: &Policy, role: &str, kind: RequestKind, target: &Target, dialed: SocketAddr) -> bool {
+/// True when `policy` still allows `role` to reach `target` at the
+/// `checked` address, or on the name alone when the parent resolved it.
+fn still_allowed(policy: &Policy, role: &str, kind: RequestKind, target: &Target, checked: Option<SocketAddr>) -> bool {
     let Some(role) = policy.role_id(role) else { return false };
-    matches!(policy.decide(role, kind, target, &[dialed.ip()]), Decision::Allow(_))
+    let decision = match checked {
+        Some(addr) => policy.decide(role, kind, target, &[addr.ip()]),
+        None => policy.decide_name_only(role, kind, target),
+    };
+    matches!(decision, Decision::Allow(_))
 }
 
 /// Re-decides every open tunnel and pooled connection against the
@@ -78,12 +86,12 @@ fn revoke_denied(shared: &Shared) {
     let mut tunnels = 0;
     for entry in shared.tunnels.open.iter() {
         let t = entry.value();
-        if !still_allowed(policy, &t.role, RequestKind::Connect, &t.target, t.dialed) {
+        if !still_allowed(policy, &t.role, RequestKind::Connect, &t.target, t.checked) {
             t.revoke.notify_one();
             tunnels += 1;
         }
     }
-    let pooled = shared.pool.retain(|role, target, addr| still_allowed(policy, role, RequestKind::Http, target, addr));
+    let pooled = shared.pool.retain(|role, target, addr| still_allowed(policy, role, RequestKind::Http, target, Some(addr)));
     shared.metrics.revoked.with_label_values(&["tunnel"]).inc_by(tunnels);
     shared.metrics.revoked.with_label_values(&["pooled"]).inc_by(pooled as u64);
     if tunnels + pooled as u64 > 0 {

@@ -366,7 +366,7 @@ async fn open(
     let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
     let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, &shared.metrics).await?;
     record.dialed = Some(addr);
-    let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, addr);
+    let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, Some(addr));
     Ok((upstream, tunnel_slot, registration))
 }
 

@@ -18,10 +18,9 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use super::connect::Activity;
+use super::connect::{Activity, RelayEnd};
 use super::error::{Answer, ProxyError, UpstreamError};
 use crate::policy::DenyReason;
 use crate::target::Target;
@@ -110,9 +109,10 @@ pub struct Limits {
 /// checked against `target` and sent to `upstream`. Returns the bytes read
 /// from and written to the client, or `host-mismatch` once a request named
 /// another host.
-pub async fn serve<C>(client: C, early: Vec<u8>, upstream: TcpStream, ends: Ends, limits: Limits) -> Result<(u64, u64), DenyReason>
+pub async fn serve<C, U>(client: C, early: Vec<u8>, upstream: U, ends: Ends, limits: Limits) -> Result<(u64, u64), DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: RelayEnd + 'static,
 {
     let Ok((sender, upstream_conn)) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await else {
         return Ok((0, 0));
@@ -147,7 +147,7 @@ where
     // A 101 answer: both sides are handed over and relayed as a raw tunnel,
     // inside this future, so idle timeout, revocation and limits still apply.
     if let Ok(upgrade) = upgrade_rx.await {
-        relay_upgraded(upgrade, limits.idle).await;
+        relay_upgraded::<U>(upgrade, limits.idle).await;
     }
     upstream_conn.abort();
     // The client side of an upgrade still runs through `Counted`.
@@ -162,12 +162,12 @@ type Upgrade = (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade);
 /// Where the one upgrade a connection can make is handed to [`serve`].
 type UpgradeSlot = std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Upgrade>>>;
 
-/// Relays an upgraded connection: the upstream is the dialed TCP socket
+/// Relays an upgraded connection: the upstream is the dialed stream `U`
 /// again, and whatever the origin sent behind its 101 goes first.
-async fn relay_upgraded((client, upstream): Upgrade, idle: Duration) {
+async fn relay_upgraded<U: RelayEnd + 'static>((client, upstream): Upgrade, idle: Duration) {
     use tokio::io::AsyncWriteExt;
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
-    let Ok(parts) = upstream.downcast::<TokioIo<TcpStream>>() else { return };
+    let Ok(parts) = upstream.downcast::<TokioIo<U>>() else { return };
     let mut client = TokioIo::new(client);
     if client.write_all(&parts.read_buf).await.is_ok() {
         super::connect::relay(client, parts.io.into_inner(), idle).await;

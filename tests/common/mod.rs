@@ -189,6 +189,73 @@ pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Li
     (child, lines)
 }
 
+/// A CA and a TLS server config for a server (an origin, a parent proxy)
+/// with `names` (IP addresses become IP SANs); the CA as PEM.
+pub fn test_ca_and_server_tls(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "portcullis test CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    (ca.pem(), Arc::new(tls))
+}
+
+/// A running `portcullis run` process and the decision lines it has written.
+pub struct BinaryProxy {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl BinaryProxy {
+    /// Writes `yaml` (with loopback listeners on free ports) to `path` and runs it.
+    pub async fn spawn(path: &std::path::Path, yaml: &str) -> BinaryProxy {
+        let (port, admin) = (closed_port().await, closed_port().await);
+        std::fs::write(path, format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{yaml}")).unwrap();
+        let (child, lines) = run_binary(path);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
+        BinaryProxy { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), log }
+    }
+
+    /// The decision lines that contain every one of `parts`, once there
+    /// are at least `at_least` of them (a tunnel's line is written when it
+    /// closes, just after the client exits), or after [`STEP`].
+    pub async fn lines_with(&self, parts: &[&str], at_least: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let lines: Vec<String> =
+                self.log.lock().unwrap().iter().filter(|l| parts.iter().all(|p| l.contains(p))).cloned().collect();
+            if lines.len() >= at_least || tokio::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BinaryProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A DNS server on loopback answering A and AAAA from a table; other names
 /// get NXDOMAIN. Counts the queries it answers per name.
 pub struct DnsServer {
@@ -348,6 +415,21 @@ pub async fn connect(proxy: SocketAddr, authority: &str) -> (RawResponse, TcpStr
     stream.write_all(req.as_bytes()).await.unwrap();
     let resp = read_response(&mut stream).await;
     (resp, stream)
+}
+
+/// Sends `payload` into an open tunnel to an echo origin, half-closes it,
+/// and returns everything that came back (within [`STEP`]).
+pub async fn echo_through(tunnel: TcpStream, payload: &[u8]) -> Vec<u8> {
+    let (mut from_tunnel, mut into_tunnel) = tunnel.into_split();
+    let upload = payload.to_vec();
+    let writer = tokio::spawn(async move {
+        into_tunnel.write_all(&upload).await.unwrap();
+        into_tunnel.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(STEP, from_tunnel.read_to_end(&mut echoed)).await.expect("echo in time").unwrap();
+    writer.await.unwrap();
+    echoed
 }
 
 /// Runs the real `portcullis` binary; returns exit code, stdout and stderr.
