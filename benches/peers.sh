@@ -80,6 +80,7 @@ stop_peers() {
   fi
 }
 trap stop_peers EXIT
+trap 'exit 130' INT TERM
 
 cat >"$dir/squid/squid.conf" <<EOF
 http_port 127.0.0.1:$squid_port
@@ -150,9 +151,11 @@ wait_listening() {
 wait_listening squid "$squid_port" "$squid_pid"
 wait_listening tinyproxy "$tinyproxy_port" "$tinyproxy_pid"
 
-echo "$(squid -v | head -1); $(tinyproxy -v); $(rustc -V)"
+echo "$(squid -v | sed -n 1p); $(tinyproxy -v); $(rustc -V)"
 cargo build --release --locked --bin portcullis
+echo "load before the bench: $(uptime)"
 PORTCULLIS_LOAD_PEERS="squid=127.0.0.1:$squid_port:$squid_pid;tinyproxy=127.0.0.1:$tinyproxy_port:$tinyproxy_pid" \
 PORTCULLIS_LOAD_ORIGIN_PORTS="$http_port,$echo_port,$source_port" \
 PORTCULLIS_LOAD_PROXY_LOG="$dir/portcullis.log" \
   cargo bench --locked --bench proxy_load
+echo "load after the bench: $(uptime)"

@@ -167,7 +167,7 @@ async fn run() {
         return stop(proxy, origins);
     }
     let p = proxy.addr;
-    println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
+    println!("machine: {} cores; proxy pid {}", cores(), proxy.child.id());
     println!();
     println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
     // The load generator (this process), the origins and the proxy.
@@ -263,6 +263,10 @@ fn stop(mut proxy: Proxy, mut origins: Child) {
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// The hard open-file limit of this process (`/proc/self/limits`).

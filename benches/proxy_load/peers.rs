@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{bulk, cpu_secs, cpu_us_per, http_load, http_notes, idle_tunnels, is_200, new_connections, open, stat_ticks, status_kib, Proxy};
+use super::{bulk, cores, cpu_secs, cpu_us_per, http_load, http_notes, idle_tunnels, is_200, new_connections, open, stat_ticks, status_kib, Proxy};
 
 const PEERS: &str = "PORTCULLIS_LOAD_PEERS";
 const CLIENTS: [usize; 3] = [1, 50, 500];
@@ -93,10 +93,12 @@ fn peers_from(spec: &str) -> Vec<Target> {
     peers
 }
 
-/// Runs the passes, the idle-tunnel memory phase and prints the tables.
+/// Checks the peers, reads idle-tunnel memory, runs the passes and prints
+/// the tables.
 pub async fn run(bench: Bench<'_>) {
     let started = Instant::now();
     let passes: usize = std::env::var("PORTCULLIS_LOAD_PASSES").map_or(3, |n| n.parse().expect("PORTCULLIS_LOAD_PASSES: a number"));
+    assert!(passes > 0, "PORTCULLIS_LOAD_PASSES: at least one pass");
     let mut targets = vec![
         Target { name: "direct".into(), proxy: None, pids: Vec::new() },
         Target { name: "portcullis".into(), proxy: Some(bench.proxy.addr), pids: vec![bench.proxy.child.id()] },
@@ -126,10 +128,6 @@ pub async fn run(bench: Bench<'_>) {
     summarize(&targets, &results, &memory);
     println!();
     println!("peer run took {:.0} s", started.elapsed().as_secs_f64());
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// Fails the run unless `t` forwards a GET to the origin and opens tunnels
@@ -172,7 +170,8 @@ async fn run_pass(bench: &Bench<'_>, targets: &[Target], order: &[usize]) -> Vec
             (f.rps[c], f.p50[c], f.p99[c], f.cpu_per_request[c]) = (r.rps, r.p50, r.p99, prox);
             (f.failures[c], f.reconnects[c]) = (r.failures, r.reconnects);
             println!(
-                "  {clients:>3} clients  {:<12} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU µs/request: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}{}",
+                "  {:<13}  {:<12} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU µs/request: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}{}",
+                of_clients(clients),
                 t.name,
                 r.rps,
                 r.p50,
@@ -187,7 +186,7 @@ async fn run_pass(bench: &Bench<'_>, targets: &[Target], order: &[usize]) -> Vec
         let (per_s, count) = new_connections(bench.echo, t.proxy).await;
         let [load, orig, prox] = cpu_us_per(before, cpu(bench, t), count);
         (figures[i].tunnels_per_s, figures[i].cpu_per_tunnel) = (per_s, prox);
-        println!("  new tunnels/s      {:<12} {per_s:>9.0}  CPU µs/tunnel: generator {load:.1}, echo {orig:.1}, proxy {prox:.1}", t.name);
+        println!("  new tunnels/s  {:<12} {per_s:>9.0}  CPU µs/tunnel: generator {load:.1}, echo {orig:.1}, proxy {prox:.1}", t.name);
     }
     for &i in order {
         let t = &targets[i];
@@ -195,7 +194,7 @@ async fn run_pass(bench: &Bench<'_>, targets: &[Target], order: &[usize]) -> Vec
         let (mb_per_s, mb) = bulk(bench.source, t.proxy).await;
         let [sink, source, prox] = cpu_us_per(before, cpu(bench, t), mb);
         (figures[i].mb_per_s, figures[i].cpu_per_mb) = (mb_per_s, prox);
-        println!("  tunnel MB/s        {:<12} {mb_per_s:>9.0}  CPU µs/MB: sink {sink:.0}, source {source:.0}, proxy {prox:.0}", t.name);
+        println!("  tunnel MB/s    {:<12} {mb_per_s:>9.0}  CPU µs/MB: sink {sink:.0}, source {source:.0}, proxy {prox:.0}", t.name);
     }
     figures
 }
@@ -222,6 +221,9 @@ async fn idle_memory(bench: &Bench<'_>, targets: &[Target]) -> Vec<Option<(usize
 
 /// `roots` and every live process descended from them.
 fn process_tree(roots: &[u32]) -> Vec<u32> {
+    if roots.is_empty() {
+        return Vec::new();
+    }
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .map(|dir| dir.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).collect::<Vec<u32>>())
         .unwrap_or_default()
