@@ -65,6 +65,13 @@ chmod 755 "$dir"
 mkdir "$dir/squid" "$dir/tinyproxy"
 pids=()
 stop_peers() {
+  # A bench killed from outside leaves its Portcullis running: it is the
+  # process whose standard output is our log file.
+  for out in /proc/[0-9]*/fd/1; do
+    [ "$(readlink "$out" 2>/dev/null)" = "$dir/portcullis.log" ] || continue
+    pid=${out#/proc/}
+    pids+=("${pid%%/*}")
+  done
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
