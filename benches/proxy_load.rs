@@ -19,6 +19,13 @@
 //! under `unshare -n`, puts a stand-in public address on that namespace's
 //! loopback, applies `deploy/transparent/redirect.sh` there and runs the
 //! proxy as the exempt uid. Nothing outside that namespace changes.
+//!
+//! Peer mode (`PORTCULLIS_LOAD_PEERS`, see `proxy_load/peers.rs` and
+//! `benches/peers.sh`) measures other proxies a script started next to the
+//! direct baseline and Portcullis, in the same run.
+
+#[path = "proxy_load/peers.rs"]
+mod peers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,6 +40,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Length of each HTTP and new-tunnel phase unless `PORTCULLIS_LOAD_PHASE_MS` says otherwise.
 const PHASE: Duration = Duration::from_secs(3);
 const MAX_REQUESTS_PER_CLIENT: usize = 200_000;
 const BULK_BYTES: usize = 512 * 1024 * 1024;
@@ -51,8 +59,10 @@ const TRANSPARENT_PORT: u16 = 15001;
 const PROXY_UID: &str = "65532";
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse.
-    if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_none() && std::env::var_os(OWN_NETNS).is_none() && can_unshare() {
+    // `cargo bench` passes `--bench`; nothing to parse. Peers listen in this
+    // namespace, so peer mode stays in it.
+    let stays = std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() || std::env::var_os(OWN_NETNS).is_some() || peers::requested();
+    if !stays && can_unshare() {
         let exe = std::env::current_exe().expect("the bench binary knows its path");
         let status = Command::new("unshare").args(["-n", "--"]).arg(exe).args(std::env::args().skip(1)).env(OWN_NETNS, "1").status();
         std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
@@ -65,13 +75,25 @@ fn main() {
     }
 }
 
-/// Where origins listen: loopback, or in the bench's own namespace every
-/// local address (the stand-in one for the transparent phases).
-fn origins_bind() -> &'static str {
+/// Where origin `index` (http, echo, source) listens: loopback, or in the
+/// bench's own namespace every local address (the stand-in one for the
+/// transparent phases). Its port is `PORTCULLIS_LOAD_ORIGIN_PORTS` (three,
+/// comma-separated, so a script can allow them in a peer's config) or any.
+fn origins_bind(index: usize) -> SocketAddr {
+    let port = std::env::var("PORTCULLIS_LOAD_ORIGIN_PORTS").map_or(0, |ports| {
+        let ports: Vec<u16> = ports.split(',').map(|p| p.trim().parse().expect("PORTCULLIS_LOAD_ORIGIN_PORTS: ports")).collect();
+        assert_eq!(ports.len(), 3, "PORTCULLIS_LOAD_ORIGIN_PORTS: http, echo and source ports");
+        ports[index]
+    });
     match std::env::var_os(OWN_NETNS) {
-        Some(_) => "0.0.0.0:0",
-        None => "127.0.0.1:0",
+        Some(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        None => SocketAddr::from(([127, 0, 0, 1], port)),
     }
+}
+
+/// The HTTP and new-tunnel phase length: [`PHASE`] or `PORTCULLIS_LOAD_PHASE_MS`.
+fn phase() -> Duration {
+    std::env::var("PORTCULLIS_LOAD_PHASE_MS").map_or(PHASE, |ms| Duration::from_millis(ms.parse().expect("PORTCULLIS_LOAD_PHASE_MS: milliseconds")))
 }
 
 /// True when a network namespace can be made here (root and `unshare`).
@@ -138,10 +160,14 @@ fn spawn_origins() -> (Child, SocketAddr, SocketAddr, SocketAddr) {
 async fn run() {
     // An older binary knows no transparent listener: measure it explicitly only.
     let transparent = std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG").is_none() && set_up_interception();
-    let (mut origins, origin, echo, source) = spawn_origins();
-    let mut proxy = Proxy::start(&[origin.port(), echo.port(), source.port()], transparent);
+    let (origins, origin, echo, source) = spawn_origins();
+    let proxy = Proxy::start(&[origin.port(), echo.port(), source.port()], transparent);
+    if peers::requested() {
+        peers::run(peers::Bench { origin, echo, source, origins_pid: origins.id(), proxy: &proxy }).await;
+        return stop(proxy, origins);
+    }
     let p = proxy.addr;
-    println!("machine: {} cores; proxy pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), proxy.child.id());
+    println!("machine: {} cores; proxy pid {}", cores(), proxy.child.id());
     println!();
     println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
     // The load generator (this process), the origins and the proxy.
@@ -163,6 +189,12 @@ async fn run() {
         }
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
+        for (which, r) in [("direct", &direct), ("via proxy", &proxied)] {
+            let notes = http_notes(r);
+            if !notes.is_empty() {
+                println!("  {which}{notes}");
+            }
+        }
         let [load, orig, prox] = cpu_us_per(before, middle, direct.count as f64);
         println!("  CPU µs/request, direct:    generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
         let [load, orig, prox] = cpu_us_per(middle, after, proxied.count as f64);
@@ -170,8 +202,8 @@ async fn run() {
     }
 
     if !only_memory {
-        let direct = new_connections(echo, None).await;
-        let proxied = new_connections(echo, Some(p)).await;
+        let (direct, _) = new_connections(echo, None).await;
+        let (proxied, _) = new_connections(echo, Some(p)).await;
         row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
 
         let before = pids.map(cpu_secs);
@@ -223,9 +255,18 @@ async fn run() {
     println!("proxy RSS after bursts: {after_bursts} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
     println!("RSS per idle tunnel after bursts: {per_burst_tunnel:.0} bytes; left behind per burst tunnel: {extra:.0} bytes");
     drop((held, rest));
+    stop(proxy, origins);
+}
+
+/// Stops the proxy, then the origins (they serve until their stdin closes).
+fn stop(mut proxy: Proxy, mut origins: Child) {
     proxy.stop();
     drop(origins.stdin.take());
     let _ = origins.wait();
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// The hard open-file limit of this process (`/proc/self/limits`).
@@ -243,12 +284,29 @@ fn cpu_us_per(from: [f64; 3], to: [f64; 3], units: f64) -> [f64; 3] {
 
 /// User + system CPU seconds used so far by process `pid` (0 once gone).
 fn cpu_secs(pid: u32) -> f64 {
-    // /proc reports clock ticks of USER_HZ, which is 100 on Linux.
+    // Fields 14 and 15 of the line (utime, stime): 0-based 11 and 12 after the name.
+    stat_ticks(pid, &[11, 12]) / 100.0
+}
+
+/// The sum of the given fields of `/proc/pid/stat` (0-based, counted after
+/// the command name, which may hold spaces); 0 once the process is gone.
+/// Times are in clock ticks of USER_HZ, which is 100 on Linux.
+fn stat_ticks(pid: u32, fields: &[usize]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let field = |i: usize| after_name.split_whitespace().nth(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of the line (utime, stime): 0-based 11 and 12 after the name.
-    (field(11) + field(12)) / 100.0
+    fields.iter().map(|&i| field(i)).sum()
+}
+
+/// A size field (`VmRSS:`, `VmHWM:`) of `/proc/pid/status` in KiB; 0 once the process is gone.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn row(name: &str, direct: f64, proxied: f64, note: &str) {
@@ -300,10 +358,16 @@ impl Proxy {
             }
             false => Command::new(bin),
         };
+        // `PORTCULLIS_LOAD_PROXY_LOG`: the access log to this file (peer mode
+        // logs every proxy to a file) instead of /dev/null.
+        let log = match std::env::var_os("PORTCULLIS_LOAD_PROXY_LOG") {
+            Some(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open PORTCULLIS_LOAD_PROXY_LOG")),
+            None => Stdio::null(),
+        };
         let child = command
             .args(["run", "--config", dir.join("load.yaml").to_str().unwrap()])
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(log)
             .spawn()
             .expect("start proxy");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -315,22 +379,12 @@ impl Proxy {
         Proxy { child, addr, _dir: dir }
     }
 
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
     fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
+        status_kib(self.child.id(), "VmRSS:")
     }
 
     fn hwm_kib(&self) -> u64 {
-        self.status_kib("VmHWM:")
+        status_kib(self.child.id(), "VmHWM:")
     }
 
     fn stop(&mut self) {
@@ -340,7 +394,7 @@ impl Proxy {
 }
 
 async fn start_http_origin() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind()).await.unwrap();
+    let listener = TcpListener::bind(origins_bind(0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -357,7 +411,7 @@ async fn start_http_origin() -> SocketAddr {
 }
 
 async fn start_echo() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind()).await.unwrap();
+    let listener = TcpListener::bind(origins_bind(1)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -375,7 +429,7 @@ async fn start_echo() -> SocketAddr {
 /// connection and closes. (Closing with the request unread would reset the
 /// connection and lose the end of the transfer.)
 async fn start_source() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind()).await.unwrap();
+    let listener = TcpListener::bind(origins_bind(2)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -414,62 +468,174 @@ async fn open(target: SocketAddr, proxy: Option<SocketAddr>) -> TcpStream {
         assert_eq!(s.read(&mut byte).await.unwrap(), 1, "proxy closed during CONNECT");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(is_200(&head), "{}", String::from_utf8_lossy(&head));
     s
 }
 
+/// True for a `200` status line of HTTP/1.0 or 1.1 (tinyproxy answers
+/// CONNECT in HTTP/1.0).
+fn is_200(head: &[u8]) -> bool {
+    (head.starts_with(b"HTTP/1.1 ") || head.starts_with(b"HTTP/1.0 ")) && head[9..].starts_with(b"200")
+}
+
 struct HttpResult {
+    /// Requests answered 200; `rps` and the latencies count only these.
     count: usize,
     rps: f64,
     p50: f64,
     p99: f64,
+    /// Responses other than 200, and requests no connection could carry.
+    failures: usize,
+    /// What went wrong first, when something did.
+    first_failure: Option<String>,
+    /// New connections after the server closed one (see [`ClientConn`]).
+    reconnects: usize,
 }
 
-/// `clients` keep-alive connections sending GETs for PHASE.
+/// What one client of [`http_load`] saw.
+#[derive(Default)]
+struct ClientRun {
+    latencies: Vec<u32>,
+    failures: usize,
+    first_failure: Option<String>,
+    reconnects: usize,
+}
+
+impl ClientRun {
+    fn fail(&mut self, what: String) {
+        self.failures += 1;
+        self.first_failure.get_or_insert(what);
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// A load-generator client's connection to the origin or a proxy, opened
+/// again when the server closes it. tinyproxy closes after every response
+/// without a `Connection: close`, so a client learns it only from the
+/// close, sometimes as its next request goes out; any client then sends
+/// that request again on a new connection, and so does this one, timing
+/// the new connection as part of the request.
+struct ClientConn {
+    to: SocketAddr,
+    sender: Sender,
+    /// The connection has answered a request since it was opened.
+    used: bool,
+    closed: bool,
+    reconnects: usize,
+}
+
+impl ClientConn {
+    async fn open(to: SocketAddr) -> std::io::Result<ClientConn> {
+        let sender = Self::handshake(to).await?;
+        Ok(ClientConn { to, sender, used: false, closed: false, reconnects: 0 })
+    }
+
+    async fn handshake(to: SocketAddr) -> std::io::Result<Sender> {
+        let stream = TcpStream::connect(to).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    async fn reopen(&mut self) -> Result<(), String> {
+        self.sender = Self::handshake(self.to).await.map_err(|e| format!("new connection: {e}"))?;
+        (self.used, self.closed) = (false, false);
+        self.reconnects += 1;
+        Ok(())
+    }
+
+    /// Sends `request` (or, on a new connection, `again()`) and reads the
+    /// whole response; its status, or why no connection could carry it.
+    async fn get(&mut self, request: Request<Empty<Bytes>>, again: impl Fn() -> Request<Empty<Bytes>>) -> Result<hyper::StatusCode, String> {
+        if self.closed {
+            self.reopen().await?;
+        }
+        let response = match self.sender.send_request(request).await {
+            Ok(response) => response,
+            // Closed by the server as the request went out: once more on a new one.
+            Err(_) if self.used => {
+                self.reopen().await?;
+                self.sender.send_request(again()).await.map_err(|e| format!("request: {e}"))?
+            }
+            Err(e) => return Err(format!("request: {e}")),
+        };
+        let status = response.status();
+        response.into_body().collect().await.map_err(|e| format!("response body: {e}"))?;
+        self.used = true;
+        Ok(status)
+    }
+
+    /// Waits until the connection takes another request or is found closed.
+    async fn settle(&mut self) {
+        self.closed = self.sender.ready().await.is_err();
+    }
+}
+
+/// `clients` keep-alive connections sending GETs for [`phase`].
 async fn http_load(origin: SocketAddr, proxy: Option<SocketAddr>, clients: usize) -> HttpResult {
     let started = Instant::now();
-    let deadline = started + PHASE;
+    let deadline = started + phase();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             tokio::spawn(async move {
-                let stream = TcpStream::connect(proxy.unwrap_or(origin)).await.unwrap();
-                let _ = stream.set_nodelay(true);
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(conn);
+                let mut conn = ClientConn::open(proxy.unwrap_or(origin)).await.unwrap();
                 let uri = match proxy {
                     Some(_) => format!("http://{origin}/small"),
                     None => "/small".to_string(),
                 };
-                let mut latencies = Vec::new();
-                while Instant::now() < deadline && latencies.len() < MAX_REQUESTS_PER_CLIENT {
-                    let req = Request::get(uri.as_str()).header("host", origin.to_string()).body(Empty::<Bytes>::new()).unwrap();
+                let request = || Request::get(uri.as_str()).header("host", origin.to_string()).body(Empty::<Bytes>::new()).unwrap();
+                let mut run = ClientRun::default();
+                while Instant::now() < deadline && run.latencies.len() < MAX_REQUESTS_PER_CLIENT {
+                    let req = request();
                     let t = Instant::now();
-                    let Ok(resp) = sender.send_request(req).await else { break };
-                    let Ok(_) = resp.into_body().collect().await else { break };
-                    latencies.push(t.elapsed().as_micros() as u32);
-                    if sender.ready().await.is_err() {
-                        break;
+                    match conn.get(req, request).await {
+                        Ok(hyper::StatusCode::OK) => run.latencies.push(t.elapsed().as_micros() as u32),
+                        Ok(status) => run.fail(format!("status {status}")),
+                        Err(e) => {
+                            run.fail(e);
+                            break;
+                        }
                     }
+                    conn.settle().await;
                 }
-                latencies
+                run.reconnects = conn.reconnects;
+                run
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut failures, mut first_failure, mut reconnects) = (Vec::new(), 0, None, 0);
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let run = t.await.unwrap();
+        all.extend(run.latencies);
+        failures += run.failures;
+        first_failure = first_failure.or(run.first_failure);
+        reconnects += run.reconnects;
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
-    HttpResult { count: all.len(), rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99) }
+    HttpResult { count: all.len(), rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99), failures, first_failure, reconnects }
 }
 
-/// New connections per second: (CONNECT, 200,) one echo round trip, close;
-/// 8 concurrent loops for PHASE.
-async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
+/// `; N reconnects (server closed); N FAILED (first: why)` for what is not zero.
+fn http_notes(r: &HttpResult) -> String {
+    let mut notes = String::new();
+    if r.reconnects > 0 {
+        notes += &format!("; {} reconnects (server closed)", r.reconnects);
+    }
+    if r.failures > 0 {
+        notes += &format!("; {} FAILED (first: {})", r.failures, r.first_failure.as_deref().unwrap_or("?"));
+    }
+    notes
+}
+
+/// New connections per second and how many: (CONNECT, 200,) one echo
+/// round trip, close; 8 concurrent loops for [`phase`].
+async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
     let started = Instant::now();
-    let deadline = started + PHASE;
+    let deadline = started + phase();
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             tokio::spawn(async move {
@@ -489,7 +655,7 @@ async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
     for t in tasks {
         total += t.await.unwrap();
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    (total as f64 / started.elapsed().as_secs_f64(), total as f64)
 }
 
 /// (MB/s, MB) reading BULK_BYTES from the source, at most 30 s. The client
@@ -556,7 +722,7 @@ async fn idle_tunnels(echo: SocketAddr, proxy: SocketAddr, n: usize) -> (usize, 
         }
         let mut head = [0u8; 128];
         let Ok(n) = s.read(&mut head).await else { break };
-        if !head[..n].starts_with(b"HTTP/1.1 200") {
+        if !is_200(&head[..n]) {
             break;
         }
         held.push(s);
