@@ -72,40 +72,63 @@ fn interleaved(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut waiting = interleaved(permit.addrs()).into_iter();
-    // Dropping the set aborts the attempts that lost the race.
-    let mut attempts = tokio::task::JoinSet::new();
+    let Some(first) = waiting.next() else { return Err(UpstreamError::ConnectTimeout) };
+    let connected = |stream: TcpStream, addr| {
+        let _ = stream.set_nodelay(true);
+        Ok((stream, addr))
+    };
     if waiting.len() == 0 {
-        return Err(UpstreamError::ConnectTimeout);
+        // One address: nothing to race, so no task and no timer but the deadline.
+        return match tokio::time::timeout_at(deadline, TcpStream::connect(first)).await {
+            Ok(Ok(stream)) => connected(stream, first),
+            Ok(Err(e)) => Err(dial_failure(e)),
+            Err(_) => Err(UpstreamError::ConnectTimeout),
+        };
     }
-    let next_attempt = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(next_attempt);
+    // Dropping the set aborts the attempts that lost the race. Attempts
+    // start at once (a zero-length timer would wait for the timer wheel's
+    // next millisecond tick), the next one after `stagger` or as soon as
+    // an attempt fails.
+    let mut attempts = tokio::task::JoinSet::new();
+    let attempt = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
+    attempts.spawn(attempt(first));
+    let next_attempt = tokio::time::sleep(stagger);
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(next_attempt, expired);
     loop {
         tokio::select! {
             () = &mut next_attempt, if waiting.len() > 0 => {
                 if let Some(addr) = waiting.next() {
-                    attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+                    attempts.spawn(attempt(addr));
                 }
                 next_attempt.as_mut().reset(tokio::time::Instant::now() + stagger);
             }
             Some(joined) = attempts.join_next() => match joined {
-                Ok((addr, Ok(stream))) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, addr));
-                }
+                Ok((addr, Ok(stream))) => return connected(stream, addr),
                 Ok((addr, Err(e))) => {
                     tracing::debug!(%addr, error = %e, "connect attempt failed");
-                    if attempts.is_empty() && waiting.len() == 0 {
+                    match waiting.next() {
+                        Some(next) => {
+                            attempts.spawn(attempt(next));
+                            next_attempt.as_mut().reset(tokio::time::Instant::now() + stagger);
+                        }
                         // The last attempt's failure stands for all of them.
-                        let refused = e.kind() == io::ErrorKind::ConnectionRefused;
-                        return Err(if refused { UpstreamError::Refused } else { UpstreamError::Unreachable(e) });
+                        None if attempts.is_empty() => return Err(dial_failure(e)),
+                        None => {}
                     }
-                    // A failure starts the next attempt at once.
-                    next_attempt.as_mut().reset(tokio::time::Instant::now());
                 }
                 Err(_) => {}
             },
-            () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::ConnectTimeout),
+            () = &mut expired => return Err(UpstreamError::ConnectTimeout),
         }
+    }
+}
+
+/// A failed connect as the error a response reports.
+fn dial_failure(e: io::Error) -> UpstreamError {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => UpstreamError::Refused,
+        _ => UpstreamError::Unreachable(e),
     }
 }
 
