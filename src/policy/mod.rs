@@ -662,6 +662,21 @@ pub struct NamedCarveOut {
     pub roles: Vec<String>,
 }
 
+impl NamedCarveOut {
+    /// As `check --explain` names it: the CIDR and what it is bound to.
+    fn describe(&self) -> String {
+        let list = |items: Vec<String>| items.join(", ");
+        let mut text = format!("{}, domains: {}", self.net, list(self.domains.iter().map(ToString::to_string).collect()));
+        if !self.ports.is_empty() {
+            text.push_str(&format!(", ports: {}", list(self.ports.iter().map(ToString::to_string).collect())));
+        }
+        if !self.roles.is_empty() {
+            text.push_str(&format!(", roles: {}", self.roles.join(", ")));
+        }
+        text
+    }
+}
+
 /// A compiled [`NamedCarveOut`].
 #[derive(Debug, Clone)]
 struct NameBinding {
@@ -772,6 +787,7 @@ impl Policy {
             self_addrs: plan.self_addrs.clone(),
             listeners: plan.listeners.clone(),
             carve_outs: plan.carve_outs.clone(),
+            named: plan.named.iter().map(NamedCarveOut::describe).collect(),
             source: None,
             texts: Default::default(),
         });
@@ -877,10 +893,14 @@ impl Policy {
 
     /// True when a name-bound carve-out lifts the denied `kind` of `addr`
     /// for this request. Metadata is never lifted.
-    fn bound_to_name(&self, role: RoleId, target: &Target, addr: IpAddr, kind: RangeKind) -> bool {
-        let Host::Name(name) = &target.host else { return false };
+    /// Returns the index of the first such carve-out.
+    fn bound_to_name(&self, role: RoleId, target: &Target, addr: IpAddr, kind: RangeKind) -> Option<u32> {
+        let Host::Name(name) = &target.host else { return None };
         let addr = self.transitions.judged(addr);
-        kind != RangeKind::Metadata && self.bindings.iter().any(|b| b.lifts(role, name, target.port, addr))
+        if kind == RangeKind::Metadata {
+            return None;
+        }
+        self.bindings.iter().position(|b| b.lifts(role, name, target.port, addr)).map(|i| i as u32)
     }
 
     /// True when a carve-out bound to names (`allow_ranges` with `domains`)
@@ -974,8 +994,12 @@ impl Policy {
         for addr in addrs {
             let judged = self.transitions.judged(*addr);
             let verdict = table.lookup(judged).copied();
-            let bound = matches!(verdict, Some(RangeVerdict::Denied(kind, _)) if self.bound_to_name(role_id, target, *addr, kind));
-            let step = if bound { RangeStep::Lifted(Lift::BoundToName) } else { range_step(verdict) };
+            let binding = match verdict {
+                Some(RangeVerdict::Denied(kind, _)) => self.bound_to_name(role_id, target, *addr, kind),
+                _ => None,
+            };
+            let bound = binding.is_some();
+            let step = binding.map_or_else(|| range_step(verdict), |i| RangeStep::Lifted(Lift::BoundToName(i)));
             trace.step(Step::Range { addr: *addr, judged, verdict: step });
             match verdict {
                 Some(RangeVerdict::Denied(kind, source)) if !bound => {

@@ -76,8 +76,9 @@ pub enum Lift {
     CarveOut(u32),
     /// A carve-out naming the role at this index (index into its own).
     RoleCarveOut(u16, u32),
-    /// A carve-out bound to the requested name (`allow_ranges` with `domains`).
-    BoundToName,
+    /// A carve-out bound to the requested name (`allow_ranges` with
+    /// `domains`; index into the snapshot's name-bound carve-outs).
+    BoundToName(u32),
 }
 
 /// One rule consulted while deciding, in the order consulted.
@@ -300,6 +301,8 @@ pub struct RuleCatalog {
     pub(super) self_addrs: Vec<IpAddr>,
     pub(super) listeners: Vec<SocketAddr>,
     pub(super) carve_outs: Vec<IpNet>,
+    /// The name-bound carve-outs, described.
+    pub(super) named: Vec<String>,
     pub(super) source: Option<Arc<SourceLines>>,
     /// Texts of rules that decided requests, formatted once per snapshot
     /// (the decision log names the rule on every line). At most
@@ -524,8 +527,9 @@ impl fmt::Display for StepText<'_> {
                         let net = c.carve_outs.get(i as usize).map_or(String::new(), |n| n.to_string());
                         write!(f, ": not denied, carved out by allow_ranges ({net})")
                     }
-                    RangeStep::Lifted(Lift::BoundToName) => {
-                        f.write_str(": not denied, carved out for the requested name by allow_ranges")
+                    RangeStep::Lifted(Lift::BoundToName(i)) => {
+                        let binding = c.named.get(i as usize).map_or("", String::as_str);
+                        write!(f, ": not denied, carved out for the requested name by allow_ranges ({binding})")
                     }
                     RangeStep::Lifted(Lift::RoleCarveOut(role, i)) => {
                         let role = c.roles.get(usize::from(role));

@@ -601,7 +601,10 @@ fn name_bound_carve_outs_show_in_the_trace() {
     let (decision, steps) = p.explain(p.default_role(), RequestKind::Connect, &named, &[addr]);
     assert!(matches!(decision, Decision::Allow(_)), "{decision:?}");
     let text = p.catalog().describe_step(steps[1]).to_string();
-    assert_eq!(text, "always-denied ranges: 10.20.1.2: not denied, carved out for the requested name by allow_ranges");
+    assert_eq!(
+        text,
+        "always-denied ranges: 10.20.1.2: not denied, carved out for the requested name by allow_ranges (10.20.0.0/16, domains: registry.corp.example)"
+    );
     let literal = Target::parse_authority("10.20.1.2:443").unwrap();
     let decision = p.decide(p.default_role(), RequestKind::Connect, &literal, &[addr]);
     assert_eq!(p.describe(decision.rule()).to_string(), "always-denied:private (10.0.0.0/8)");
