@@ -34,6 +34,11 @@ pub struct Metrics {
     /// `portcullis_role_relayed_bytes_total{role, direction}`: the same
     /// bytes by role (role names come from the config, so the set is bounded).
     pub role_relayed_bytes: IntCounterVec,
+    /// The two directions of `relayed_bytes`, and of `role_relayed_bytes`
+    /// per role, looked up once: every request adds to them, and a label
+    /// lookup hashes its values and takes the vector's lock.
+    relayed_directions: (IntCounter, IntCounter),
+    role_directions: dashmap::DashMap<String, (IntCounter, IntCounter)>,
     /// `portcullis_tunnel_duration_seconds`: how long CONNECT tunnels stayed
     /// open, observed when they close.
     pub tunnel_duration: Histogram,
@@ -144,7 +149,19 @@ impl Metrics {
         )
         .expect("metric definition is valid");
         registry.register(Box::new(auth_failures_repeated.clone())).expect("metric names are unique");
+        let relayed_bytes = counter_vec(
+            "portcullis_relayed_bytes_total",
+            "Bytes relayed; a request's when it finishes, an open tunnel's every few seconds.",
+            &["direction"],
+        );
+        let relayed_directions = (
+            relayed_bytes.with_label_values(&["client_to_upstream"]),
+            relayed_bytes.with_label_values(&["upstream_to_client"]),
+        );
         let metrics = Metrics {
+            relayed_bytes,
+            relayed_directions,
+            role_directions: dashmap::DashMap::new(),
             tunnel_duration,
             requests: counter_vec(
                 "portcullis_requests_total",
@@ -168,11 +185,6 @@ impl Metrics {
                 "portcullis_revoked_total",
                 "Open tunnels and pooled upstream connections closed because a reloaded policy denies them.",
                 &["kind"],
-            ),
-            relayed_bytes: counter_vec(
-                "portcullis_relayed_bytes_total",
-                "Bytes relayed; a request's when it finishes, an open tunnel's every few seconds.",
-                &["direction"],
             ),
             role_relayed_bytes: counter_vec(
                 "portcullis_role_relayed_bytes_total",
@@ -205,9 +217,6 @@ impl Metrics {
         for kind in ["tunnel", "pooled"] {
             metrics.revoked.with_label_values(&[kind]);
         }
-        for direction in ["client_to_upstream", "upstream_to_client"] {
-            metrics.relayed_bytes.with_label_values(&[direction]);
-        }
         metrics
     }
 
@@ -222,18 +231,35 @@ impl Metrics {
         if client_to_upstream == 0 && upstream_to_client == 0 {
             return;
         }
-        self.relayed_bytes_for(role).add(client_to_upstream, upstream_to_client);
+        let (up, down) = &self.relayed_directions;
+        up.inc_by(client_to_upstream);
+        down.inc_by(upstream_to_client);
+        self.with_role_directions(role, |(up, down)| {
+            up.inc_by(client_to_upstream);
+            down.inc_by(upstream_to_client);
+        });
+    }
+
+    /// Calls `f` with the relayed-bytes counters of `role`, looked up in the
+    /// vector only the first time the role is seen.
+    fn with_role_directions<R>(&self, role: &str, f: impl FnOnce(&(IntCounter, IntCounter)) -> R) -> R {
+        if let Some(pair) = self.role_directions.get(role) {
+            return f(&pair);
+        }
+        let pair = (
+            self.role_relayed_bytes.with_label_values(&[role, "client_to_upstream"]),
+            self.role_relayed_bytes.with_label_values(&[role, "upstream_to_client"]),
+        );
+        let result = f(&pair);
+        self.role_directions.insert(role.to_owned(), pair);
+        result
     }
 
     /// The relayed-bytes counters of `role`, for a tunnel that adds to
     /// them while it is open.
     pub fn relayed_bytes_for(&self, role: &str) -> RelayedBytes {
-        RelayedBytes {
-            up: self.relayed_bytes.with_label_values(&["client_to_upstream"]),
-            down: self.relayed_bytes.with_label_values(&["upstream_to_client"]),
-            role_up: self.role_relayed_bytes.with_label_values(&[role, "client_to_upstream"]),
-            role_down: self.role_relayed_bytes.with_label_values(&[role, "upstream_to_client"]),
-        }
+        let (role_up, role_down) = self.with_role_directions(role, Clone::clone);
+        RelayedBytes { up: self.relayed_directions.0.clone(), down: self.relayed_directions.1.clone(), role_up, role_down }
     }
 
     /// Records a reload outcome.
