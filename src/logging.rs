@@ -228,12 +228,7 @@ fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
 pub fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     match addr {
         std::net::SocketAddr::V4(v4) => {
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                push_u64(out, u64::from(octet));
-            }
+            crate::target::push_ipv4(out, *v4.ip());
             out.push(b':');
             push_u64(out, u64::from(v4.port()));
         }

@@ -150,20 +150,9 @@ impl Host {
         match self {
             Host::Name(name) => String::from(name.as_str()),
             Host::Ip(IpAddr::V4(ip)) => {
-                let mut text = String::with_capacity(15);
-                for (i, octet) in ip.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        text.push('.');
-                    }
-                    if octet >= 100 {
-                        text.push(char::from(b'0' + octet / 100));
-                    }
-                    if octet >= 10 {
-                        text.push(char::from(b'0' + octet / 10 % 10));
-                    }
-                    text.push(char::from(b'0' + octet % 10));
-                }
-                text
+                let mut text = Vec::with_capacity(15);
+                push_ipv4(&mut text, *ip);
+                String::from_utf8(text).expect("digits and dots are UTF-8")
             }
             v6 => v6.to_string(),
         }
@@ -210,6 +199,23 @@ impl fmt::Display for Host {
             Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
             Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
         }
+    }
+}
+
+/// Writes `ip` as `Display` does, without the `fmt` machinery: the
+/// request path and the decision line write addresses for every request.
+pub fn push_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        if octet >= 100 {
+            out.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            out.push(b'0' + octet / 10 % 10);
+        }
+        out.push(b'0' + octet % 10);
     }
 }
 
