@@ -165,8 +165,8 @@ impl Config {
             if let Some(missing) = parent.roles.iter().find(|r| !self.roles.contains_key(*r)) {
                 return Err(format!("upstream_proxy.roles: role {missing:?} is not defined under roles").into());
             }
-            crate::tls::parent_tls(parent).map_err(|e| Refused::at(e.field.to_string(), e.reason, e.value))?;
-            crate::proxy::parent::Parent::compile(parent)?;
+            let tls = crate::tls::parent_tls(parent).map_err(|e| Refused::at(e.field.to_string(), e.reason, e.value))?;
+            crate::proxy::parent::Parent::with_tls(parent, tls)?;
         }
         if let Some(tls) = &self.tls {
             crate::tls::server_config(tls)?;

@@ -44,6 +44,14 @@ impl Parent {
     /// Compiles the config; credentials are read from the environment and
     /// the CA bundle from its file now.
     pub fn compile(config: &UpstreamProxyConfig) -> Result<Parent, String> {
+        let tls = crate::tls::parent_tls(config).map_err(|e| e.to_string())?;
+        Self::with_tls(config, tls)
+    }
+
+    /// [`Parent::compile`] with the TLS side already built (by
+    /// [`crate::tls::parent_tls`]), so a caller that needed its structured
+    /// error does not read the CA bundle twice.
+    pub fn with_tls(config: &UpstreamProxyConfig, tls: Option<ParentTls>) -> Result<Parent, String> {
         let auth = match &config.credentials_env {
             None => None,
             Some(var) => {
@@ -59,7 +67,7 @@ impl Parent {
         };
         Ok(Parent {
             authority: config.url.target.to_string(),
-            tls: crate::tls::parent_tls(config).map_err(|e| e.to_string())?,
+            tls,
             resolve: config.resolve,
             auth,
             roles: config.roles.clone(),
