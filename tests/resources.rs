@@ -3,26 +3,20 @@
 //! connections are bounded and never shared between roles. Real sockets.
 
 mod common;
+#[path = "common/hostile.rs"]
+mod hostile;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
+use hostile::{eventually, start_proxy_with_metrics as start};
 use portcullis::config::Config;
-use portcullis::metrics::Metrics;
 use portcullis::proxy::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-async fn start(yaml: &str) -> (SocketAddr, Arc<Metrics>) {
-    let yaml = format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}");
-    let config = Config::from_yaml_str(&yaml, "resources.yaml").expect("valid config");
-    let server = Server::bind(&config).await.expect("bind");
-    let (addr, metrics) = (server.local_addr().unwrap(), server.metrics());
-    tokio::spawn(server.run());
-    (addr, metrics)
-}
 
 /// A connection to the proxy from a chosen loopback source address.
 async fn connect_from(proxy: SocketAddr, source: &str) -> TcpStream {
@@ -37,15 +31,6 @@ async fn tunnel_from(proxy: SocketAddr, source: &str, authority: &str) -> (RawRe
     stream.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await.unwrap();
     let resp = read_response(&mut stream).await;
     (resp, stream)
-}
-
-/// Waits (bounded by [`STEP`]) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + STEP;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 /// The red team's F1: with limits 5/3 one client opened 200 tunnels. Now a
@@ -101,7 +86,7 @@ async fn tunnels_count_against_connection_and_tunnel_limits() {
 
     drop(held);
     drop(third);
-    eventually("gauges back to zero", || metrics.active_tunnels.get() == 0 && metrics.active_connections.get() == 0).await;
+    eventually("gauges back to zero", STEP, || metrics.active_tunnels.get() == 0 && metrics.active_connections.get() == 0).await;
 }
 
 /// An origin that answers every request with the client port it sees, so a
@@ -191,7 +176,7 @@ async fn the_pool_keeps_at_most_its_bound() {
         ports.insert(resp.text());
     }
     assert_eq!(ports.len(), 8, "all eight were in flight together");
-    eventually("finished connections pooled", || metrics.upstream_idle.get() >= 1).await;
+    eventually("finished connections pooled", STEP, || metrics.upstream_idle.get() >= 1).await;
     assert!(metrics.upstream_idle.get() <= 2, "pool holds {}", metrics.upstream_idle.get());
 }
 
