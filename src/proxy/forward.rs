@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::admit::Admitted;
 use super::body::{CountedBody, ProxyBody, Upload};
 use super::connect::dial;
 use super::error::{ClientError, ProxyError, UpstreamError};
@@ -64,12 +65,13 @@ pub async fn reap_idle(shared: Arc<Shared>) {
 pub async fn forward(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-    permit: Permit,
+    admitted: Admitted,
     target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
-    role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let role = snapshot.policy.role(admitted.role).shared_name();
+    let permit = admitted.permit;
     let upload = Arc::new(Upload::default());
     let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,12 +28,12 @@ use tokio::sync::watch;
 
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
-use super::revoke::{Registration, Tunnels};
-use super::slots::TunnelSlot;
-use super::{accept_until, admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
-use crate::access_log::{AccessRecord, Outcome};
+use super::admit::{self, Ask, Evidence, Opened};
+use super::upstream::Upstream;
+use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
+use crate::access_log::AccessRecord;
 use crate::orig_dst;
-use crate::policy::{DenyReason, RequestKind, RoleId};
+use crate::policy::RequestKind;
 use crate::sni::{self, SniError};
 use crate::target::{Host, Target};
 
@@ -242,27 +242,28 @@ async fn handle(
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
     let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
-    let routed = match identify(&snapshot, client.ip(), &mut record) {
-        Ok(role) => route(&shared, &snapshot, role, original, &mut record, req).await,
-        Err(e) => Err(e),
-    };
+    let routed = route(&shared, &snapshot, client, original, &mut record, req).await;
     Ok(respond(&shared, &snapshot, record, routed, json))
 }
 
 async fn route(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
-    role: RoleId,
+    client: SocketAddr,
     original: SocketAddr,
     record: &mut AccessRecord,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let target = request_target(&req, original)?;
+    let who = Evidence::Redirected { source: client.ip() };
+    let target = match request_target(&req, original) {
+        Ok(target) => target,
+        Err(e) => return Err(admit::unparsed(snapshot, &who, record, e)),
+    };
     record.host = target.host.to_text();
     record.port = target.port;
-    let permit = authorize(shared, snapshot, role, RequestKind::TransparentHttp, &target, record, Some(original)).await?;
-    let role_name = snapshot.policy.role(role).shared_name();
-    forward::forward(shared, snapshot, permit, &target, req, record.clone(), role_name).await
+    let ask = Ask { who, kind: RequestKind::TransparentHttp, target, original: Some(original) };
+    let admitted = admit::admit(shared, snapshot, &ask, record).await?;
+    forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await
 }
 
 /// The target of a redirected HTTP request: the host its client named (the
@@ -292,18 +293,10 @@ fn invalid_host() -> ProxyError {
     ClientError::InvalidTarget(crate::target::TargetError::EmptyHost).into()
 }
 
-/// The role of a redirected connection's client, from its source address.
-fn identify(snapshot: &Snapshot, source: IpAddr, record: &mut AccessRecord) -> Result<RoleId, ProxyError> {
-    let (role, source) = snapshot.identities.identify_source(&snapshot.policy, source).map_err(ProxyError::Denied)?;
-    record.identity = source.as_str();
-    record.role = snapshot.policy.role(role).name().to_string();
-    record.mode = snapshot.policy.role(role).mode();
-    Ok(role)
-}
-
 /// Decides a TLS or other TCP connection once, then relays it to the
-/// permitted address; a refusal closes it (TLS clients get an
-/// `access_denied` alert). One log line either way.
+/// permitted address until either side is done, it idles out, a reload
+/// revokes it or it reaches `tunnel_max_lifetime`; a refusal closes it
+/// (TLS clients get an `access_denied` alert). One log line either way.
 async fn relay(
     guard: super::ConnectionGuard,
     mut stream: TcpStream,
@@ -319,7 +312,7 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
-    let (dialed, tunnel_slot, registration) = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
+    let opened = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
         Ok(opened) => opened,
         Err(err) => {
             refuse(&shared, &mut record, &err);
@@ -331,19 +324,28 @@ async fn relay(
             return;
         }
     };
+    let Opened { upstream, slot, registration, .. } = opened;
     let idle = snapshot.timeouts.tunnel_idle.0;
+    let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     let counts = connect::RelayCounts::default();
+    let relayed = async {
+        match upstream {
+            Upstream::Tcp(upstream) => connect::relay_after(stream, upstream, first, idle, &counts).await,
+            Upstream::Tls(upstream) => Box::pin(connect::relay_after(stream, upstream, first, idle, &counts)).await,
+        }
+    };
     tokio::select! {
-        () = connect::relay_after(stream, dialed, first, idle, &counts) => {}
-        _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
+        () = relayed => {}
+        cut = connect::cut_short(&registration, lifetime) => record.outcome = cut,
     }
     (record.bytes_in, record.bytes_out) = counts.get();
-    drop((tunnel_slot, registration));
+    drop((slot, registration));
     record.emit();
     drop(guard);
 }
 
-/// Identifies, decides and dials a redirected TLS/TCP connection.
+/// Turns a redirected TLS/TCP connection into its [`Ask`] (named by its
+/// SNI, else by its original destination) and takes it through the door.
 async fn open(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
@@ -352,7 +354,7 @@ async fn open(
     kind: RequestKind,
     name: Option<String>,
     record: &mut AccessRecord,
-) -> Result<(TcpStream, TunnelSlot, Registration), ProxyError> {
+) -> Result<Opened, ProxyError> {
     let host = match name {
         Some(name) => Host::parse(&name).map_err(ClientError::InvalidTarget)?,
         None => Host::Ip(original.ip()),
@@ -360,14 +362,8 @@ async fn open(
     let target = Target { host, port: original.port() };
     record.host = target.host.to_text();
     record.port = target.port;
-    let role = identify(snapshot, client.ip(), record)?;
-    let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
-    // Like a CONNECT tunnel: within the tunnel limits, and re-decided on reload.
-    let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, &shared.metrics).await?;
-    record.dialed = Some(addr);
-    let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, Some(addr));
-    Ok((upstream, tunnel_slot, registration))
+    let ask = Ask { who: Evidence::Redirected { source: client.ip() }, kind, target, original: Some(original) };
+    admit::admit_tunnel(shared, snapshot, &ask, record).await
 }
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
