@@ -163,3 +163,68 @@ fn policy_tests_model_a_parent_that_resolves_names() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("2 cases: 2 passed, 0 failed"), "{stdout}");
 }
+
+/// Writes `n` bytes into a tunnel to an echo service and reads them back,
+/// keeping the tunnel open: large enough that both directions switch to
+/// splice(2), and each keeps its pipe until the tunnel ends.
+async fn bulk_echo(stream: &mut TcpStream, n: usize) {
+    let (mut r, mut w) = stream.split();
+    let data = vec![7u8; n];
+    let mut back = vec![0u8; n];
+    let (written, read) = tokio::join!(w.write_all(&data), r.read_exact(&mut back));
+    written.unwrap();
+    read.unwrap();
+}
+
+/// The red team's N4: under an open-file limit just above what the limits
+/// promise, one client within its limits holds 60 tunnels that each moved
+/// a bulk transfer (splice pipes), and another client is still served,
+/// plain HTTP and CONNECT alike. Pipes only use descriptors the limits did
+/// not promise; beyond them, tunnels copy through user space.
+#[tokio::test]
+async fn bulk_tunnels_of_one_client_leave_descriptors_for_another() {
+    use std::io::BufRead;
+    let echo = start_tcp_echo().await;
+    let origin = start_http_origin().await;
+    let (port, admin) = (closed_port().await, closed_port().await);
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n\
+         limits:\n  max_connections: 100\n  max_connections_per_client: 60\n  max_tunnels: 100\n  max_tunnels_per_client: 60\n  max_idle_upstream: 20\n\
+         allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{}], connect_ports: [{}]}}\n",
+        origin.port(),
+        echo.port()
+    );
+    // 2 x 100 connections + 20 pooled + 64 reserved = 284 promised; the process gets 300.
+    let path = temp_file("door-fds", "portcullis.yaml", &yaml);
+    let mut child = std::process::Command::new("prlimit")
+        .args(["--nofile=300:300", env!("CARGO_BIN_EXE_portcullis"), "run", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a startup line").unwrap();
+    assert!(first.contains("portcullis listening"), "{first}");
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let mut held = Vec::new();
+    for i in 0..60 {
+        let (resp, mut tunnel) = tunnel_from(proxy, "127.0.0.5", &echo.to_string()).await;
+        assert_eq!(resp.status, 200, "attacker tunnel {i} is within its limits");
+        bulk_echo(&mut tunnel, 512 * 1024).await;
+        held.push(tunnel);
+    }
+    let (resp, tunnel) = tunnel_from(proxy, "127.0.0.9", &echo.to_string()).await;
+    assert_eq!(resp.status, 200, "the other client's CONNECT: {}", resp.text());
+    assert_eq!(echo_through(tunnel, b"victim").await, b"victim");
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let request = format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let resp = read_response(&mut stream).await;
+    assert_eq!(resp.status, 200, "the other client's GET: {}", resp.text());
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -120,6 +120,8 @@ impl Server {
         let listener = TcpListener::bind(listen).await?;
         let idle = snapshot.timeouts.upstream_idle.0;
         metrics.policy_generation.set(snapshot.generation as i64);
+        #[cfg(target_os = "linux")]
+        splice::promise(snapshot.limits.fds_needed());
         let shared = Arc::new(Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),

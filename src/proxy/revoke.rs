@@ -110,6 +110,9 @@ pub async fn on_reload(shared: Arc<Shared>) {
         let generation = shared.snapshot.load().generation;
         if generation != seen {
             seen = generation;
+            // The limits may have changed: pipes keep out of what they promise.
+            #[cfg(target_os = "linux")]
+            super::splice::promise(shared.snapshot.load().limits.fds_needed());
             revoke_denied(&shared);
         }
     }
