@@ -189,6 +189,29 @@ pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Li
     (child, lines)
 }
 
+/// The value of one exposed series, written exactly as the exposition
+/// writes it (`name{label="value",...}`). Panics when the series is
+/// absent: a misspelt name must not read as zero.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in the metrics:\n{metrics}"))
+}
+
+/// Polls `check` every 20 ms until it returns a value; panics naming
+/// `what` after [`STEP`].
+pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The proxy and admin addresses named by a `portcullis listening` line.
 pub fn listening_addrs(startup: &str) -> (SocketAddr, SocketAddr) {
     let v: serde_json::Value = serde_json::from_str(startup).unwrap_or_else(|e| panic!("{e}: {startup}"));
@@ -226,6 +249,7 @@ pub fn test_ca_and_server_tls(names: &[&str]) -> (String, Arc<rustls::ServerConf
 /// A running `portcullis run` process and the decision lines it has written.
 pub struct BinaryProxy {
     child: std::process::Child,
+    path: std::path::PathBuf,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -284,7 +308,22 @@ impl BinaryProxy {
             }
         });
         let (addr, admin) = listening_addrs(&startup);
-        BinaryProxy { child, addr, admin, log, output }
+        BinaryProxy { child, path: path.to_path_buf(), addr, admin, log, output }
+    }
+
+    /// Replaces the config file with `yaml` (same loopback listeners) in
+    /// one rename, as a deployment would, so the watcher never reads half a file.
+    pub fn rewrite(&self, yaml: &str) {
+        let staged = self.path.with_extension("staged");
+        std::fs::write(&staged, format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}")).unwrap();
+        std::fs::rename(&staged, &self.path).unwrap();
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = send_raw(self.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.text()
     }
 
     /// The decision lines that contain every one of `parts`, once there
