@@ -5,6 +5,8 @@
 //! sockets on loopback; reloads publish a new snapshot in-process.
 
 mod common;
+#[path = "common/hostile.rs"]
+mod hostile;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -227,4 +229,57 @@ async fn bulk_tunnels_of_one_client_leave_descriptors_for_another() {
     drop(held);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The count of decision lines with `reason`, from the metrics.
+fn refusals(metrics: &Metrics, reason: &str) -> u64 {
+    let text = metrics.render();
+    let needle = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("portcullis_requests_total") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 29 and the red team's N8: plain HTTP inside a tunnel gets the
+/// proxy port's framing check (two Host lines, Content-Length with
+/// Transfer-Encoding: 400, counted, and the tunnel closes), and the
+/// client's proxy credentials and `Connection`-named headers never reach
+/// the origin.
+#[tokio::test]
+async fn http_inside_a_tunnel_is_framed_as_strictly_as_the_proxy_port() {
+    let origin = start_http_origin().await;
+    let (proxy, _, metrics) = serve(&format!(
+        "allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{}]\n",
+        origin.port()
+    ))
+    .await;
+    let authority = origin.to_string();
+    let (resp, mut tunnel) = tunnel_from(proxy, "127.0.0.1", &authority).await;
+    assert_eq!(resp.status, 200);
+    let request = format!(
+        "GET /headers HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Basic c2VjcmV0\r\nConnection: x-secret\r\nX-Secret: 1\r\nX-Kept: 1\r\n\r\n"
+    );
+    tunnel.write_all(request.as_bytes()).await.unwrap();
+    let resp = read_response(&mut tunnel).await;
+    let seen = resp.text().to_ascii_lowercase();
+    assert_eq!(resp.status, 200, "{seen}");
+    assert!(seen.contains("x-kept: 1"), "{seen}");
+    assert!(!seen.contains("proxy-authorization") && !seen.contains("x-secret"), "stripped: {seen}");
+
+    for (code, request) in [
+        ("duplicate-host", format!("GET /headers HTTP/1.1\r\nHost: {authority}\r\nHost: 169.254.169.254\r\n\r\n")),
+        (
+            "conflicting-framing",
+            format!("POST /echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ),
+    ] {
+        let (resp, mut tunnel) = tunnel_from(proxy, "127.0.0.1", &authority).await;
+        assert_eq!(resp.status, 200);
+        tunnel.write_all(request.as_bytes()).await.unwrap();
+        let resp = read_response(&mut tunnel).await;
+        assert_eq!((resp.status, resp.header("x-portcullis-error")), (400, Some(code)), "{}", resp.text());
+        closed(tunnel, code).await;
+        hostile::eventually(&format!("{code} counted"), STEP, || refusals(&metrics, code) == 1).await;
+    }
 }

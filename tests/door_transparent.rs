@@ -142,7 +142,11 @@ fn start_world() -> World {
 
 /// The proxy and its transparent listener, in-process; the reload handle.
 async fn start_transparent(yaml: &str) -> SnapshotHandle {
-    let server = Server::bind_with("127.0.0.1:0".parse().unwrap(), snapshot(yaml, 1), Arc::new(Metrics::new())).await.unwrap();
+    start_transparent_with(yaml, Arc::new(Metrics::new())).await
+}
+
+async fn start_transparent_with(yaml: &str, metrics: Arc<Metrics>) -> SnapshotHandle {
+    let server = Server::bind_with("127.0.0.1:0".parse().unwrap(), snapshot(yaml, 1), metrics).await.unwrap();
     let own = [server.local_addr().unwrap()];
     let transparent = server.bind_transparent("0.0.0.0:0".parse().unwrap(), &own).await.unwrap();
     let port = transparent.local_addr().unwrap().port().to_string();
@@ -226,6 +230,62 @@ fn a_reload_asks_a_transparent_tls_tunnel_again_as_tls() {
             reload.store(Arc::new(snapshot(&yaml("http_ports"), 2)));
             assert_eq!(next_line(&mut lines).await, "closed", "the reload revokes the redirected TLS tunnel");
             assert!(child.wait().unwrap().success());
+        })
+    });
+}
+
+/// Sends one raw request (`\\r\\n` written as such in the argument) to
+/// `host:port` and prints the answer's status line and its
+/// `X-Portcullis-Error` value.
+const RAW: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(sys.argv[3].encode().decode("unicode_escape").encode("latin-1"))
+answer = b""
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+except socket.timeout:
+    pass
+head = answer.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+error = [l.split(":", 1)[1].strip() for l in head[1:] if l.lower().startswith("x-portcullis-error:")]
+print(head[0], error[0] if error else "-", flush=True)
+"#;
+
+/// Issue 29 and the red team's N9 on the transparent HTTP entrance: two
+/// Host lines and a CONNECT request are refused with 400 before any
+/// decision, each counted with its code, and nothing is forwarded.
+#[test]
+fn redirected_http_is_framed_as_strictly_as_the_proxy_port() {
+    in_own_netns("redirected_http_is_framed_as_strictly_as_the_proxy_port", || {
+        let _world = start_world();
+        runtime().block_on(async {
+            let yaml = "dns:\n  static:\n    allowed.test: [10.9.9.9]\nallow_ranges: [10.9.9.0/24]\n\
+                        roles:\n  default:\n    allow:\n      domains: [allowed.test]\n      http_ports: [7007]\n";
+            let metrics = Arc::new(Metrics::new());
+            start_transparent_with(yaml, metrics.clone()).await;
+            let script = temp_file("door-transparent", "raw.py", RAW);
+            netns::set_mode(&script, 0o644);
+            for (code, request) in [
+                ("duplicate-host", "GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nHost: 169.254.169.254\\r\\n\\r\\n"),
+                ("connect-redirected", "CONNECT allowed.test:443 HTTP/1.1\\r\\nHost: allowed.test:443\\r\\n\\r\\n"),
+            ] {
+                let out = Command::new("setpriv")
+                    .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"])
+                    .arg(&script)
+                    .args([HEADED, &PORT.to_string(), request])
+                    .output()
+                    .expect("run the raw client");
+                let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                assert_eq!(answer, format!("HTTP/1.1 400 Bad Request (portcullis: {code}) {code}"), "{request}");
+                let counted = metrics.render().lines().any(|l| {
+                    l.starts_with("portcullis_requests_total") && l.contains(&format!("reason=\"{code}\"")) && l.ends_with(" 1")
+                });
+                assert!(counted, "{code} counted:\n{}", metrics.render());
+            }
         })
     });
 }

@@ -172,8 +172,8 @@ pub async fn tunnel(
                 };
                 // Dropping `served` closes both sockets.
                 tokio::select! {
-                    outcome = served => if let Err(reason) = outcome {
-                        record.outcome = Outcome::Deny(reason);
+                    outcome = served => if let Err(outcome) = outcome {
+                        record.outcome = outcome;
                     },
                     cut = cut_short(&registration, lifetime) => record.outcome = cut,
                     never = meter.run(&counts) => match never {},
@@ -218,7 +218,7 @@ async fn serve_upgraded<U>(
     check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
-) -> Result<(), DenyReason>
+) -> Result<(), Outcome>
 where
     U: RelayEnd + 'static,
 {
@@ -326,7 +326,7 @@ async fn serve_tunnel<C, U>(
     check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
-) -> Result<(), DenyReason>
+) -> Result<(), Outcome>
 where
     C: RelayEnd + 'static,
     U: RelayEnd + 'static,
@@ -349,7 +349,7 @@ where
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;
-            Err(reason)
+            Err(Outcome::Deny(reason))
         }
     }
 }

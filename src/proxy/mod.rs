@@ -382,7 +382,7 @@ async fn handle(
     let kind = request_kind(req.method());
     record.kind = Some(kind);
     // The edge comes first: a malformed request is refused whoever sends it.
-    if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
+    if let Err(refusal) = framing::check_head(&req, conflicting_framing, framing::Entrance::Proxy) {
         return Ok(refuse(&shared, &snapshot, record, ClientError::Refused(refusal).into(), json));
     }
     let credentials = req.headers().get(http::header::PROXY_AUTHORIZATION).cloned();

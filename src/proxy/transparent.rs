@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
+use super::framing::{check_head, Entrance, Wire};
 use super::admit::{self, Ask, Evidence, Opened};
 use super::upstream::Upstream;
 use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
@@ -161,7 +162,12 @@ async fn serve(
     match first_bytes {
         FirstBytes::Http => {
             let shared = guard.shared.clone();
-            let service = move |_wire| hyper::service::service_fn(move |req| handle(shared.clone(), client, original, req));
+            let service = move |wire: Arc<Wire>| {
+                hyper::service::service_fn(move |req| {
+                    let conflicting = wire.next_request_conflicting();
+                    handle(shared.clone(), client, original, conflicting, req)
+                })
+            };
             super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
         }
         FirstBytes::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
@@ -235,6 +241,7 @@ async fn handle(
     shared: Arc<Shared>,
     client: SocketAddr,
     original: SocketAddr,
+    conflicting_framing: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
@@ -242,6 +249,10 @@ async fn handle(
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
     let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
+    // The same edge as the proxy port's; a CONNECT has nothing to connect.
+    if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Redirected) {
+        return Ok(respond(&shared, &snapshot, record, Err(ClientError::Refused(refusal).into()), json));
+    }
     let routed = route(&shared, &snapshot, client, original, &mut record, req).await;
     Ok(respond(&shared, &snapshot, record, routed, json))
 }
