@@ -146,14 +146,20 @@ async fn start_transparent(yaml: &str) -> SnapshotHandle {
 }
 
 async fn start_transparent_with(yaml: &str, metrics: Arc<Metrics>) -> SnapshotHandle {
+    start_transparent_redirecting(yaml, metrics, &["-m", "owner", "!", "--uid-owner", "0"]).await
+}
+
+/// [`start_transparent_with`], the redirect rule matching `owner` (empty:
+/// every uid, the proxy's own connections included).
+async fn start_transparent_redirecting(yaml: &str, metrics: Arc<Metrics>, owner: &[&str]) -> SnapshotHandle {
     let server = Server::bind_with("127.0.0.1:0".parse().unwrap(), snapshot(yaml, 1), metrics).await.unwrap();
     let own = [server.local_addr().unwrap()];
     let transparent = server.bind_transparent("0.0.0.0:0".parse().unwrap(), &own).await.unwrap();
     let port = transparent.local_addr().unwrap().port().to_string();
-    sh(&[
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", HEADED, "-m", "owner", "!", "--uid-owner", "0", "-j",
-        "REDIRECT", "--to-ports", &port,
-    ]);
+    let mut rule = vec!["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", HEADED];
+    rule.extend_from_slice(owner);
+    rule.extend_from_slice(&["-j", "REDIRECT", "--to-ports", &port]);
+    sh(&rule);
     let handle = server.snapshot_handle();
     tokio::spawn(server.run());
     tokio::spawn(transparent.run_until(std::future::pending()));
@@ -286,6 +292,38 @@ fn redirected_http_is_framed_as_strictly_as_the_proxy_port() {
                 });
                 assert!(counted, "{code} counted:\n{}", metrics.render());
             }
+        })
+    });
+}
+
+/// Issue 23's loop guard: in sidecar mode with the wrong exempt uid the
+/// proxy's own connections are redirected back to it. The first one that
+/// comes back is refused as `loop-detected` (one refusal, one decision
+/// line), and the client gets an answer at once instead of a hundred hops
+/// and a 431.
+#[test]
+fn a_connection_redirected_back_from_the_proxy_itself_is_a_loop() {
+    in_own_netns("a_connection_redirected_back_from_the_proxy_itself_is_a_loop", || {
+        let _world = start_world();
+        runtime().block_on(async {
+            let yaml = "dns:\n  static:\n    allowed.test: [10.9.9.8]\nallow_ranges: [10.9.9.0/24]\n\
+                        roles:\n  default:\n    allow:\n      domains: [allowed.test]\n      http_ports: [7007]\n";
+            let metrics = Arc::new(Metrics::new());
+            start_transparent_redirecting(yaml, metrics.clone(), &[]).await;
+            let script = temp_file("door-transparent", "raw.py", RAW);
+            let out = Command::new("/usr/bin/python3")
+                .arg(&script)
+                .args([HEADED, &PORT.to_string(), "GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n"])
+                .output()
+                .expect("run the raw client");
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(answer.starts_with("HTTP/1.1 502 "), "the client is answered at once: {answer}");
+            let text = metrics.render();
+            let value = |needle: &str| {
+                text.lines().filter(|l| l.contains(needle) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>()
+            };
+            assert_eq!(value("reason=\"transparent_loop\""), 1.0, "one loop, refused at its first return:\n{text}");
+            assert_eq!(value("reason=\"loop-detected\""), 1.0, "with its decision line:\n{text}");
         })
     });
 }

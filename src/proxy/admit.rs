@@ -20,6 +20,7 @@ use http::HeaderValue;
 
 use super::egress;
 use super::error::{ProxyError, UpstreamError};
+use super::loops::OutboundGuard;
 use super::parent::Parent;
 use super::revoke::{Registration, Tunnels};
 use super::slots::TunnelSlot;
@@ -243,6 +244,8 @@ pub struct Admitted {
 pub struct Opened {
     pub admitted: Admitted,
     pub upstream: Upstream,
+    /// The upstream socket's entry for the loop guard, held as long as it.
+    pub outbound: Option<OutboundGuard>,
     pub slot: TunnelSlot,
     pub registration: Registration,
 }
@@ -272,6 +275,7 @@ pub async fn admit_tunnel(shared: &Arc<Shared>, snapshot: &Snapshot, ask: &Ask, 
     // upstream socket.
     let slot = shared.slots.tunnel(ask.who.source(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
     let (upstream, addr) = egress::open(snapshot, &shared.metrics, ask, &admitted).await?;
+    let outbound = upstream.local_addr().ok().map(|local| shared.outbound.register(local));
     record.dialed = Some(addr);
     // A name the parent resolved is re-decided on the name alone.
     let dialed = (!admitted.permit.name_only()).then_some(addr.ip());
@@ -281,7 +285,7 @@ pub async fn admit_tunnel(shared: &Arc<Shared>, snapshot: &Snapshot, ask: &Ask, 
         // revocation pass may have run before the tunnel was registered.
         return Err(ProxyError::Denied(DenyReason::Revoked));
     }
-    Ok(Opened { admitted, upstream, slot, registration })
+    Ok(Opened { admitted, upstream, outbound, slot, registration })
 }
 
 /// The role `who` earns in `snapshot`, written into the decision line.

@@ -149,7 +149,7 @@ pub async fn tunnel(
     connection: Arc<ConnectionSlot>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
-    let Opened { admitted, upstream, slot: tunnel_slot, registration } = opened;
+    let Opened { admitted, upstream, outbound, slot: tunnel_slot, registration } = opened;
     let role = snapshot.policy.role(admitted.role).shared_name();
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
@@ -186,7 +186,7 @@ pub async fn tunnel(
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
-        drop(registration);
+        drop((registration, outbound));
         drop((tunnel_slot, connection));
         record.emit();
     });

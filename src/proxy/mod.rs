@@ -8,6 +8,7 @@ pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod loops;
 pub mod parent;
 pub mod pool;
 pub mod repeats;
@@ -100,6 +101,8 @@ pub struct Shared {
     tunnels: revoke::Tunnels,
     /// Recent wrong credentials per client, to thin out repeats.
     auth_failures: repeats::AuthFailures,
+    /// This process's open upstream sockets, for the loop guard.
+    outbound: Arc<loops::Outbound>,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -128,6 +131,7 @@ impl Server {
             slots: slots::Slots::new(metrics.clone()),
             tunnels: revoke::Tunnels::default(),
             auth_failures: repeats::AuthFailures::default(),
+            outbound: Arc::default(),
             metrics,
         });
         Ok(Server { listener, shared })
@@ -479,7 +483,7 @@ async fn route(
         Ok(target) => target,
         Err(e) => return Err(admit::unparsed(snapshot, &who, record, e)),
     };
-    if forward::has_looped(req.headers()) {
+    if loops::has_looped(req.headers()) {
         return Err(ProxyError::LoopDetected);
     }
     let ask = Ask { who, kind, target, original: None };

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
 use super::framing::{check_head, Entrance, Wire};
+use super::loops::{self, Loop};
 use super::admit::{self, Ask, Evidence, Opened};
 use super::upstream::Upstream;
 use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
@@ -117,20 +118,6 @@ impl TransparentServer {
     }
 }
 
-/// True when `original` names one of this process's listeners, or the
-/// connection's own local address (a client that connected to the
-/// transparent port directly).
-fn is_own_listener(original: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
-    let original = SocketAddr::new(original.ip().to_canonical(), original.port());
-    if original == SocketAddr::new(local.ip().to_canonical(), local.port()) {
-        return true;
-    }
-    own.iter().filter(|l| l.port() == original.port()).any(|l| {
-        let ip = l.ip().to_canonical();
-        ip == original.ip() || (ip.is_unspecified() && orig_dst::is_local_address(original.ip()))
-    })
-}
-
 async fn serve(
     guard: super::ConnectionGuard,
     mut stream: TcpStream,
@@ -140,25 +127,29 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let metrics = guard.shared.metrics.clone();
-    let original = match (orig_dst::original_destination(&stream), stream.local_addr()) {
-        (Ok(original), Ok(local)) if is_own_listener(original, local, &own) => {
-            tracing::warn!(%client, %original, "redirected connection headed for this proxy; refused");
-            metrics.refused(Refusal::Loop.as_str()).inc();
-            return;
-        }
-        (Ok(original), Ok(_)) => SocketAddr::new(original.ip().to_canonical(), original.port()),
+    let (original, local) = match (orig_dst::original_destination(&stream), stream.local_addr()) {
+        (Ok(original), Ok(local)) => (SocketAddr::new(original.ip().to_canonical(), original.port()), local),
         (Err(e), _) | (_, Err(e)) => {
             tracing::info!(%client, error = %e, "no original destination; refused");
             metrics.refused(Refusal::NoOriginalDst.as_str()).inc();
             return;
         }
     };
+    let looped = || loops::redirected(client, local, original, &own, &guard.shared.outbound);
+    if let Some(kind) = looped() {
+        return refuse_loop(&guard.shared, client, original, kind);
+    }
     let (limit, max_head) = {
         let snapshot = guard.shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
     // A request line is part of the head: the head's size limit applies.
     let (first_bytes, first) = classify(&mut stream, limit, max_head).await;
+    // Checked again once the first bytes are in: by then an upstream
+    // socket of this process that was redirected back here is registered.
+    if let Some(kind) = looped() {
+        return refuse_loop(&guard.shared, client, original, kind);
+    }
     match first_bytes {
         FirstBytes::Http => {
             let shared = guard.shared.clone();
@@ -173,6 +164,18 @@ async fn serve(
         FirstBytes::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
         FirstBytes::Other => relay(guard, stream, client, original, RequestKind::TransparentTcp, None, first).await,
     }
+}
+
+/// Refuses a redirected connection that loops back to this process:
+/// counted, logged with its likely cause, and given a decision line.
+fn refuse_loop(shared: &Shared, client: SocketAddr, original: SocketAddr, kind: Loop) {
+    tracing::warn!(%client, %original, cause = kind.cause(), "loop-detected: a redirected connection came back to Portcullis; refused");
+    shared.metrics.refused(Refusal::Loop.as_str()).inc();
+    let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
+    record.original_dst = Some(original);
+    record.host = original.ip().to_string();
+    record.port = original.port();
+    refuse(shared, &mut record, &ProxyError::LoopDetected);
 }
 
 /// Reads the first bytes, at most `limit` long and about `max_line` bytes
@@ -272,6 +275,10 @@ async fn route(
     };
     record.host = target.host.to_text();
     record.port = target.port;
+    if loops::has_looped(req.headers()) {
+        tracing::warn!(%client, %original, cause = loops::SIDECAR_CAUSE, "loop-detected: a request came back to Portcullis; refused");
+        return Err(ProxyError::LoopDetected);
+    }
     let ask = Ask { who, kind: RequestKind::TransparentHttp, target, original: Some(original) };
     let admitted = admit::admit(shared, snapshot, &ask, record).await?;
     forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await
@@ -335,7 +342,7 @@ async fn relay(
             return;
         }
     };
-    let Opened { upstream, slot, registration, .. } = opened;
+    let Opened { upstream, outbound, slot, registration, .. } = opened;
     let idle = snapshot.timeouts.tunnel_idle.0;
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     let counts = connect::RelayCounts::default();
@@ -350,7 +357,7 @@ async fn relay(
         cut = connect::cut_short(&registration, lifetime) => record.outcome = cut,
     }
     (record.bytes_in, record.bytes_out) = counts.get();
-    drop((slot, registration));
+    drop((slot, registration, outbound));
     record.emit();
     drop(guard);
 }
@@ -510,26 +517,6 @@ mod tests {
             }
             let got = request_target(&req.body(()).unwrap(), original).ok().map(|t| t.to_string());
             assert_eq!(got.as_deref(), want, "{uri} Host: {host:?}");
-        }
-    }
-
-    #[test]
-    fn loop_guard() {
-        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap();
-        let own: Vec<SocketAddr> =
-            ["127.0.0.1:3128", "0.0.0.0:9128", "[::]:15001"].iter().map(|a| a.parse().unwrap()).collect();
-        let cases = [
-            ("127.0.0.1:15001", true),
-            ("[::ffff:127.0.0.1]:15001", true),
-            ("127.0.0.1:3128", true),
-            ("127.0.0.1:9128", true),
-            ("[::1]:15001", true),
-            ("11.0.0.10:3128", false),
-            ("11.0.0.10:443", false),
-            ("127.0.0.1:8080", false),
-        ];
-        for (original, want) in cases {
-            assert_eq!(is_own_listener(original.parse().unwrap(), local, &own), want, "{original}");
         }
     }
 }
