@@ -137,7 +137,7 @@ async fn serve(
     };
     let looped = || loops::redirected(client, local, original, &own, &guard.shared.outbound);
     if let Some(kind) = looped() {
-        return refuse_loop(&guard.shared, client, original, kind);
+        return refuse_loop(&guard.shared, client, original, kind, RequestKind::TransparentTcp);
     }
     let (limit, max_head) = {
         let snapshot = guard.shared.snapshot.load();
@@ -148,7 +148,12 @@ async fn serve(
     // Checked again once the first bytes are in: by then an upstream
     // socket of this process that was redirected back here is registered.
     if let Some(kind) = looped() {
-        return refuse_loop(&guard.shared, client, original, kind);
+        let carried = match first_bytes {
+            FirstBytes::Http => RequestKind::TransparentHttp,
+            FirstBytes::Tls(_) => RequestKind::TransparentTls,
+            FirstBytes::Other => RequestKind::TransparentTcp,
+        };
+        return refuse_loop(&guard.shared, client, original, kind, carried);
     }
     match first_bytes {
         FirstBytes::Http => {
@@ -167,11 +172,13 @@ async fn serve(
 }
 
 /// Refuses a redirected connection that loops back to this process:
-/// counted, logged with its likely cause, and given a decision line.
-fn refuse_loop(shared: &Shared, client: SocketAddr, original: SocketAddr, kind: Loop) {
+/// counted, logged with its likely cause, and given a decision line (as a
+/// redirected connection of kind `carried`, as far as it was read).
+fn refuse_loop(shared: &Shared, client: SocketAddr, original: SocketAddr, kind: Loop, carried: RequestKind) {
     tracing::warn!(%client, %original, cause = kind.cause(), "loop-detected: a redirected connection came back to Portcullis; refused");
     shared.metrics.refused(Refusal::Loop.as_str()).inc();
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
+    record.kind = Some(carried);
     record.original_dst = Some(original);
     record.host = original.ip().to_string();
     record.port = original.port();
