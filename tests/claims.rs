@@ -106,7 +106,8 @@ async fn dns_answers_are_checked_once_and_only_checked_addresses_are_dialed() {
 
 /// Ambiguous framing is 400 and closes the connection, so a request
 /// smuggled behind it never reaches the origin; the absolute-form URI, not
-/// `Host`, decides the destination and the `Host` the origin sees.
+/// `Host`, decides the destination and the `Host` the origin sees; the
+/// origin sees `Via` and no `X-Forwarded-For`.
 #[tokio::test]
 async fn smuggling_is_refused_and_the_uri_wins_over_host() {
     let (origin, heads) = start_logging_origin(false).await;
@@ -134,6 +135,8 @@ async fn smuggling_is_refused_and_the_uri_wins_over_host() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].matches("host: ").count(), 1, "{seen:?}");
     assert!(seen[0].contains(&format!("host: 127.0.0.1:{}\n", origin.port())), "Host from the URI: {seen:?}");
+    // SECURITY.md, checklist: Via is added, X-Forwarded-For never is.
+    assert!(seen[0].contains("\nvia: 1.1 portcullis-") && !seen[0].contains("x-forwarded-for"), "{seen:?}");
     let resp = send_raw(proxy.addr, &format!("GET http://169.254.169.254/ HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", origin.port())).await;
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:metadata")), "an allowed Host launders nothing");
     assert_eq!(heads.lock().unwrap().len(), 1);
