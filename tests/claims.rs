@@ -10,6 +10,8 @@ mod common;
 mod hostile;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::*;
 use hostile::{read_until_closed, rustls_client_hello, start_logging_origin, start_recording_origin, start_scripted_dns, Rr, Script};
@@ -142,6 +144,58 @@ async fn smuggling_is_refused_and_the_uri_wins_over_host() {
     assert_eq!(heads.lock().unwrap().len(), 1);
 }
 
+/// A keep-alive origin on `addr` that answers every request with `tag` and
+/// counts the connections it accepted.
+async fn tagged_origin(addr: SocketAddr, tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                while hostile::read_head(&mut stream).await.is_some() {
+                    let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{tag}", tag.len());
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Upstream keep-alive connections are pooled by the checked address,
+/// never by name: once a name's answer moves to another address, the next
+/// request dials that address instead of reusing the connection to the old one.
+#[tokio::test]
+async fn pooled_connections_follow_the_checked_address_not_the_name() {
+    let (old, old_conns) = tagged_origin("127.0.0.1:0".parse().unwrap(), "old").await;
+    let (new, new_conns) = tagged_origin(SocketAddr::from(([127, 0, 0, 3], old.port())), "new").await;
+    let dns = start_scripted_dns(
+        vec![Script { name: "moving.test", answers: vec![vec![Rr::Addr("127.0.0.1", 0)], vec![Rr::Addr("127.0.0.3", 0)]] }],
+        false,
+    )
+    .await;
+    let yaml = format!(
+        "dns:\n  nameservers: [\"{}\"]\nallow_ranges: [127.0.0.1/32, 127.0.0.3/32]\nroles:\n  default:\n    allow:\n      \
+         domains: [moving.test]\n      http_ports: [{}]\n",
+        dns.addr,
+        old.port()
+    );
+    let proxy = BinaryProxy::spawn(&temp_file("claims", "pool.yaml", ""), &yaml).await;
+    let url = format!("http://moving.test:{}/", old.port());
+    assert_eq!(get(proxy.addr, &url).await.text(), "old");
+    assert_eq!(dials(&proxy).await, 1.0);
+    assert_eq!(get(proxy.addr, &url).await.text(), "new", "the name now answers 127.0.0.3: dialed there");
+    assert_eq!((old_conns.load(Ordering::SeqCst), new_conns.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(dials(&proxy).await, 2.0, "a new dial, not the pooled connection to 127.0.0.1");
+    assert_eq!(get(proxy.addr, &url).await.text(), "new");
+    assert_eq!(dials(&proxy).await, 2.0, "the connection to 127.0.0.3 is pooled and reused");
+}
+
 /// A tunnel allowed by a domain rule relays only a ClientHello naming the
 /// CONNECT host, and plain HTTP in a tunnel only while every request names
 /// it: anything else is closed before a byte reaches the origin.
@@ -156,6 +210,8 @@ async fn tunnels_relay_only_what_names_the_connect_host() {
         ("SNI of a suffix", rustls_client_hello("test")),
         ("not TLS", b"SSH-2.0-OpenSSH_9.6\r\n".to_vec()),
         ("plain HTTP naming another host", b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n".to_vec()),
+        ("plain HTTP naming another port", b"GET / HTTP/1.1\r\nHost: allowed.test:1\r\n\r\n".to_vec()),
+        ("plain HTTP with an absolute target naming another host", format!("GET http://other.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n").into_bytes()),
     ];
     for (name, bytes) in closed_without_a_byte {
         let (resp, mut tunnel) = connect(proxy.addr, &format!("allowed.test:{port}")).await;
@@ -164,8 +220,8 @@ async fn tunnels_relay_only_what_names_the_connect_host() {
         let (_, closed) = read_until_closed(&mut tunnel, STEP).await;
         assert!(closed, "{name}: the tunnel is closed");
     }
-    // Accepted connections are recorded as they come: the four dials
-    // happened, and not one byte went through any of them.
+    // Accepted connections are recorded as they come: not one byte went
+    // through any of the dials.
     let got = conns.lock().unwrap().clone();
     assert!(got.iter().all(Vec::is_empty), "bytes reached the origin: {got:?}");
     for reason in ["sni-mismatch", "not-tls", "host-mismatch"] {

@@ -440,6 +440,11 @@ fn value(metrics: &str, series: &str) -> f64 {
     metric_value(metrics, series)
 }
 
+/// The value of a series that may not be exposed yet (for waits only).
+fn sample_if_present(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The sample names the exposition can carry: every family, and for a
 /// histogram its `_bucket`, `_sum` and `_count` series.
 fn exported_names(metrics: &str) -> BTreeSet<String> {
@@ -557,7 +562,9 @@ async fn open_tunnels_report_bytes_while_open_and_once_in_total() {
     let closed = wait_for("the tunnel's decision is counted", STEP, || async {
         let m = scrape(admin).await;
         let finished = "portcullis_requests_total{decision=\"allow\",kind=\"connect\",reason=\"none\",role=\"default\"}";
-        (value(&m, finished) == 1.0).then_some(m)
+        // Absent until the tunnel's decision is counted: a wait, so absence
+        // reads as "not yet" here, and the strict reads follow.
+        (sample_if_present(&m, finished) == Some(1.0)).then_some(m)
     })
     .await;
     // Once each: the live flushes and the end-of-tunnel remainder add up
