@@ -296,7 +296,17 @@ async fn parent_credentials_never_reach_the_log_the_error_output_or_a_response()
             responses.push(bytes);
         }
     }
+    // With `resolve: local` every address is checked here: a denied
+    // destination never reaches the parent.
+    for (url, reason) in [("http://169.254.169.254/latest/", "denied-range:metadata"), (&*format!("http://unlisted.example:{port}/"), "not-allowlisted")] {
+        let (status, bytes) = get_with(good.addr, url, "").await;
+        assert_eq!(status, 403, "{url}");
+        assert!(String::from_utf8_lossy(&bytes).contains(reason), "{url}: {}", String::from_utf8_lossy(&bytes));
+        responses.push(bytes);
+    }
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("169.254.169.254") && !seen.contains("unlisted.example"), "a denied request reached the parent: {seen}");
+    assert!(seen.contains(&format!("CONNECT 127.0.0.1:{port} ")), "the parent is handed the checked address: {seen}");
     assert!(seen.contains(&b64(&format!("relay:{PARENT_SECRET}"))), "the parent got the credentials: {seen}");
     assert!(seen.contains(&b64(&format!("relay:{PARENT_WRONG}"))), "the parent got the wrong credentials: {seen}");
 
