@@ -314,7 +314,10 @@ async fn mtls_listener_maps_certificates_to_roles() {
         pki.dir.join("ca.pem").display()
     );
     let identity = "identity:\n  certificates:\n    - {uri: \"spiffe://test/ns/team-a/*\", role: team-a}\n    - {cn: team-b, role: team-b}\n";
-    let (proxy, metrics) = start(&teams_yaml(dns.addr, port, identity, &tls)).await;
+    // The real binary: BinaryProxy writes its own loopback listeners.
+    let yaml = teams_yaml(dns.addr, port, identity, &tls).replacen("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n", "", 1);
+    let binary = BinaryProxy::spawn(&pki.dir.join("portcullis.yaml"), &yaml).await;
+    let proxy = binary.addr;
     let request = |host: &str| format!("GET http://{host}:{port}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
 
     let a = pki.client_config(Some((&a_cert, &a_key)));
@@ -332,7 +335,12 @@ async fn mtls_listener_maps_certificates_to_roles() {
 
     let anonymous = pki.client_config(None);
     assert_eq!(tls_request(proxy, anonymous, &request("a.test")).await, None, "no certificate, no service");
-    assert!(metrics.render().contains("portcullis_connections_refused_total{reason=\"tls_handshake\"} 1"));
+    let metrics = binary.metrics().await;
+    assert_eq!(metric_value(&metrics, "portcullis_connections_refused_total{reason=\"tls_handshake\"}"), 1.0);
+    for (role, names) in [("team-a", "a.test"), ("team-b", "b.test")] {
+        let lines = binary.lines_with(&[&format!("\"role\":\"{role}\",\"identity\":\"certificate\"")], 2).await;
+        assert!(lines.iter().any(|l| l.contains(&format!("\"host\":\"{names}\""))), "{role} by certificate: {lines:#?}");
+    }
 }
 
 #[test]
