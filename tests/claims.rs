@@ -192,6 +192,7 @@ async fn pooled_connections_follow_the_checked_address_not_the_name() {
     assert_eq!(get(proxy.addr, &url).await.text(), "new", "the name now answers 127.0.0.3: dialed there");
     assert_eq!((old_conns.load(Ordering::SeqCst), new_conns.load(Ordering::SeqCst)), (1, 1));
     assert_eq!(dials(&proxy).await, 2.0, "a new dial, not the pooled connection to 127.0.0.1");
+    assert!(!proxy.lines_with(&[&format!("\"dialed\":\"{new}\"")], 1).await.is_empty(), "the decision line names {new}");
     assert_eq!(get(proxy.addr, &url).await.text(), "new");
     assert_eq!(dials(&proxy).await, 2.0, "the connection to 127.0.0.3 is pooled and reused");
 }

@@ -8,23 +8,10 @@ mod common;
 #[path = "common/hostile.rs"]
 mod hostile;
 
-use std::net::SocketAddr;
 
 use common::*;
 use hostile::{start_hostile_origin, start_logging_origin, Misbehaviour};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpSocket;
-
-/// `GET url` from a chosen loopback source address, with extra header lines.
-async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
-    let mut stream = socket.connect(proxy).await.unwrap();
-    let host = url.split('/').nth(2).unwrap();
-    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
-    read_response(&mut stream).await
-}
 
 /// The role comes from credentials, else from the source address, else it
 /// is `default`; each role reaches only its own names. With

@@ -14,7 +14,7 @@ use portcullis::metrics::Metrics;
 use portcullis::proxy::Server;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -37,16 +37,6 @@ async fn start(yaml: &str) -> (SocketAddr, Arc<Metrics>) {
 
 async fn dns_for_teams() -> DnsServer {
     start_dns(&[("a.test", &["127.0.0.1"]), ("b.test", &["127.0.0.1"])]).await
-}
-
-/// `GET url` from a chosen loopback source address, with extra header lines.
-async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
-    let mut stream = socket.connect(proxy).await.unwrap();
-    let host = url.split('/').nth(2).unwrap();
-    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
-    read_response(&mut stream).await
 }
 
 #[tokio::test]

@@ -502,6 +502,17 @@ pub async fn send_raw(proxy: SocketAddr, request: &str) -> RawResponse {
     read_response(&mut stream).await
 }
 
+/// `GET url` from a chosen loopback source address (a client identity by
+/// source), with extra header lines.
+pub async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let host = url.split('/').nth(2).unwrap();
+    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
 /// `GET <url>` through the proxy.
 pub async fn get(proxy: SocketAddr, url: &str) -> RawResponse {
     let host = url.split('/').nth(2).unwrap_or("");
