@@ -13,8 +13,11 @@ use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
 use portcullis::proxy::Snapshot;
 
+/// `portcullis --version`: the crate version and the git revision it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PORTCULLIS_GIT_REV"), ")");
+
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "An egress filtering forward proxy")]
+#[command(name = "portcullis", version = VERSION, about = "An egress filtering forward proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
