@@ -172,7 +172,12 @@ async fn shutdown_signal() {
 
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
     match Config::load(&path) {
-        Ok(_) => {
+        Ok(config) => {
+            // Valid, so it compiles; the warnings name rules that never match.
+            let policy = config.compile().map_err(anyhow::Error::msg)?;
+            for warning in portcullis::lint::lint(&config, &policy) {
+                eprintln!("warning: {}: {warning}", path.display());
+            }
             println!("{}: ok", path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -259,7 +264,7 @@ fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyh
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
     let mut files = Vec::with_capacity(case_paths.len());
     for path in case_paths {
-        match CaseFile::load(path) {
+        match CaseFile::load(path).and_then(|file| put.check_decidable(&file).map(|()| file)) {
             Ok(file) => files.push(file),
             Err(e) => {
                 eprintln!("{e}");

@@ -254,6 +254,7 @@ pub struct PolicyUnderTest {
     policy: Policy,
     identities: Identities,
     users: BTreeMap<String, String>,
+    role_names: Vec<String>,
 }
 
 impl PolicyUnderTest {
@@ -267,7 +268,8 @@ impl PolicyUnderTest {
             .iter()
             .filter_map(|c| c.user.clone().map(|u| (u, c.role.clone())))
             .collect();
-        Ok(PolicyUnderTest { policy, identities, users })
+        let role_names = config.roles.keys().cloned().collect();
+        Ok(PolicyUnderTest { policy, identities, users, role_names })
     }
 
     /// The compiled policy.
@@ -296,6 +298,38 @@ impl PolicyUnderTest {
                 .map(|(role, _)| role)
                 .map_err(|reason| refused("", reason.as_str(), "identity.require_credentials")),
         }
+    }
+
+    /// Refuses cases this config cannot decide, so they cannot pass by
+    /// accident: a role the config does not define (it would be denied as
+    /// `unknown-role`), and a name the policy must resolve that the file's
+    /// `resolve:` map lacks (it would be denied as `resolve-failed`, which
+    /// the proxy answers as a 502 error, not a policy deny), unless the case
+    /// expects exactly `reason: resolve-failed`.
+    pub fn check_decidable(&self, file: &CaseFile) -> Result<(), CaseFileError> {
+        for case in &file.cases {
+            let invalid = |message: String| CaseFileError::Invalid {
+                file: case.file.clone(),
+                line: case.line,
+                message: format!("case {:?}: {message}", case.name),
+            };
+            if let Client::Role(name) = &case.client {
+                if self.policy.role_id(name).is_none() {
+                    let defined = self.role_names.join(", ");
+                    return Err(invalid(format!("role {name:?} is not defined in the config (its roles: {defined})")));
+                }
+            }
+            let Ok(role) = self.role(&case.client) else { continue };
+            let PreResolution::Resolve(name) = self.policy.pre_resolution(role, case.kind, &case.target) else { continue };
+            let expects_failure = case.reason.as_deref() == Some("resolve-failed");
+            if !file.resolve.contains_key(name.as_str()) && !expects_failure {
+                return Err(invalid(format!(
+                    "{name} must be resolved to be decided, and the file's resolve: map has no entry for it \
+                     (add one, or expect `reason: resolve-failed`)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Decides one case against the stubbed DNS of its file.
