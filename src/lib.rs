@@ -10,6 +10,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod denials;
 pub mod dns;
 pub mod host;
 pub mod identity;

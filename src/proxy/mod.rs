@@ -400,6 +400,10 @@ async fn handle(
     let routed = match identity {
         Ok((role, source)) => {
             record.identity = source.as_str();
+            if source == crate::identity::IdentitySource::Credentials {
+                let presented = req.headers().get(http::header::PROXY_AUTHORIZATION);
+                record.credentials = presented.map(|v| crate::denials::credential_digest(v.as_bytes()));
+            }
             record.role = snapshot.policy.role(role).name().to_string();
             record.mode = snapshot.policy.role(role).mode();
             match route(&shared, &snapshot, role, &mut record, slot, req).await {
@@ -458,6 +462,7 @@ fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: P
         target: (record.port != 0).then_some((record.host.as_str(), record.port)),
         role,
         deny_message: snapshot.deny_messages.for_role(role),
+        denied_addr: record.denied_addr,
         json,
         close: matches!(failure, repeats::Failure::Repeat { .. }),
     };
@@ -573,10 +578,15 @@ async fn authorize(
             let resolved = snapshot.resolver.resolve(name).await;
             shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
             let addrs = resolved.map_err(UpstreamError::Resolve)?;
-            match original {
+            let decision = match original {
                 None => policy.decide(role, kind, target, &addrs),
                 Some(original) => policy.decide_redirected(role, kind, target, &addrs, original.ip()),
+            };
+            // For the deny's carve-out hint: the address that was denied.
+            if let Decision::Deny { reason: DenyReason::DeniedRange(_), .. } = decision {
+                record.denied_addr = addrs.iter().copied().find(|a| policy.denied_range_for(role, *a).is_some());
             }
+            decision
         }
     };
     match decision {
