@@ -31,8 +31,6 @@ struct World {
     https: u16,
     ca: PathBuf,
     plain: BinaryProxy,
-    /// `plain`'s config file, which names its admin listener.
-    plain_config: PathBuf,
     challenge: BinaryProxy,
     _dns: DnsServer,
 }
@@ -62,8 +60,7 @@ impl World {
         let dir = ca.parent().unwrap();
         let plain = BinaryProxy::spawn(&dir.join("plain.yaml"), &policy).await;
         let challenge = BinaryProxy::spawn(&dir.join("challenge.yaml"), &format!("{identity}{policy}")).await;
-        let plain_config = dir.join("plain.yaml");
-        World { http, https, ca, plain, plain_config, challenge, _dns: dns }
+        World { http, https, ca, plain, challenge, _dns: dns }
     }
 
     /// The shared cases: allowed GET and POST over HTTP and HTTPS, then a
@@ -216,8 +213,7 @@ async fn assert_proxied(proxy: &BinaryProxy, world: &World) {
 /// the proxy's admin port: it lists this client's denials with the reason
 /// of each HTTPS deny the client itself may not have shown.
 fn assert_why_names_the_https_reasons(client: &str, world: &World) {
-    let config = std::fs::read_to_string(&world.plain_config).unwrap();
-    let admin = config.lines().find_map(|l| l.strip_prefix("admin_listen: ")).expect("the admin listener").to_string();
+    let admin = world.plain.admin.to_string();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
     for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "PORTCULLIS_ADMIN"] {
         cmd.env_remove(var);
