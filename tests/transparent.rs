@@ -227,6 +227,15 @@ fn wire(pod: &Pod) {
     pod.sh(&["ip", "link", "set", "tp-pod", "up"]);
     pod.sh(&["ip", "route", "add", "default", "via", NET_V4]);
     pod.sh(&["ip", "-6", "route", "add", "default", "via", NET_V6]);
+    // The pod's own link-local address is tentative until duplicate address
+    // detection ends (about a second, longer on a loaded machine); a
+    // connection to fe80::/10 made before then has no source address to
+    // receive the REJECT's reset on, and waits out the client's timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pod.sh(&["ip", "-6", "addr", "show", "dev", "tp-pod", "tentative"]).contains("inet6") {
+        assert!(Instant::now() < deadline, "tp-pod's IPv6 addresses stayed tentative");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 struct Files {
