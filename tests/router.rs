@@ -158,7 +158,8 @@ impl Lab {
         address(Some(&self.node), "n-world", NODE_LINK.0, NODE_LINK.1);
         self.node.sh(&["ip", "route", "add", "default", "via", WORLD_LINK.0]);
         self.node.sh(&["ip", "-6", "route", "add", "default", "via", WORLD_LINK.1]);
-        self.node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+        set_sysctl(&self.node, "net/ipv4/ip_forward");
+        set_sysctl(&self.node, "net/ipv6/conf/all/forwarding");
         for (net, pod) in PODS.iter().zip(&self.pods) {
             sh(&["ip", "link", "add", net.iface, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &pod.pid()]);
             if self.to == To::RouterAddrs && net.name == "b" {
@@ -288,11 +289,17 @@ fn address(ns: Option<&Netns>, dev: &str, v4: &str, v6: &str) {
     }
 }
 
+/// Sets a network sysctl of `ns` to 1 (/proc/sys/net is per namespace;
+/// no procps needed).
+fn set_sysctl(ns: &Netns, key: &str) {
+    ns.sh(&["sh", "-c", &format!("echo 1 > /proc/sys/{key}")]);
+}
+
 /// Pod "b" as Calico wires a pod: a /32 and a /128, default routes via
 /// 169.254.1.1 (answered by proxy ARP) and the node's link-local address;
 /// the node's end of the pair has no address but that link-local one.
 fn calico_style(node: &Netns, pod: &Netns, net: &PodNet) {
-    node.sh(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.proxy_arp=1", net.iface)]);
+    set_sysctl(node, &format!("net/ipv4/conf/{}/proxy_arp", net.iface));
     node.sh(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", net.iface, "nodad"]);
     node.sh(&["ip", "link", "set", net.iface, "up"]);
     node.sh(&["ip", "route", "add", &format!("{}/32", net.pod.0), "dev", net.iface]);
@@ -541,8 +548,8 @@ fn scenario(backend: &str, to: To) {
         attack(&lab, net.name);
     }
     // DNS to the world's resolver went to the node's DNS port instead.
-    let asked: Vec<Value> = events(&node_dns_log).into_iter().filter(|e| e["name"] == "udp-exfil.example").collect();
-    assert!(asked.len() >= PODS.len(), "each pod's UDP DNS query lands on PORTCULLIS_DNS_PORT: {asked:?}");
+    let asked = || events(&node_dns_log).into_iter().filter(|e| e["name"] == "udp-exfil.example").count();
+    wait_for("each pod's UDP DNS query lands on PORTCULLIS_DNS_PORT", || asked() >= PODS.len());
 
     // Each pod's decisions carry its own role.
     let decisions: Vec<Value> = events(&proxy_log).into_iter().filter(|v| v["target"] == "portcullis::access").collect();
