@@ -521,6 +521,10 @@ fn scenario(backend: &str, to: To) {
     let (_, text) = curl(&lab, "a", &format!("http://[{}]:{KUBELET_PORT}/", pod_a.node.1));
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
 
+    // Portcullis's own listener as a destination: a loop, refused and logged.
+    let (code, text) = curl(&lab, "a", &format!("http://{}:{TRANSPARENT_PORT}/", pod_a.node.0));
+    assert!(code != 0 || !text.starts_with("HTTP/1.1 200"), "the transparent port itself: {text}");
+
     // IPv6 destinations REDIRECT cannot translate: refused at once, not
     // hung; DNAT to the node's address has no such limit, and Portcullis
     // decides them.
@@ -562,10 +566,14 @@ fn scenario(backend: &str, to: To) {
             })
             .collect();
         assert!(mine.len() >= 4, "decisions for pod {}: {decisions:?}", net.name);
-        for v in mine {
+        // A loop is refused before the client is identified.
+        for v in mine.into_iter().filter(|v| v["reason"] != "loop-detected") {
             assert_eq!(v["role"], net.role, "pod {}: {v}", net.name);
         }
     }
+    let looped = format!("{}:{TRANSPARENT_PORT}", pod_a.node.0);
+    let refused = decisions.iter().find(|v| v["original_dst"] == looped.as_str());
+    assert_eq!(refused.map(|v| v["reason"].clone()), Some(Value::from("loop-detected")), "{looped}: {decisions:?}");
     if to == To::RouterAddrs {
         for dst in ["[::a00:1]:80", "[fec0::1]:80"] {
             assert!(decisions.iter().any(|v| v["original_dst"] == dst && v["decision"] == "deny"), "no deny line for {dst}: {decisions:?}");
