@@ -18,6 +18,8 @@
 
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "router/manifest.rs"]
+mod manifest;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use manifest::manifest_env;
 use netns::{in_own_netns, run, set_mode, sh, Netns};
 
 const TRANSPARENT_PORT: u16 = 15001;
@@ -312,29 +315,6 @@ fn calico_style(node: &Netns, pod: &Netns, net: &PodNet) {
     pod.sh(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
 }
 
-/// The node DaemonSet's and its ConfigMap's documents.
-fn node_manifests() -> Vec<serde_yaml_ng::Value> {
-    let mut docs = Vec::new();
-    for file in ["portcullis-node.yaml", "policy.yaml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/node").join(file);
-        let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            docs.push(serde::Deserialize::deserialize(doc).unwrap());
-        }
-    }
-    docs
-}
-
-/// A setting of the node DaemonSet's `redirect` init container.
-fn manifest_env(name: &str) -> String {
-    let docs = node_manifests();
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("DaemonSet");
-    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
-    let env = init["env"].as_sequence().unwrap();
-    let var = env.iter().find(|e| e["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("{name} not in {env:?}"));
-    var["value"].as_str().unwrap_or_else(|| panic!("{name} has no literal value")).to_string()
-}
-
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ready() {
@@ -602,53 +582,4 @@ fn scenario(backend: &str, to: To) {
     assert!(!lab.redirect(backend, &["--check"]).status.success(), "--check after --remove must fail");
     let left = format!("{}{}{}", lab.node.sh(&["iptables-save"]), lab.node.sh(&["ip6tables-save"]), lab.node.sh(&["nft", "list", "ruleset"]));
     assert!(!left.to_ascii_lowercase().contains("portcullis"), "left behind:\n{left}");
-}
-
-/// deploy/kubernetes/node/: the init container runs the script in router
-/// mode with NET_ADMIN/NET_RAW and is the only container with capabilities;
-/// the proxy is non-root, read-only, node-critical and listens where the
-/// script redirects; no uid is exempt; an update never runs two agents on
-/// one node's ports.
-#[test]
-fn node_daemonset_gives_capabilities_only_to_the_redirect_step() {
-    let docs = node_manifests();
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("DaemonSet");
-    let spec = &ds["spec"]["template"]["spec"];
-    assert_eq!(spec["hostNetwork"].as_bool(), Some(true), "rules go in the node's namespace");
-    assert_eq!(spec["priorityClassName"].as_str(), Some("system-node-critical"));
-    assert_eq!(spec["securityContext"]["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"));
-    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"].as_u64(), Some(0), "two agents would bind one node's ports");
-
-    let init = spec["initContainers"].as_sequence().unwrap();
-    assert_eq!(init.len(), 1);
-    assert_eq!(init[0]["name"].as_str(), Some("redirect"));
-    let caps = &init[0]["securityContext"]["capabilities"];
-    assert_eq!(caps["add"], serde_yaml_ng::Value::from(vec!["NET_ADMIN", "NET_RAW"]));
-    assert_eq!(caps["drop"], serde_yaml_ng::Value::from(vec!["ALL"]));
-    assert_eq!(manifest_env("PORTCULLIS_MODE"), "router");
-    let names: Vec<&str> = init[0]["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert!(!names.contains(&"PORTCULLIS_UID"), "router mode exempts no uid: {names:?}");
-    assert!(manifest_env("PORTCULLIS_FROM").split(' ').any(|i| i == "cali+"), "covers the interfaces tests/router.rs uses");
-
-    let containers = spec["containers"].as_sequence().unwrap();
-    for c in containers {
-        let sc = &c["securityContext"];
-        assert_eq!(sc["capabilities"]["drop"], serde_yaml_ng::Value::from(vec!["ALL"]), "{c:?}");
-        assert!(sc["capabilities"].get("add").is_none(), "only the init container has capabilities: {c:?}");
-        assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
-        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
-        assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
-    }
-    let proxy = containers.iter().find(|c| c["name"].as_str() == Some("portcullis")).expect("portcullis container");
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert!(proxy[probe]["httpGet"]["path"].as_str().is_some(), "{probe}");
-    }
-    let config = docs.iter().find(|d| d["kind"] == "ConfigMap").expect("policy ConfigMap");
-    let text = config["data"]["portcullis.yaml"].as_str().unwrap();
-    let parsed = portcullis::config::Config::from_yaml_str(text, "deploy/kubernetes/node/policy.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let port = parsed.transparent_listen.expect("transparent_listen").port();
-    assert_eq!(manifest_env("PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
-    assert_eq!(port, TRANSPARENT_PORT, "the port tests/router.rs runs");
-    let volume = spec["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "config").unwrap();
-    assert_eq!(volume["configMap"]["name"], config["metadata"]["name"]);
 }
