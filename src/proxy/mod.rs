@@ -3,22 +3,22 @@
 
 pub mod admit;
 pub mod body;
-pub mod connect;
 pub mod egress;
+pub mod entrance;
 pub mod error;
-pub mod forward;
-pub mod framing;
 pub mod loops;
-pub mod parent;
-pub mod pool;
+pub mod relay;
 pub mod repeats;
 pub mod revoke;
 pub mod slots;
-pub mod tunnel_http;
+
+// The rooms' modules under their old names, so paths such as
+// `proxy::forward::rewrite_request` (the fuzz target) stay valid.
+pub use egress::{forward, parent, pool, upstream};
+pub use entrance::{framing, transparent};
+pub use relay::{connect, tunnel_http};
 #[cfg(target_os = "linux")]
-mod splice;
-pub mod transparent;
-pub mod upstream;
+use relay::splice;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -26,13 +26,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::ProxyBody;
-use super::error::{ClientError, ProxyError};
-use super::framing::{check_head, Entrance, Wire};
-use super::loops::{self, Loop};
-use super::admit::{self, Ask, Evidence, Opened};
-use super::upstream::Upstream;
-use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::{ClientError, ProxyError};
+use crate::proxy::framing::{check_head, Entrance, Wire};
+use crate::proxy::loops::{self, Loop};
+use crate::proxy::admit::{self, Ask, Evidence, Opened};
+use crate::proxy::upstream::Upstream;
+use crate::proxy::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::orig_dst;
 use crate::policy::RequestKind;
@@ -119,7 +119,7 @@ impl TransparentServer {
 }
 
 async fn serve(
-    guard: super::ConnectionGuard,
+    guard: crate::proxy::ConnectionGuard,
     mut stream: TcpStream,
     client: SocketAddr,
     own: Arc<[SocketAddr]>,
@@ -164,7 +164,7 @@ async fn serve(
                     handle(shared.clone(), client, original, conflicting, req)
                 })
             };
-            super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
+            crate::proxy::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
         }
         FirstBytes::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
         FirstBytes::Other => relay(guard, stream, client, original, RequestKind::TransparentTcp, None, first).await,
@@ -258,7 +258,7 @@ async fn handle(
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
-    let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
+    let json = crate::proxy::error::accepts_json(req.headers().get(http::header::ACCEPT));
     // The same edge as the proxy port's; a CONNECT has nothing to connect.
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Redirected) {
         return Ok(respond(&shared, &snapshot, record, Err(ClientError::Refused(refusal).into()), json));
@@ -323,7 +323,7 @@ fn invalid_host() -> ProxyError {
 /// revokes it or it reaches `tunnel_max_lifetime`; a refusal closes it
 /// (TLS clients get an `access_denied` alert). One log line either way.
 async fn relay(
-    guard: super::ConnectionGuard,
+    guard: crate::proxy::ConnectionGuard,
     mut stream: TcpStream,
     client: SocketAddr,
     original: SocketAddr,
@@ -393,7 +393,7 @@ async fn open(
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
 fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    super::record_failure(shared, record, err);
+    crate::proxy::record_failure(shared, record, err);
     record.emit();
 }
 

@@ -12,15 +12,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::body::ProxyBody;
-use super::error::{ProxyError, UpstreamError};
-use super::tunnel_http::{self, Start};
-use super::admit::Opened;
-use super::revoke::Registration;
-use super::slots::ConnectionSlot;
-use super::framing::WatchedIo;
-use super::upstream::Upstream;
-use super::{Shared, Snapshot};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::{ProxyError, UpstreamError};
+use crate::proxy::tunnel_http::{self, Start};
+use crate::proxy::admit::Opened;
+use crate::proxy::revoke::Registration;
+use crate::proxy::slots::ConnectionSlot;
+use crate::proxy::framing::WatchedIo;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::{Shared, Snapshot};
 use crate::config::Timeouts;
 use crate::metrics::{Metrics, RelayedBytes};
 use crate::access_log::{AccessRecord, Outcome};
@@ -197,7 +197,7 @@ pub async fn tunnel(
 /// its tunnel, or it reached `tunnel_max_lifetime` (`lifetime`, counted
 /// from now). Every relay (CONNECT tunnels, redirected TLS and TCP
 /// connections, and the plain HTTP served inside a tunnel) runs under it.
-pub(super) async fn cut_short(registration: &Registration, lifetime: Option<Duration>) -> Outcome {
+pub(in crate::proxy) async fn cut_short(registration: &Registration, lifetime: Option<Duration>) -> Outcome {
     let end_of_life = async {
         match lifetime {
             Some(lifetime) => tokio::time::sleep(lifetime).await,
@@ -470,7 +470,7 @@ where
 }
 
 /// Sends `first` (bytes already read from the client) upstream, then relays.
-pub(super) async fn relay_after<C, U>(client: C, mut upstream: U, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
+pub(in crate::proxy) async fn relay_after<C, U>(client: C, mut upstream: U, first: Vec<u8>, idle: Duration, counts: &RelayCounts)
 where
     C: RelayEnd,
     U: RelayEnd,
@@ -632,10 +632,10 @@ async fn splice_rest(
     activity: &Activity,
 ) -> Option<bool> {
     let (from, to) = sockets?;
-    let pipe = super::splice::Pipe::new().ok()?;
+    let pipe = crate::proxy::splice::Pipe::new().ok()?;
     *buf = Vec::new();
     loop {
-        match super::splice::move_chunk(from, to, &pipe).await {
+        match crate::proxy::splice::move_chunk(from, to, &pipe).await {
             Ok(0) => return Some(true),
             Ok(n) => {
                 activity.touch();
@@ -652,22 +652,22 @@ async fn splice_rest(_: Option<(&TcpStream, &TcpStream)>, _: &mut Vec<u8>, _: &A
 }
 
 /// The time of the last byte moved, shared by both directions of a tunnel.
-pub(super) struct Activity {
+pub(in crate::proxy) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    pub(super) fn new() -> Self {
+    pub(in crate::proxy) fn new() -> Self {
         Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
-    pub(super) fn touch(&self) {
+    pub(in crate::proxy) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Completes once nothing has moved for `idle`.
-    pub(super) async fn idle_for(&self, idle: Duration) {
+    pub(in crate::proxy) async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let due = last + idle;

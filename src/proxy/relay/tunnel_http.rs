@@ -19,10 +19,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::ProxyBody;
-use super::connect::{Activity, RelayEnd};
-use super::error::{Answer, ClientError, ProxyError, UpstreamError};
-use super::framing::{check_head, Entrance, WatchedIo, Wire};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::connect::{Activity, RelayEnd};
+use crate::proxy::error::{Answer, ClientError, ProxyError, UpstreamError};
+use crate::proxy::framing::{check_head, Entrance, WatchedIo, Wire};
 use crate::access_log::Outcome;
 use crate::policy::DenyReason;
 use crate::target::Target;
@@ -176,7 +176,7 @@ async fn relay_upgraded<U: RelayEnd + 'static>((client, upstream): Upgrade, idle
     let Ok(parts) = upstream.downcast::<TokioIo<U>>() else { return };
     let mut client = TokioIo::new(client);
     if client.write_all(&parts.read_buf).await.is_ok() {
-        super::connect::relay(client, parts.io.into_inner(), idle).await;
+        crate::proxy::connect::relay(client, parts.io.into_inner(), idle).await;
     }
 }
 
@@ -195,7 +195,7 @@ async fn exchange(
         target: Some((&host, ends.target.port)),
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
-        json: super::error::accepts_json(req.headers().get(http::header::ACCEPT)),
+        json: crate::proxy::error::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Tunnel) {
