@@ -16,7 +16,7 @@ pub mod slots;
 // `proxy::forward::rewrite_request` (the fuzz target) stay valid.
 pub use egress::{forward, parent, pool, upstream};
 pub use entrance::{framing, transparent};
-pub use relay::{connect, tunnel_http};
+pub use relay::tunnel_http;
 #[cfg(target_os = "linux")]
 use relay::splice;
 
@@ -489,7 +489,7 @@ async fn route(
     let ask = Ask { who, kind, target, original: None };
     if kind == RequestKind::Connect {
         let opened = admit::admit_tunnel(shared, snapshot, &ask, record).await?;
-        return connect::tunnel(shared, snapshot, opened, &ask.target, req, record.clone(), slot).await;
+        return relay::tunnel::tunnel(shared, snapshot, opened, &ask.target, req, record.clone(), slot).await;
     }
     let admitted = admit::admit(shared, snapshot, &ask, record).await?;
     forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await

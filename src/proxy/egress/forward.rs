@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::proxy::admit::Admitted;
 use crate::proxy::body::{CountedBody, ProxyBody, Upload};
-use crate::proxy::connect::dial;
+use super::dial::dial;
 use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
 use crate::proxy::framing::Refusal;
 use crate::proxy::loops::{self, OutboundGuard};

@@ -2,6 +2,7 @@
 //! directly to a checked address or through the parent proxy; plain HTTP
 //! forwarding with its pool; the parent proxy and its connection type.
 
+pub mod dial;
 pub mod forward;
 pub mod parent;
 pub mod pool;
@@ -10,7 +11,7 @@ pub mod upstream;
 use std::net::SocketAddr;
 
 use crate::proxy::admit::{Admitted, Ask};
-use crate::proxy::connect::dial;
+use dial::dial;
 use crate::proxy::error::UpstreamError;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Snapshot;

@@ -32,7 +32,8 @@ use crate::proxy::framing::{check_head, Entrance, Wire};
 use crate::proxy::loops::{self, Loop};
 use crate::proxy::admit::{self, Ask, Evidence, Opened};
 use crate::proxy::upstream::Upstream;
-use crate::proxy::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
+use crate::proxy::relay::{copy, tunnel};
+use crate::proxy::{accept_until, admit_slot, forward, respond, Server, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::orig_dst;
 use crate::policy::RequestKind;
@@ -352,16 +353,16 @@ async fn relay(
     let Opened { upstream, outbound, slot, registration, .. } = opened;
     let idle = snapshot.timeouts.tunnel_idle.0;
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
-    let counts = connect::RelayCounts::default();
+    let counts = copy::RelayCounts::default();
     let relayed = async {
         match upstream {
-            Upstream::Tcp(upstream) => connect::relay_after(stream, upstream, first, idle, &counts).await,
-            Upstream::Tls(upstream) => Box::pin(connect::relay_after(stream, upstream, first, idle, &counts)).await,
+            Upstream::Tcp(upstream) => copy::relay_after(stream, upstream, first, idle, &counts).await,
+            Upstream::Tls(upstream) => Box::pin(copy::relay_after(stream, upstream, first, idle, &counts)).await,
         }
     };
     tokio::select! {
         () = relayed => {}
-        cut = connect::cut_short(&registration, lifetime) => record.outcome = cut,
+        cut = tunnel::cut_short(&registration, lifetime) => record.outcome = cut,
     }
     (record.bytes_in, record.bytes_out) = counts.get();
     drop((slot, registration, outbound));

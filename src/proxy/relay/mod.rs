@@ -2,7 +2,9 @@
 //! of lifetimes: the CONNECT tunnel, the copy and splice engines, and the
 //! plain HTTP served inside a tunnel.
 
-pub mod connect;
+pub mod copy;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
+pub mod start;
+pub mod tunnel;
 pub mod tunnel_http;

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::body::ProxyBody;
-use crate::proxy::connect::{Activity, RelayEnd};
+use super::copy::{Activity, RelayEnd};
 use crate::proxy::error::{Answer, ClientError, ProxyError, UpstreamError};
 use crate::proxy::framing::{check_head, Entrance, WatchedIo, Wire};
 use crate::access_log::Outcome;
@@ -176,7 +176,7 @@ async fn relay_upgraded<U: RelayEnd + 'static>((client, upstream): Upgrade, idle
     let Ok(parts) = upstream.downcast::<TokioIo<U>>() else { return };
     let mut client = TokioIo::new(client);
     if client.write_all(&parts.read_buf).await.is_ok() {
-        crate::proxy::connect::relay(client, parts.io.into_inner(), idle).await;
+        super::copy::relay(client, parts.io.into_inner(), idle).await;
     }
 }
 
