@@ -3,6 +3,7 @@
 //! plain HTTP served inside a tunnel.
 
 pub mod copy;
+pub mod first_bytes;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 pub mod start;

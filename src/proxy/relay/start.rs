@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::tunnel_http::{self, Start};
+use super::first_bytes::{self, FirstBytes};
 use crate::policy::{DenyReason, Permit, TunnelStart};
 use crate::proxy::Snapshot;
-use crate::sni::{self, SniError};
+use crate::sni::SniError;
 use crate::target::Target;
 
 /// What a tunnel's first bytes are checked for before anything reaches the
 /// upstream: the SNI check, and on a port of `http_ports` the plain HTTP
-/// Host check (see [`tunnel_http`]).
+/// Host check (see [`super::tunnel_http`]).
 pub(super) struct StartCheck {
     pub(super) target: Target,
     /// The client's role and the operator's line, in a plain-HTTP tunnel's deny answers.
@@ -53,10 +53,10 @@ impl StartCheck {
             return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
         }
         let mut buf = early;
-        let start = tokio::time::timeout(self.limit, read_start(client, &mut buf)).await.unwrap_or(Start::Incomplete);
-        match (start, self.start) {
+        let read = tokio::time::timeout(self.limit, first_bytes::read(client, &mut buf, self.max_head)).await;
+        match (read.ok().flatten(), self.start) {
             // Every request, this one included, is checked as it is served.
-            (Start::Http, _) => Ok(Started::PlainHttp(buf)),
+            (Some(FirstBytes::Http), _) => Ok(Started::PlainHttp(buf)),
             (_, TunnelStart::CheckedHttp) => {
                 let _ = client.shutdown().await;
                 Err(DenyReason::NotHttp)
@@ -75,25 +75,6 @@ pub(super) enum Started {
     PlainHttp(Vec<u8>),
 }
 
-/// Reads until the first bytes can be classified (a few bytes: a TLS
-/// record type or a method token) or the client stops sending.
-async fn read_start<C>(client: &mut C, buf: &mut Vec<u8>) -> Start
-where
-    C: AsyncRead + Unpin,
-{
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tunnel_http::classify(buf) {
-            Start::Incomplete => {}
-            decided => return decided,
-        }
-        match client.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Start::Incomplete,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
 /// `limit`) and returns the bytes read when its server name is `host`;
 /// otherwise the reason code, after telling a TLS client why.
@@ -102,44 +83,28 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = early;
-    buf.reserve(4096);
-    let parsed = tokio::time::timeout(limit, read_client_hello(client, &mut buf)).await;
-    let refusal = match parsed {
-        Ok(Ok(name)) if name == host => return Ok(buf),
-        Ok(Ok(name)) => {
+    // Only a ClientHello is waited for: other bytes are told apart at once.
+    let read = tokio::time::timeout(limit, first_bytes::read(client, &mut buf, 0)).await;
+    let refusal = match read {
+        Ok(Some(FirstBytes::Tls(Ok(name)))) if name == host => return Ok(buf),
+        Ok(Some(FirstBytes::Tls(Ok(name)))) => {
             tracing::debug!(sni = %name, connect = %host, "SNI does not name the CONNECT host");
             DenyReason::SniMismatch
         }
-        Ok(Err(e)) => {
+        Ok(Some(FirstBytes::Tls(Err(e)))) => {
             tracing::debug!(error = %e, connect = %host, "no usable ClientHello");
             e.deny_reason()
         }
+        Ok(Some(FirstBytes::Http | FirstBytes::Other)) => SniError::NotTls.deny_reason(),
+        // The client stopped before its ClientHello was complete.
+        Ok(None) => SniError::Incomplete.deny_reason(),
         Err(_) => DenyReason::SniTimeout,
     };
     if refusal != DenyReason::NotTls {
         // A fatal access_denied alert (RFC 8446 6.2), so the TLS client
         // reports a refusal rather than a bare reset.
-        let _ = client.write_all(&[21, 3, 3, 0, 2, 2, 49]).await;
+        let _ = client.write_all(&crate::sni::ACCESS_DENIED_ALERT).await;
     }
     let _ = client.shutdown().await;
     Err(refusal)
-}
-
-async fn read_client_hello<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<String, SniError>
-where
-    C: AsyncRead + Unpin,
-{
-    let mut chunk = [0u8; 4096];
-    loop {
-        match sni::server_name(buf) {
-            Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => {}
-            Err(SniError::Incomplete) => return Err(SniError::TooLarge),
-            decided => return decided,
-        }
-        let room = (sni::MAX_PEEK - buf.len()).min(chunk.len());
-        match client.read(&mut chunk[..room]).await {
-            Ok(0) | Err(_) => return Err(SniError::Incomplete),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
