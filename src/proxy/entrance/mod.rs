@@ -2,5 +2,6 @@
 //! [`Ask`](super::admit::Ask) and takes it through the one door; the strict
 //! framing check at the edge is shared by all of them.
 
+pub mod explicit;
 pub mod framing;
 pub mod transparent;

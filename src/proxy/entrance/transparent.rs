@@ -33,7 +33,8 @@ use crate::proxy::loops::{self, Loop};
 use crate::proxy::admit::{self, Ask, Evidence, Opened};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::relay::{copy, tunnel};
-use crate::proxy::{accept_until, admit_slot, forward, respond, Server, Shared, Snapshot};
+use crate::proxy::respond::respond;
+use crate::proxy::{accept_until, admit_slot, forward, Server, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::orig_dst;
 use crate::policy::RequestKind;
@@ -218,7 +219,7 @@ async fn handle(
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
-    let json = crate::proxy::error::accepts_json(req.headers().get(http::header::ACCEPT));
+    let json = crate::proxy::respond::accepts_json(req.headers().get(http::header::ACCEPT));
     // The same edge as the proxy port's; a CONNECT has nothing to connect.
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Redirected) {
         return Ok(respond(&shared, &snapshot, record, Err(ClientError::Refused(refusal).into()), json));
@@ -353,7 +354,7 @@ async fn open(
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
 fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    crate::proxy::record_failure(shared, record, err);
+    crate::proxy::respond::record_failure(shared, record, err);
     record.emit();
 }
 

@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::body::ProxyBody;
 use super::copy::{Activity, RelayEnd};
-use crate::proxy::error::{Answer, ClientError, ProxyError, UpstreamError};
+use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
+use crate::proxy::respond::Answer;
 use crate::proxy::framing::{check_head, Entrance, WatchedIo, Wire};
 use crate::access_log::Outcome;
 use crate::policy::DenyReason;
@@ -158,7 +159,7 @@ async fn exchange(
         target: Some((&host, ends.target.port)),
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
-        json: crate::proxy::error::accepts_json(req.headers().get(http::header::ACCEPT)),
+        json: crate::proxy::respond::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Tunnel) {
