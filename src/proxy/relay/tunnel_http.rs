@@ -159,6 +159,7 @@ async fn exchange(
         target: Some((&host, ends.target.port)),
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
+        denied_addr: None,
         json: crate::proxy::respond::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
