@@ -13,8 +13,8 @@ use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::error::UpstreamError;
-use super::upstream::Upstream;
+use crate::proxy::error::UpstreamError;
+use crate::proxy::upstream::Upstream;
 use crate::config::{ParentResolve, UpstreamProxyConfig};
 use crate::policy::cidr::CidrTable;
 use crate::policy::domain::DomainMatcher;
