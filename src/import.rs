@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(role("open-dummy-srv").mode, Mode::Open);
         assert_eq!(role("default").mode, Mode::Report);
         let config = imported.to_string();
-        crate::config::Config::from_yaml_str(&config, "imported.yaml").unwrap_or_else(|e| panic!("{e}\n{config}"));
+        crate::policytest::compile_text(&config, "imported.yaml").unwrap_or_else(|e| panic!("{e}\n{config}"));
     }
 
     #[test]

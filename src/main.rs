@@ -11,7 +11,7 @@ use portcullis::config::Config;
 use portcullis::policy::{Decision, PreResolution};
 use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
-use portcullis::proxy::Snapshot;
+use portcullis::snapshot::Snapshot;
 
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "An egress filtering forward proxy")]
@@ -167,8 +167,11 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Parses and compiles the config exactly as start-up does (certificate
+/// files are read); the descriptor budget is checked at start, against the
+/// limit the process then has.
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
-    match Config::load(&path) {
+    match Config::load(&path).and_then(|config| Snapshot::compile(&config, 1)) {
         Ok(_) => {
             println!("{}: ok", path.display());
             Ok(ExitCode::SUCCESS)
@@ -182,7 +185,7 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
 
 async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
-    let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
+    let snapshot = Snapshot::compile(&config, 1)?;
     let (kind, target) = match policytest::parse_request(url) {
         Ok(parsed) => parsed,
         Err(e) => {

@@ -14,8 +14,9 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::identity::{CertNames, Identities};
-use crate::policy::provenance::SourceLines;
 use crate::policy::{Decision, Policy, PreResolution, RequestKind, RoleId};
+use crate::snapshot::Snapshot;
+use crate::source_lines::SourceLines;
 use crate::target::{Host, Target};
 
 /// A case file that cannot be used.
@@ -259,8 +260,7 @@ pub struct PolicyUnderTest {
 impl PolicyUnderTest {
     /// Compiles the config's policy and identity rules.
     pub fn new(config: &Config) -> Result<Self, String> {
-        let policy = config.compile()?;
-        let identities = Identities::compile(&config.identity, &policy)?;
+        let Snapshot { policy, identities, .. } = Snapshot::compile(config, 1).map_err(|e| e.to_string())?;
         let users = config
             .identity
             .credentials

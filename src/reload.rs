@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::proxy::{Snapshot, SnapshotHandle};
+use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// What can trigger a reload, for the log.
 #[derive(Debug, Clone, Copy)]
@@ -70,8 +70,7 @@ impl Reloader {
         }
         let compiled = read.and_then(|bytes| Config::from_bytes(&bytes, &file)).and_then(|config| {
             let generation = self.generation.load(Ordering::SeqCst) + 1;
-            let snapshot = Snapshot::from_config(&config, generation)
-                .map_err(|message| ConfigError::Invalid { file: file.clone(), message, line: None })?;
+            let snapshot = Snapshot::compile(&config, generation)?;
             Ok((config, snapshot))
         });
         let (config, snapshot) = match compiled {

@@ -89,6 +89,25 @@ fn validate_accepts_shipped_and_refuses_bad_config() {
     assert!(stderr.contains("/nonexistent.yaml: cannot read"), "{stderr}");
 }
 
+/// `validate` runs the compile step start-up runs: checks across fields
+/// (with the line of the value) and the TLS material (files are read).
+#[test]
+fn validate_compiles_as_start_up_does() {
+    let carve = temp_file("carve.yaml", "listen: 127.0.0.1:0
+allow_ranges: [8.8.8.0/24]
+roles:
+  default: {}
+");
+    let (code, _, stderr) = portcullis(&["validate", "--config", carve.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("allow_ranges[0]: 8.8.8.0/24 is not inside any always-denied"), "{stderr}");
+    assert!(stderr.contains("at line 2"), "names the line: {stderr}");
+    let tls = temp_file("tls.yaml", "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\nroles:\n  default: {}\n");
+    let (code, _, stderr) = portcullis(&["validate", "--config", tls.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("tls.cert: cannot load /nonexistent/cert.pem"), "{stderr}");
+}
+
 /// `portcullis run` serves on the configured address, logs one JSON line
 /// per request, and denies the metadata address.
 #[tokio::test]

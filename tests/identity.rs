@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
-use portcullis::config::Config;
+use portcullis::config::{Config, ConfigError};
 use portcullis::metrics::Metrics;
 use portcullis::proxy::Server;
+use portcullis::snapshot::Snapshot;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -159,10 +160,15 @@ async fn challenge_mode_asks_unidentified_clients_for_credentials() {
     assert_eq!(metrics.auth_failures_repeated.get(), 5);
 }
 
+/// Parses and compiles a config as start-up does.
+fn compile(yaml: &str, file: &str) -> Result<Snapshot, ConfigError> {
+    Snapshot::compile(&Config::from_yaml_str(yaml, file)?, 1)
+}
+
 #[test]
 fn challenge_mode_needs_credentials_to_answer_with() {
     let yaml = "identity:\n  challenge_unauthenticated: true\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "c.yaml").err().expect("refused without credentials");
+    let err = compile(yaml, "c.yaml").err().expect("refused without credentials");
     assert!(err.to_string().contains("identity.challenge_unauthenticated"), "{err}");
 }
 
@@ -338,12 +344,12 @@ async fn mtls_listener_maps_certificates_to_roles() {
 #[test]
 fn bad_tls_material_is_refused_like_a_bad_config() {
     let yaml = "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "tls.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "tls.yaml").unwrap_err().to_string();
     assert!(err.starts_with("tls.yaml: tls.cert: cannot load /nonexistent/cert.pem"), "{err}");
     let yaml = "identity:\n  sources:\n    - {cidr: 10.0.0.0/8, role: nobody}\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "id.yaml").unwrap_err().to_string();
     assert!(err.contains("identity.sources[0].role: role \"nobody\" is not defined"), "{err}");
     let yaml = "identity:\n  credentials:\n    - {user: bob, token_sha256: \"00\", role: default}\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "id.yaml").unwrap_err().to_string();
     assert!(err.contains("identity.credentials[0]: give either user with password_sha256"), "{err}");
 }

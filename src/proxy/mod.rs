@@ -32,71 +32,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, Outcome};
-use crate::config::{Config, Limits, Timeouts};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::dns::Resolver;
-use crate::identity::{CertNames, Identities};
-use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
-use tokio_rustls::TlsAcceptor;
-use crate::target::{DomainName, Target};
+use crate::identity::CertNames;
+use crate::policy::{Decision, DenyReason, Permit, PreResolution, RequestKind, RoleId};
+use crate::target::Target;
 use body::ProxyBody;
 use error::{ClientError, ProxyError, UpstreamError};
 use framing::{WatchedIo, Wire};
 
-/// Everything a request needs that can change on reload, published as one
-/// snapshot so a request never mixes two configurations.
-pub struct Snapshot {
-    pub policy: Policy,
-    pub identities: Identities,
-    /// Present when the proxy port speaks TLS.
-    pub tls: Option<TlsAcceptor>,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    pub resolver: Resolver,
-    /// The parent proxy, when one is configured.
-    pub parent: Option<parent::Parent>,
-    /// The operator's lines for deny bodies.
-    pub deny_messages: error::DenyMessages,
-    /// 1 for the config loaded at start, +1 per successful reload.
-    pub generation: u64,
-}
-
-impl Snapshot {
-    /// Compiles a snapshot from a validated config.
-    pub fn from_config(config: &Config, generation: u64) -> Result<Self, String> {
-        let policy = config.compile()?;
-        let tls = match &config.tls {
-            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
-            None => None,
-        };
-        Ok(Snapshot {
-            identities: Identities::compile(&config.identity, &policy)?,
-            tls,
-            policy,
-            timeouts: config.timeouts.clone(),
-            limits: config.limits.clone(),
-            resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
-            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
-            deny_messages: error::DenyMessages::from_config(config),
-            generation,
-        })
-    }
-
-    /// True when `name` is handed to the parent proxy unresolved
-    /// (`upstream_proxy.resolve: parent`, and the request leaves through
-    /// the parent) and nothing in this config needs its addresses: a pinned
-    /// name is answered from config and checked, and a name a carve-out is
-    /// bound to must be resolved here for the carve-out to apply.
-    pub fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
-        let Some(parent) = &self.parent else { return false };
-        parent.resolves(self.policy.role(role).name(), kind, name)
-            && self.resolver.pinned(name).is_none()
-            && !self.policy.binds_name(role, target)
-    }
-}
-
-/// The shared, swappable snapshot. Reads are lock-free.
-pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
+pub use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// State shared by every connection of one proxy.
 pub struct Shared {
@@ -120,7 +65,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` with its own metrics registry.
     pub async fn bind(config: &Config) -> io::Result<Self> {
-        let snapshot = Snapshot::from_config(config, 1).map_err(io::Error::other)?;
+        let snapshot = Snapshot::compile(config, 1).map_err(io::Error::other)?;
         Self::bind_with(config.listen, snapshot, Arc::new(Metrics::new())).await
     }
 
