@@ -2,7 +2,9 @@
 //! unknown keys, and value types that validate while they parse (so errors
 //! carry file, line and field). Nothing here compiles the runtime: checks
 //! that span fields, and the compile into a running policy, live in
-//! `crate::snapshot`, the one compile step.
+//! `crate::snapshot`, the one compile step. Config imports only value
+//! leaves (`policy::{kind, domain, ranges}`, `target`, `source_lines`),
+//! never the engine, the proxy, TLS or identities.
 //!
 //! This module holds the top-level [`Config`] and its loading; `sections`
 //! the file's sections with their defaults; `values` the self-validating

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::Mode;
+use crate::policy::kind::Mode;
 use crate::target::Target;
 
 use super::values::{Cidr, ConfigDuration, DomainRule, RuleCidr};

@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use super::domain::DomainPattern;
 use super::ranges::{self, RangeKind};
 use super::registry;
-use super::{Mode, RequestKind};
+use super::kind::{Mode, RequestKind};
 pub use crate::source_lines::SourceLines;
 
 /// A rule of one policy snapshot. Small and `Copy`; meaningful only with the
