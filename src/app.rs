@@ -13,6 +13,7 @@ use crate::admin::{self, Health};
 use crate::config::{Config, ConfigError, ReloadConfig};
 use crate::metrics::Metrics;
 use crate::proxy::transparent::TransparentServer;
+use crate::proxy::error::UpstreamError;
 use crate::proxy::Server;
 use crate::snapshot::Snapshot;
 use crate::reload::Reloader;
@@ -52,6 +53,7 @@ impl App {
         }
         let snapshot = Snapshot::compile(&config, 1)?;
         let metrics = Arc::new(Metrics::new());
+        metrics.start_series(&snapshot.policy, config.transparent_listen.is_some(), &UpstreamError::CODES);
         metrics.count_reload(true, 1);
         let server = Server::bind_with(config.listen, snapshot, metrics.clone())
             .await

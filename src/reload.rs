@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::proxy::error::UpstreamError;
 use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// What can trigger a reload, for the log.
@@ -34,8 +35,8 @@ pub struct Reloader {
     path: PathBuf,
     handle: SnapshotHandle,
     metrics: Arc<Metrics>,
-    /// Settings that only take effect at start: (listen, admin_listen, reload settings).
-    fixed: (SocketAddr, SocketAddr, bool, Duration),
+    /// Settings that only take effect at start.
+    fixed: Fixed,
     generation: AtomicU64,
     /// Fingerprint of the file content last tried, so an unchanged (or
     /// unchanged broken) file is not reloaded again and again.
@@ -84,10 +85,12 @@ impl Reloader {
         if fixed_settings(&config) != self.fixed {
             tracing::warn!(
                 trigger = trigger.as_str(),
-                "listen, admin_listen and reload settings changed in the file; they take effect only after a restart"
+                "listen, admin_listen, transparent_listen and reload settings changed in the file; they take effect only after a restart"
             );
         }
         let generation = snapshot.generation;
+        let transparent = self.fixed.transparent_listen.is_some();
+        self.metrics.start_series(&snapshot.policy, transparent, &UpstreamError::CODES);
         // Counted before it is published: whoever observes the new policy
         // then also reads its generation in the metrics.
         self.metrics.count_reload(true, generation);
@@ -140,8 +143,25 @@ impl Reloader {
     }
 }
 
-fn fixed_settings(c: &Config) -> (SocketAddr, SocketAddr, bool, Duration) {
-    (c.listen, c.admin_listen, c.reload.watch, c.reload.interval.0)
+/// The settings that take effect only at start: the listeners and how
+/// reloads are triggered.
+#[derive(Debug, PartialEq, Eq)]
+struct Fixed {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    transparent_listen: Option<SocketAddr>,
+    watch: bool,
+    interval: Duration,
+}
+
+fn fixed_settings(c: &Config) -> Fixed {
+    Fixed {
+        listen: c.listen,
+        admin_listen: c.admin_listen,
+        transparent_listen: c.transparent_listen,
+        watch: c.reload.watch,
+        interval: c.reload.interval.0,
+    }
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {

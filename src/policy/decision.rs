@@ -49,6 +49,41 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// Every reason, so that the series counting them can exist before the
+    /// first deny (`every_reason_is_listed_once` checks the list).
+    pub const ALL: [DenyReason; 27] = {
+        use RangeKind::*;
+        [
+            DenyReason::DeniedRange(Metadata),
+            DenyReason::DeniedRange(LinkLocal),
+            DenyReason::DeniedRange(Loopback),
+            DenyReason::DeniedRange(Private),
+            DenyReason::DeniedRange(Special),
+            DenyReason::DeniedRange(Internal),
+            DenyReason::DeniedRange(SelfAddr),
+            DenyReason::DeniedName(Metadata),
+            DenyReason::DeniedName(LinkLocal),
+            DenyReason::DeniedName(Loopback),
+            DenyReason::DeniedName(Private),
+            DenyReason::DeniedName(Special),
+            DenyReason::DeniedName(Internal),
+            DenyReason::DeniedName(SelfAddr),
+            DenyReason::NotAllowListed,
+            DenyReason::PortNotAllowed,
+            DenyReason::DeniedByRole,
+            DenyReason::AuthRequired,
+            DenyReason::AuthFailed,
+            DenyReason::SniMismatch,
+            DenyReason::SniMissing,
+            DenyReason::NotTls,
+            DenyReason::SniTimeout,
+            DenyReason::InvalidTarget,
+            DenyReason::Revoked,
+            DenyReason::HostMismatch,
+            DenyReason::NotHttp,
+        ]
+    };
+
     /// The reason code.
     pub const fn as_str(self) -> &'static str {
         use RangeKind::*;
@@ -247,4 +282,40 @@ pub enum PreResolution<'t> {
     Decided(Decision),
     /// The name must be resolved and the addresses passed to [`Policy::decide`].
     Resolve(&'t DomainName),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each variant is in [`DenyReason::ALL`] exactly once: the match has
+    /// no wildcard, so a new variant does not compile until it is placed.
+    #[test]
+    fn every_reason_is_listed_once() {
+        let position = |reason: DenyReason| -> usize {
+            let kind = |k: RangeKind| RangeKind::ALL.iter().position(|x| *x == k).expect("every kind is listed");
+            match reason {
+                DenyReason::DeniedRange(k) => kind(k),
+                DenyReason::DeniedName(k) => 7 + kind(k),
+                DenyReason::NotAllowListed => 14,
+                DenyReason::PortNotAllowed => 15,
+                DenyReason::DeniedByRole => 16,
+                DenyReason::AuthRequired => 17,
+                DenyReason::AuthFailed => 18,
+                DenyReason::SniMismatch => 19,
+                DenyReason::SniMissing => 20,
+                DenyReason::NotTls => 21,
+                DenyReason::SniTimeout => 22,
+                DenyReason::InvalidTarget => 23,
+                DenyReason::Revoked => 24,
+                DenyReason::HostMismatch => 25,
+                DenyReason::NotHttp => 26,
+            }
+        };
+        for (i, reason) in DenyReason::ALL.iter().enumerate() {
+            assert_eq!(position(*reason), i, "{reason}");
+        }
+        let codes: std::collections::BTreeSet<&str> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), DenyReason::ALL.len(), "one code per reason");
+    }
 }

@@ -180,6 +180,11 @@ impl Policy {
         self.roles.iter().position(|r| &*r.name == name).map(RoleId)
     }
 
+    /// Every role, in the order of their ids.
+    pub fn roles(&self) -> &[Role] {
+        &self.roles
+    }
+
     /// The role behind an id from this snapshot.
     pub fn role(&self, id: RoleId) -> &Role {
         &self.roles[id.0]

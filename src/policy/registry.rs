@@ -39,6 +39,17 @@ pub enum RangeKind {
 }
 
 impl RangeKind {
+    /// Every kind.
+    pub const ALL: [RangeKind; 7] = [
+        RangeKind::Metadata,
+        RangeKind::LinkLocal,
+        RangeKind::Loopback,
+        RangeKind::Private,
+        RangeKind::Special,
+        RangeKind::Internal,
+        RangeKind::SelfAddr,
+    ];
+
     /// The reason-code fragment for this kind.
     pub const fn as_str(self) -> &'static str {
         match self {
