@@ -45,11 +45,7 @@ impl App {
     pub async fn start(path: &Path) -> Result<App, StartError> {
         let config = Config::load(path)?;
         if let Some(nofile) = crate::host::raise_nofile_limit() {
-            config.limits.check_fds(nofile).map_err(|message| ConfigError::Invalid {
-                file: path.display().to_string(),
-                message: format!("limits: {message}"),
-                line: None,
-            })?;
+            crate::snapshot::check_descriptors(&config, nofile)?;
         }
         let snapshot = Snapshot::compile(&config, 1)?;
         let metrics = Arc::new(Metrics::new());

@@ -70,6 +70,9 @@ impl Reloader {
             *last_seen = fingerprint(bytes);
         }
         let compiled = read.and_then(|bytes| Config::from_bytes(&bytes, &file)).and_then(|config| {
+            if let Some(nofile) = crate::host::nofile_limit() {
+                crate::snapshot::check_descriptors(&config, nofile)?;
+            }
             let generation = self.generation.load(Ordering::SeqCst) + 1;
             let snapshot = Snapshot::compile(&config, generation)?;
             Ok((config, snapshot))

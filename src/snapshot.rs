@@ -71,6 +71,14 @@ impl Snapshot {
     }
 }
 
+/// Refuses a config whose limits cannot be served within `nofile` open
+/// files. Start-up checks against the limit it raised; a reload against the
+/// limit in force, so raising `max_connections` or `max_idle_upstream`
+/// past it is refused and the running policy stays.
+pub fn check_descriptors(config: &Config, nofile: u64) -> Result<(), ConfigError> {
+    config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))
+}
+
 /// Compiles the policy alone, for tools that judge requests without
 /// serving them (fuzzing, the policy tests of other modules).
 pub fn compile_policy(config: &Config) -> Result<Policy, ConfigError> {
