@@ -14,6 +14,7 @@ pub mod dns;
 pub mod host;
 pub mod identity;
 pub mod import;
+pub mod input;
 pub mod logging;
 pub mod metrics;
 pub mod orig_dst;

@@ -284,7 +284,13 @@ fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyh
 
 fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
-    let text = std::fs::read_to_string(&log).with_context(|| format!("{}: cannot read", log.display()))?;
+    let text = match portcullis::input::read(&log, portcullis::input::DECISION_LOG) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     match portcullis::suggest::suggest(put.policy(), &text, &log.display().to_string(), role) {
         Ok(suggestion) => {
             print!("{suggestion}");
@@ -298,10 +304,10 @@ fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<
 }
 
 fn import_smokescreen(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let text = match std::fs::read_to_string(&path) {
+    let text = match portcullis::input::read(&path, portcullis::input::IMPORT) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("{}: cannot read: {e}", path.display());
+            eprintln!("{e}");
             return Ok(ExitCode::from(2));
         }
     };

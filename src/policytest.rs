@@ -22,17 +22,16 @@ use crate::target::{Host, Target};
 /// A case file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CaseFileError {
-    /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
-    Io {
-        /// The file as named.
-        file: String,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// The file is not a valid case file; `line` is 1-based when known.
-    #[error("{file}:{}: {message}", line.map_or("?".to_string(), |l| l.to_string()))]
+    /// The file could not be read, is too large or too deep, or is not a
+    /// valid case file; `line` is 1-based when known.
+    #[error("{file}{}: {message}", line.map_or(String::new(), |l| format!(":{l}")))]
     Invalid { file: String, line: Option<usize>, message: String },
+}
+
+impl From<crate::input::InputError> for CaseFileError {
+    fn from(e: crate::input::InputError) -> Self {
+        CaseFileError::Invalid { file: e.file, line: e.line, message: e.reason }
+    }
 }
 
 /// A case file as written.
@@ -165,14 +164,14 @@ pub fn parse_request(url: &str) -> Result<(RequestKind, Target), String> {
 impl CaseFile {
     /// Reads and checks a case file.
     pub fn load(path: &Path) -> Result<Self, CaseFileError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CaseFileError::Io { file: file.clone(), source })?;
-        Self::parse(&text, &file)
+        let text = crate::input::read(path, crate::input::CASES).map_err(CaseFileError::from)?;
+        Self::parse(&text, &path.display().to_string())
     }
 
     /// Checks case-file text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, CaseFileError> {
         let invalid = |line: Option<usize>, message: String| CaseFileError::Invalid { file: file.to_string(), line, message };
+        crate::input::check(text, file, crate::input::CASES)?;
         let raw: CaseFileRaw =
             serde_yaml_ng::from_str(text).map_err(|e| invalid(e.location().map(|l| l.line()), e.to_string()))?;
         let lines = SourceLines::index(file, text);

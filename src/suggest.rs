@@ -95,8 +95,12 @@ pub fn suggest(policy: &Policy, log: &str, file: &str, only_role: Option<&str>) 
         if text.trim().is_empty() {
             continue;
         }
-        let line: LogLine = serde_json::from_str(text)
-            .map_err(|e| SuggestError::BadLine { file: file.to_string(), line: i + 1, message: e.to_string() })?;
+        let bad = |message: String| SuggestError::BadLine { file: file.to_string(), line: i + 1, message };
+        if crate::input::line_too_deep(text, crate::input::DECISION_LOG) {
+            let bounds = crate::input::DECISION_LOG;
+            return Err(bad(format!("nested deeper than the {} levels allowed for {}", bounds.max_depth, bounds.what)));
+        }
+        let line: LogLine = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if line.target != "portcullis::access" || !matches!(line.decision.as_str(), "would_deny" | "deny") {
             continue;
         }

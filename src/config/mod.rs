@@ -35,6 +35,16 @@ pub enum ConfigError {
     Invalid { file: String, message: String, line: Option<usize> },
 }
 
+impl From<crate::input::InputError> for ConfigError {
+    fn from(e: crate::input::InputError) -> Self {
+        let message = match e.line {
+            Some(line) => format!("{} at line {line}", e.reason),
+            None => e.reason,
+        };
+        ConfigError::Invalid { file: e.file, message, line: e.line }
+    }
+}
+
 impl ConfigError {
     /// The 1-based line of the offending value, when known.
     pub fn line(&self) -> Option<usize> {
@@ -120,9 +130,8 @@ pub use values::*;
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
-        Config::from_bytes(&bytes, &file)
+        let text = crate::input::read(path, crate::input::CONFIG).map_err(ConfigError::from)?;
+        Config::from_yaml_str(&text, &path.display().to_string())
     }
 
     /// Parses and validates the bytes of a config file; `file` names it in errors.
@@ -139,6 +148,7 @@ impl Config {
     /// errors. Checks across fields run when the config is compiled
     /// (`Snapshot::compile`).
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+        crate::input::check(text, file, crate::input::CONFIG)?;
         let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
             file: file.to_string(),
             line: e.location().map(|l| l.line()),
