@@ -134,16 +134,6 @@ impl Config {
         Config::from_yaml_str(&text, &path.display().to_string())
     }
 
-    /// Parses and validates the bytes of a config file; `file` names it in errors.
-    pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Config, ConfigError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Invalid {
-            file: file.to_string(),
-            message: format!("not UTF-8 text: {e}"),
-            line: Some(bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1),
-        })?;
-        Config::from_yaml_str(text, file)
-    }
-
     /// Parses config text and validates each value; `file` names it in
     /// errors. Checks across fields run when the config is compiled
     /// (`Snapshot::compile`).
@@ -157,6 +147,16 @@ impl Config {
         config.source = Some(Arc::new(SourceLines::index(file, text)));
         config.text = Some(text.into());
         Ok(config)
+    }
+
+    /// The files the compile step reads besides the config itself (bearer
+    /// token files, TLS certificates, keys and CA bundles), so that a
+    /// reload can follow their rotation as it follows the config's.
+    pub fn referenced_files(&self) -> Vec<&Path> {
+        let tokens = self.identity.credentials.iter().filter_map(|c| c.token_file.as_deref());
+        let tls = self.tls.iter().flat_map(|t| [Some(t.cert.as_path()), Some(t.key.as_path()), t.client_ca.as_deref()]).flatten();
+        let parent = self.upstream_proxy.iter().filter_map(|p| p.ca_file.as_deref());
+        tokens.chain(tls).chain(parent).collect()
     }
 
     /// The file the config was read from, for errors (`config` when it was
@@ -227,6 +227,18 @@ mod tests {
             let got = ParentUrl::parse(text).ok().map(|u| (u.target.to_string(), u.tls));
             assert_eq!(got, want.map(|(t, tls)| (t.to_string(), tls)), "{text}");
         }
+    }
+
+    /// The files a reload watches besides the config: every file the
+    /// compile step reads.
+    #[test]
+    fn referenced_files_are_every_file_the_compile_reads() {
+        let yaml = "tls: {cert: /c.pem, key: /k.pem, client_ca: /ca.pem}\n\
+                    identity:\n  credentials:\n    - {token_file: /t1, role: default}\n    - {token_sha256: \"00\", role: default}\n\
+                    upstream_proxy: {url: \"https://p.example\", ca_file: /pca.pem}\nroles:\n  default: {}\n";
+        let c = Config::from_yaml_str(yaml, "f.yaml").unwrap();
+        let files: Vec<&str> = c.referenced_files().iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(files, ["/t1", "/c.pem", "/k.pem", "/ca.pem", "/pca.pem"]);
     }
 
     #[test]
