@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
-use portcullis::policy::{Decision, PreResolution};
+use portcullis::policy::Decision;
 use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
 use portcullis::snapshot::Snapshot;
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Check { config, role, url, explain } => runtime.block_on(check(config, role.as_deref(), &url, explain)),
-        Command::Test { config, junit, cases } => test(config, junit, &cases),
+        Command::Test { config, junit, cases } => runtime.block_on(test(config, junit, &cases)),
         Command::Suggest { config, log, role } => suggest(config, log, role.as_deref()),
         Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
@@ -198,15 +198,14 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
         Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
         None => policy.default_role(),
     };
-    let (decision, addrs) = match policy.pre_resolution(role, kind, &target) {
-        PreResolution::Decided(d) => (d, literal_addr(&target.host).into_iter().collect()),
-        // As the proxy does: no local DNS for a name the parent resolves.
-        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, &target, name) => {
-            (policy.decide_name_only(role, kind, &target), Vec::new())
-        }
-        PreResolution::Resolve(name) => {
-            let addrs = snapshot.resolver.resolve(name).await.with_context(|| format!("resolve-failed: {name}"))?;
-            (policy.decide(role, kind, &target, &addrs), addrs)
+    // The proxy's own decision, on the real resolver.
+    let decided = snapshot.rules().decide(role, kind, &target, None, &snapshot.resolver).await;
+    let (decision, addrs) = match decided {
+        Ok(decided) if decided.addrs.is_empty() => (decided.decision, literal_addr(&target.host).into_iter().collect()),
+        Ok(decided) => (decided.decision, decided.addrs),
+        Err(unresolved) => {
+            let name = target.host.to_text();
+            return Err(anyhow::Error::new(unresolved.error).context(format!("resolve-failed: {name}")));
         }
     };
     if explain {
@@ -255,7 +254,7 @@ fn policy_under_test(config: &std::path::Path) -> Option<PolicyUnderTest> {
 }
 
 /// Runs case files; bad input (config or cases) is exit code 2.
-fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+async fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
     let mut files = Vec::with_capacity(case_paths.len());
     for path in case_paths {
@@ -267,7 +266,7 @@ fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyh
             }
         }
     }
-    let results = put.run_all(&files);
+    let results = put.run_all(&files).await;
     for r in &results {
         match &r.failure {
             None => println!("PASS {}: {}", r.case, r.got),

@@ -2,8 +2,9 @@
 //!
 //! A case file names clients (a role, or an identity the config maps to a
 //! role), targets and the expected decision; a `resolve:` map stands in for
-//! DNS so a run is hermetic. Each case is decided by the same
-//! [`Policy`] code as the proxy, and its result names the deciding rule.
+//! DNS so a run is hermetic. Each case is decided by the proxy's own
+//! decision ([`Rules::decide`], which also models a parent proxy that
+//! resolves names itself), and its result names the deciding rule.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -13,11 +14,14 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
-use crate::policy::{Decision, Policy, PreResolution, RequestKind, RoleId};
+use crate::policy::{Decision, Policy, RequestKind, RoleId};
+use crate::proxy::admit::{Lookup, Rules};
+use crate::proxy::parent::Parent;
 use crate::snapshot::Snapshot;
 use crate::source_lines::SourceLines;
-use crate::target::{Host, Target};
+use crate::target::{DomainName, Host, Target};
 
 /// A case file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -254,24 +258,46 @@ pub struct CaseResult {
     pub failure: Option<String>,
 }
 
-/// The config under test: the policy and how clients map to roles.
+/// The config under test: the policy, how clients map to roles, and what
+/// the proxy would hand to its parent unresolved.
 pub struct PolicyUnderTest {
     policy: Policy,
     identities: Identities,
     users: BTreeMap<String, String>,
+    parent: Option<Parent>,
+    pinned: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// A case file's DNS: names pinned in the config first, as the proxy's
+/// resolver answers them, then the file's `resolve:` map.
+struct CaseAnswers<'a> {
+    pinned: &'a BTreeMap<String, Vec<IpAddr>>,
+    resolve: &'a BTreeMap<String, Vec<IpAddr>>,
+}
+
+impl Lookup for CaseAnswers<'_> {
+    fn answer(&self, name: &DomainName) -> &'static str {
+        if self.pinned.contains_key(name.as_str()) { "static" } else { "cases" }
+    }
+
+    async fn resolve(&self, name: &DomainName) -> Result<Vec<IpAddr>, ResolveError> {
+        let name = name.as_str();
+        self.pinned.get(name).or_else(|| self.resolve.get(name)).cloned().ok_or(ResolveError::NoAddresses)
+    }
 }
 
 impl PolicyUnderTest {
     /// Compiles the config's policy and identity rules.
     pub fn new(config: &Config) -> Result<Self, String> {
-        let Snapshot { policy, identities, .. } = Snapshot::compile(config, 1).map_err(|e| e.to_string())?;
+        let Snapshot { policy, identities, parent, .. } = Snapshot::compile(config, 1).map_err(|e| e.to_string())?;
         let users = config
             .identity
             .credentials
             .iter()
             .filter_map(|c| c.user.clone().map(|u| (u, c.role.clone())))
             .collect();
-        Ok(PolicyUnderTest { policy, identities, users })
+        let pinned = config.dns.pinned.iter().map(|(name, addrs)| (name.0.as_str().to_string(), addrs.clone())).collect();
+        Ok(PolicyUnderTest { policy, identities, users, parent, pinned })
     }
 
     /// The compiled policy.
@@ -303,38 +329,42 @@ impl PolicyUnderTest {
     }
 
     /// Decides one case against the stubbed DNS of its file.
-    pub fn run(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> CaseResult {
-        let got = self.decide(case, resolve);
+    pub async fn run(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> CaseResult {
+        let got = self.decide(case, resolve).await;
         let failure = judge(case, &got);
         CaseResult { case: case.clone(), got, failure }
     }
 
-    fn decide(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> Outcome {
+    /// The proxy's own decision ([`Rules::decide`]), with the case file
+    /// for DNS and the config's parent proxy.
+    async fn decide(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> Outcome {
         let role = match self.role(&case.client) {
             Ok(role) => role,
             Err(outcome) => return outcome,
         };
         let role_name = self.policy.role(role).name().to_string();
-        let decision = match self.policy.pre_resolution(role, case.kind, &case.target) {
-            PreResolution::Decided(d) => d,
-            PreResolution::Resolve(name) => match resolve.get(name.as_str()) {
-                Some(addrs) => self.policy.decide(role, case.kind, &case.target, addrs),
-                None => {
-                    return Outcome {
-                        decision: Expect::Deny,
-                        reason: Some("resolve-failed".to_string()),
-                        role: role_name,
-                        rule: format!("{name} is not in the case file's resolve: map"),
-                    }
-                }
+        let rules = Rules { policy: &self.policy, parent: self.parent.as_ref() };
+        let lookup = CaseAnswers { pinned: &self.pinned, resolve };
+        match rules.decide(role, case.kind, &case.target, None, &lookup).await {
+            Ok(decided) => outcome_of(&self.policy, &decided.decision, role_name),
+            Err(_) => Outcome {
+                decision: Expect::Deny,
+                reason: Some("resolve-failed".to_string()),
+                role: role_name,
+                rule: format!("{} is not in the case file's resolve: map", case.target.host.to_text()),
             },
-        };
-        outcome_of(&self.policy, &decision, role_name)
+        }
     }
 
     /// Runs every case of every file, in order.
-    pub fn run_all(&self, files: &[CaseFile]) -> Vec<CaseResult> {
-        files.iter().flat_map(|f| f.cases.iter().map(|c| self.run(c, &f.resolve))).collect()
+    pub async fn run_all(&self, files: &[CaseFile]) -> Vec<CaseResult> {
+        let mut results = Vec::new();
+        for file in files {
+            for case in &file.cases {
+                results.push(self.run(case, &file.resolve).await);
+            }
+        }
+        results
     }
 }
 
@@ -475,8 +505,8 @@ mod tests {
 
     const CONFIG: &str = "roles:\n  default:\n    allow:\n      domains: [example.com]\n  ci:\n    mode: report\n";
 
-    #[test]
-    fn cases_pass_fail_and_name_the_rule() {
+    #[tokio::test]
+    async fn cases_pass_fail_and_name_the_rule() {
         let put = compile_text(CONFIG, "p.yaml").unwrap();
         let file = CaseFile::parse(
             "resolve:\n  example.com: [93.184.216.34]\n  other.net: [8.8.8.8]\ncases:\n\
@@ -488,7 +518,7 @@ mod tests {
             "c.yaml",
         )
         .unwrap();
-        let results = put.run_all(&[file]);
+        let results = put.run_all(&[file]).await;
         let failed: Vec<Option<usize>> = results.iter().filter(|r| r.failure.is_some()).map(|r| r.case.line).collect();
         assert_eq!(failed, [Some(8), Some(9)], "{results:#?}");
         assert!(results[3].failure.as_ref().unwrap().contains("expected allow, got deny (denied-range:metadata)"));
