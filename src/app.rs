@@ -93,7 +93,8 @@ impl App {
 
     /// Serves until `shutdown` completes, then drains (see [`Server::run_until`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone()))];
+        let serving = self.server.snapshot_handle();
+        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone(), serving))];
         if self.reload.watch {
             background.push(tokio::spawn(self.reloader.clone().watch(self.reload.interval.0)));
         }

@@ -266,6 +266,7 @@ pub struct PolicyUnderTest {
     users: BTreeMap<String, String>,
     parent: Option<Parent>,
     pinned: BTreeMap<String, Vec<IpAddr>>,
+    role_names: Vec<String>,
 }
 
 /// A case file's DNS: names pinned in the config first, as the proxy's
@@ -297,7 +298,8 @@ impl PolicyUnderTest {
             .filter_map(|c| c.user.clone().map(|u| (u, c.role.clone())))
             .collect();
         let pinned = config.dns.pinned.iter().map(|(name, addrs)| (name.0.as_str().to_string(), addrs.clone())).collect();
-        Ok(PolicyUnderTest { policy, identities, users, parent, pinned })
+        let role_names = config.roles.keys().cloned().collect();
+        Ok(PolicyUnderTest { policy, identities, users, parent, pinned, role_names })
     }
 
     /// The compiled policy.
@@ -326,6 +328,40 @@ impl PolicyUnderTest {
                 .map(|(role, _)| role)
                 .map_err(|reason| refused("", reason.as_str(), "identity.require_credentials")),
         }
+    }
+
+    /// Refuses cases this config cannot decide, so they cannot pass by
+    /// accident: a role the config does not define (it would be denied as
+    /// `unknown-role`), and a name the policy must resolve that the file's
+    /// `resolve:` map lacks (it would be denied as `resolve-failed`, which
+    /// the proxy answers as a 502 error, not a policy deny), unless the case
+    /// expects exactly `reason: resolve-failed`.
+    pub fn check_decidable(&self, file: &CaseFile) -> Result<(), CaseFileError> {
+        for case in &file.cases {
+            let invalid = |message: String| CaseFileError::Invalid {
+                file: case.file.clone(),
+                line: case.line,
+                message: format!("case {:?}: {message}", case.name),
+            };
+            if let Client::Role(name) = &case.client {
+                if self.policy.role_id(name).is_none() {
+                    let defined = self.role_names.join(", ");
+                    return Err(invalid(format!("role {name:?} is not defined in the config (its roles: {defined})")));
+                }
+            }
+            let Ok(role) = self.role(&case.client) else { continue };
+            let crate::policy::PreResolution::Resolve(name) = self.policy.pre_resolution(role, case.kind, &case.target) else { continue };
+            let expects_failure = case.reason.as_deref() == Some("resolve-failed");
+            let answered = file.resolve.contains_key(name.as_str()) || self.pinned.contains_key(name.as_str());
+            let parent_resolves = self.parent.as_ref().is_some_and(|p| p.resolves(self.policy.role(role).name(), case.kind, &name));
+            if !answered && !parent_resolves && !expects_failure {
+                return Err(invalid(format!(
+                    "{name} must be resolved to be decided, and the file's resolve: map has no entry for it \
+                     (add one, or expect `reason: resolve-failed`)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Decides one case against the stubbed DNS of its file.

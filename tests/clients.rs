@@ -226,6 +226,26 @@ async fn assert_proxied(proxy: &BinaryProxy, world: &World) {
     }
 }
 
+/// What a user runs after a failed HTTPS request, `portcullis why` against
+/// the proxy's admin port: it lists this client's denials with the reason
+/// of each HTTPS deny the client itself may not have shown.
+fn assert_why_names_the_https_reasons(client: &str, world: &World) {
+    let admin = world.plain.admin.to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "PORTCULLIS_ADMIN"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.args(["why", "--admin", &admin]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{client}: why: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        format!(" connect blocked.test:{}  not-allowlisted  role=default", world.https),
+        " connect 169.254.169.254:443  denied-range:metadata  role=default".to_string(),
+    ] {
+        assert!(stdout.contains(&want), "{client}: `portcullis why` lacks {want:?}:\n{stdout}");
+    }
+}
+
 #[tokio::test]
 async fn curl() {
     let world = World::start("clients-curl").await;
@@ -240,6 +260,7 @@ async fn curl() {
         assert!(text.contains("403 Forbidden (portcullis: "), "curl -v {id}: {text}");
     }
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("curl", &world);
 }
 
 #[tokio::test]
@@ -254,6 +275,7 @@ async fn python_urllib_and_requests() {
         check_cases(library, &reports, "", Shows::Reason, Shows::Reason);
     }
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("python", &world);
 }
 
 #[tokio::test]
@@ -273,6 +295,7 @@ async fn java_httpclient_and_httpurlconnection() {
     check_cases("Java HttpClient", &reports, "-hc", Shows::Reason, Shows::CodeOnly);
     check_cases("Java HttpURLConnection", &reports, "-uc", Shows::Reason, Shows::Reason);
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("java", &world);
     // Credentials are sent only when challenged: the default role would deny
     // team.test, so the challenge proxy asks, and the client gets its role.
     for id in ["auth-http-hc", "auth-http-uc", "auth-https-hc", "auth-https-uc"] {
@@ -304,6 +327,7 @@ async fn node_fetch_with_undici_env_proxy_agent() {
     // EnvHttpProxyAgent tunnels http:// URLs too, so every deny is a refused
     // CONNECT, which undici reports as "Proxy response (403) !== 200".
     check_cases("undici", &reports, "", Shows::CodeOnly, Shows::CodeOnly);
+    assert_why_names_the_https_reasons("undici", &world);
     // The http:// cases went through tunnels to an http_ports port.
     let tunnel = ["\"method\":\"CONNECT\"", "\"decision\":\"allow\"", &format!("\"port\":{},", world.http)];
     let tunnels = world.plain.lines_with(&tunnel, 1).await;

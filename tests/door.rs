@@ -188,9 +188,8 @@ async fn bulk_tunnels_of_one_client_leave_descriptors_for_another() {
     use std::io::BufRead;
     let echo = start_tcp_echo().await;
     let origin = start_http_origin().await;
-    let (port, admin) = (0, 0);
     let yaml = format!(
-        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n\
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n\
          limits:\n  max_connections: 100\n  max_connections_per_client: 60\n  max_tunnels: 100\n  max_tunnels_per_client: 60\n  max_idle_upstream: 20\n\
          allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{}], connect_ports: [{}]}}\n",
         origin.port(),
@@ -207,7 +206,7 @@ async fn bulk_tunnels_of_one_client_leave_descriptors_for_another() {
     let first = lines.next().expect("a startup line").unwrap();
     assert!(first.contains("portcullis listening"), "{first}");
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (proxy, _admin) = listening_addrs(&first);
 
     let mut held = Vec::new();
     for i in 0..60 {

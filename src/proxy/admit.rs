@@ -293,6 +293,9 @@ pub fn identify(snapshot: &Snapshot, who: &Evidence, record: &mut AccessRecord) 
     let (role, source) = who.identify(&snapshot.identities, &snapshot.policy)?;
     let role_of = snapshot.policy.role(role);
     record.identity = source.as_str();
+    if let (IdentitySource::Credentials, Evidence::Proxy { credentials: Some(presented), .. }) = (source, who) {
+        record.credentials = Some(crate::denials::credential_digest(presented.as_bytes()));
+    }
     record.role = role_of.name().to_string();
     record.mode = role_of.mode();
     Ok((role, source))
@@ -324,6 +327,10 @@ async fn decide(shared: &Shared, snapshot: &Snapshot, role: RoleId, ask: &Ask, r
     match decided.decision {
         Decision::Deny { reason, rule } => {
             record.rule = Some(policy.rule_ref(rule));
+            // For the deny's carve-out hint: the address that was denied.
+            if let DenyReason::DeniedRange(_) = reason {
+                record.denied_addr = decided.addrs.iter().copied().find(|a| policy.denied_range_for(role, *a).is_some());
+            }
             Err(ProxyError::Denied(reason))
         }
         Decision::Allow(permit) => {

@@ -392,6 +392,7 @@ fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: P
         target: (record.port != 0).then_some((record.host.as_str(), record.port)),
         role,
         deny_message: snapshot.deny_messages.for_role(role),
+        denied_addr: record.denied_addr,
         json,
         close: matches!(failure, repeats::Failure::Repeat { .. }),
     };

@@ -195,6 +195,7 @@ async fn exchange(
         target: Some((&host, ends.target.port)),
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
+        denied_addr: None,
         json: super::error::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
