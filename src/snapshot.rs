@@ -19,10 +19,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Config, ConfigError, Limits, Timeouts, UpstreamProxyConfig};
 use crate::dns::Resolver;
 use crate::identity::Identities;
-use crate::policy::{Policy, RequestKind, RoleId};
+use crate::policy::Policy;
 use crate::proxy::error::DenyMessages;
 use crate::proxy::parent::Parent;
-use crate::target::{DomainName, Target};
 
 /// Everything a request needs that can change on reload, published as one
 /// snapshot so a request never mixes two configurations.
@@ -56,18 +55,6 @@ impl Snapshot {
     /// identities, parent, TLS material (files are read) and resolver.
     pub fn compile(config: &Config, generation: u64) -> Result<Snapshot, ConfigError> {
         compile(config, generation).map_err(|refused| refused.about(config))
-    }
-
-    /// True when `name` is handed to the parent proxy unresolved
-    /// (`upstream_proxy.resolve: parent`, and the request leaves through
-    /// the parent) and nothing in this config needs its addresses: a pinned
-    /// name is answered from config and checked, and a name a carve-out is
-    /// bound to must be resolved here for the carve-out to apply.
-    pub fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
-        let Some(parent) = &self.parent else { return false };
-        parent.resolves(self.policy.role(role).name(), kind, name)
-            && self.resolver.pinned(name).is_none()
-            && !self.policy.binds_name(role, target)
     }
 }
 
