@@ -21,6 +21,7 @@ pub mod policy;
 pub mod policytest;
 pub mod proxy;
 pub mod reload;
+pub mod scan;
 pub mod sni;
 pub mod suggest;
 pub mod target;
