@@ -95,3 +95,49 @@ fn bad_input_exits_2() {
     let (code, _, _) = scan(&["--config", &path("tests/fixtures/scan/broken.yaml"), &path("tests/fixtures/scan/flows")]);
     assert_eq!(code, 2, "a config that does not load is bad input");
 }
+
+/// The scan command a CI snippet runs, its `$VARS` expanded from the
+/// snippet's own variables, as arguments after `scan`.
+fn snippet_command(command: &str, vars: &serde_yaml_ng::Mapping) -> Vec<String> {
+    let from = command.find("scan --config").expect("the snippet runs portcullis scan");
+    command[from + "scan".len()..]
+        .split_whitespace()
+        .map(|word| {
+            let word = word.trim_matches('"');
+            match word.strip_prefix('$') {
+                Some(name) => vars[name].as_str().unwrap_or_else(|| panic!("{name} is set by the snippet")).to_string(),
+                None => word.to_string(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn ci_snippets_fail_a_flows_directory_naming_metadata() {
+    let github: serde_yaml_ng::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(repo("deploy/ci/github-actions-scan.yml")).unwrap()).unwrap();
+    let job = &github["jobs"]["scan"];
+    let run = job["steps"].as_sequence().unwrap().iter().find_map(|s| s["run"].as_str()).unwrap();
+    let gh = snippet_command(run, job["env"].as_mapping().unwrap());
+    let gitlab: serde_yaml_ng::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(repo("deploy/ci/gitlab-ci-scan.yml")).unwrap()).unwrap();
+    let job = &gitlab["portcullis-scan"];
+    let script = job["script"].as_sequence().unwrap().iter().filter_map(|s| s.as_str()).find(|s| s.starts_with("portcullis scan")).unwrap();
+    let gl = snippet_command(script, job["variables"].as_mapping().unwrap());
+    for (name, args) in [("github", gh), ("gitlab", gl)] {
+        // A checkout laid out as the snippet expects: the policy and a flows directory.
+        let root = std::env::temp_dir().join(format!("portcullis-scan-{}/{name}", std::process::id()));
+        let policy = root.join(&args[1]);
+        let flows = root.join(args.last().unwrap());
+        std::fs::create_dir_all(policy.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(&flows).unwrap();
+        std::fs::copy(repo("config/portcullis.yaml"), &policy).unwrap();
+        std::fs::copy(repo("tests/fixtures/scan/flows/kestra-metadata.yml"), flows.join("flow.yml")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("scan").args(&args).current_dir(&root).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{name}: {args:?}: {stdout}");
+        assert!(stdout.contains("/flow.yml:6: deny http metadata.google.internal:80 role=default"), "{name}: {stdout}");
+        std::fs::remove_file(flows.join("flow.yml")).unwrap();
+        std::fs::write(flows.join("ok.yml"), "id: ok\nnamespace: t\ntasks: [{id: a, type: io.kestra.plugin.core.http.Request, uri: \"https://pypi.org/simple/\"}]\n").unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("scan").args(&args).current_dir(&root).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
