@@ -52,7 +52,12 @@ for (const path of ["deploy/kubernetes/monitoring/servicemonitor.yaml", "deploy/
     check(`${path} ${doc.kind}`, () => new models[doc.kind](doc));
   }
 }
-for (const path of ["deploy/argo/workflow-controller-configmap.transparent.yaml", "deploy/argo/workflow-controller-configmap.cooperative.yaml"]) {
+const argoConfigMaps = [
+  "deploy/argo/workflow-controller-configmap.transparent.yaml",
+  "deploy/argo/workflow-controller-configmap.cooperative.yaml",
+  "deploy/argo/node/workflow-controller-configmap.yaml",
+];
+for (const path of argoConfigMaps) {
   const cm = docs(path)[0];
   const defaults = yaml.load(cm.data.workflowDefaults);
   // A Workflow needs an entrypoint and templates; the defaults fill the rest.
