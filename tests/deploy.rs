@@ -527,55 +527,12 @@ const PROXY_NAMESPACE: &str = "egress";
 
 /// The pod spec patch the enforcing Argo recipe adds to every workflow pod.
 fn argo_patch() -> Value {
-    let defaults = workflow_defaults("deploy/argo/workflow-controller-configmap.transparent.yaml");
+    let defaults = workflow_defaults("deploy/argo/sidecar/workflow-controller-configmap.yaml");
     let patch = defaults["spec"]["podSpecPatch"].as_str().expect("a workflow-level podSpecPatch (a string)");
     serde_yaml_ng::from_str(patch).unwrap_or_else(|e| panic!("podSpecPatch: {e}"))
 }
 
-/// Argo, enforcing: the patch adds the redirect step and the Portcullis
-/// native sidecar exactly as the transparent-sidecar manifest runs them:
-/// same exempt uid, port, config mount, probes; the ConfigMap it mounts is
-/// the one the recipe ships, with `transparent_listen` on that port.
-#[test]
-fn argo_transparent_recipe_is_consistent() {
-    let (_, admin) = shipped_ports();
-    let patch = argo_patch();
-    let init = patch["initContainers"].as_sequence().unwrap();
-    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, [REDIRECT_INIT, "portcullis"], "the redirect step first, then the sidecar");
-    let (redirect, proxy) = (&init[0], &init[1]);
-    assert_eq!(proxy["restartPolicy"].as_str(), Some("Always"), "a native sidecar");
-    let args: Vec<&str> = proxy["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(args, ["run", "--config", CONFIG_PATH]);
-    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
-    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
-        assert_eq!(proxy[probe]["httpGet"]["port"].as_u64(), Some(u64::from(admin)), "{probe}");
-    }
-    let mount = &proxy["volumeMounts"][0];
-    assert_eq!(mount["mountPath"].as_str(), Some("/etc/portcullis"));
-    let volume = patch["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("the config volume");
-    let configmap = volume["configMap"]["name"].as_str().unwrap();
-    let rel = "deploy/argo/portcullis-transparent.yaml";
-    let shipped = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap();
-    assert_eq!(shipped["metadata"]["name"].as_str(), Some(configmap), "the patch mounts the ConfigMap the recipe ships");
-    let port = transparent_port(shipped["data"]["portcullis.yaml"].as_str().unwrap(), rel);
-    let env = env_vars(&redirect["env"]);
-    assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
-    let uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
-    assert_eq!(setting(&env, "PORTCULLIS_UID"), uid.to_string(), "the sidecar runs as the exempt uid");
-    assert!(!setting(&env, "PORTCULLIS_EXCLUDE").is_empty(), "the executor needs the API server directly");
-    assert_eq!(redirect["securityContext"]["capabilities"]["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
-    // The same containers as the transparent-sidecar manifest, but for names.
-    let sidecar = documents("deploy/kubernetes/transparent-sidecar/worker.yaml");
-    let spec = &sidecar.iter().find(|d| kind(d) == "Deployment").unwrap()["spec"]["template"]["spec"];
-    for (mine, theirs) in init.iter().zip(spec["initContainers"].as_sequence().unwrap()) {
-        for key in ["image", "restartPolicy", "args", "resources", "readinessProbe", "livenessProbe", "startupProbe"] {
-            assert_eq!(mine.get(key), theirs.get(key), "{:?}: {key}", mine["name"]);
-        }
-        assert_eq!(mine["securityContext"]["runAsUser"], theirs["securityContext"]["runAsUser"]);
-    }
-}
+// Argo, sidecar variant: tests/recipes.rs (sidecar_recipe_is_consistent).
 
 /// Argo, cooperative: `container` and `script` templates and the executor
 /// get the same proxy, the shared Service in the namespace the workers'

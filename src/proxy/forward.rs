@@ -160,7 +160,7 @@ async fn connect(
             (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
         }
         None => {
-            let (stream, addr) = dial(permit, &snapshot.timeouts, metrics).await?;
+            let (stream, addr) = dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), metrics).await?;
             (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
         }
     };

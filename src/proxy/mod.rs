@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// The parent proxy, when one is configured.
     pub parent: Option<parent::Parent>,
+    /// How upstream sockets are made (`upstream.mark`).
+    pub upstream: crate::config::UpstreamSockets,
     /// The operator's lines for deny bodies.
     pub deny_messages: error::DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
@@ -76,7 +78,8 @@ impl Snapshot {
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
             resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
-            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
+            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?.map(|p| p.with_mark(config.upstream.mark())),
+            upstream: config.upstream,
             deny_messages: error::DenyMessages::from_config(config),
             generation,
         })

@@ -364,7 +364,7 @@ async fn open(
     let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
     // Like a CONNECT tunnel: within the tunnel limits, and re-decided on reload.
     let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, &shared.metrics).await?;
+    let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, snapshot.upstream.mark(), &shared.metrics).await?;
     record.dialed = Some(addr);
     let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, Some(addr));
     Ok((upstream, tunnel_slot, registration))
