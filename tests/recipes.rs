@@ -439,3 +439,33 @@ fn admission_refuses_podspecpatch_in_every_argo_object() {
         ("inline-dag", refused),
     ]);
 }
+
+/// The sidecar variant's parts agree: the mark redirect.sh exempts is the
+/// one Portcullis sets, the redirect port is its transparent listener, the
+/// probes hit its admin port, and it loads the ConfigMap the recipe ships.
+/// (That the admission policy pins these same values is proven by it
+/// admitting the merged pods.)
+#[test]
+fn sidecar_recipe_is_consistent() {
+    let (_, _, patch) = sidecar_config();
+    let env: std::collections::BTreeMap<&str, &str> =
+        patch["initContainers"][0]["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap())).collect();
+    let sidecar = &patch["initContainers"][1];
+    let configmap = patch["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "portcullis-config").unwrap()["configMap"]["name"].clone();
+    for rel in ["deploy/argo/sidecar/portcullis.yaml", "deploy/argo/sidecar/portcullis-gke.yaml"] {
+        let doc = &documents(rel)[0];
+        assert_eq!(to_json(&doc["metadata"]["name"]), configmap, "{rel}");
+        let config: Value = serde_yaml_ng::from_str(doc["data"]["portcullis.yaml"].as_str().unwrap()).unwrap();
+        let mark = config["upstream"]["mark"].as_u64().expect("upstream.mark");
+        let exempt = env["PORTCULLIS_MARK"];
+        assert_eq!(u64::from_str_radix(exempt.trim_start_matches("0x"), 16).unwrap(), mark, "{rel}: PORTCULLIS_MARK {exempt} vs upstream.mark {mark}");
+        let transparent = config["transparent_listen"].as_str().unwrap();
+        assert!(transparent.ends_with(&format!(":{}", env["PORTCULLIS_TRANSPARENT_PORT"])), "{rel}: {transparent}");
+        let admin = config["admin_listen"].as_str().unwrap().rsplit(':').next().unwrap().parse::<u64>().unwrap();
+        for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            assert_eq!(sidecar[probe]["httpGet"]["port"].as_u64(), Some(admin), "{probe}");
+        }
+    }
+    assert_eq!(sidecar["args"], json!(["run", "--config", "/etc/portcullis/portcullis.yaml"]));
+    assert!(env.get("PORTCULLIS_UID").is_none(), "exemption by mark, not by uid");
+}
