@@ -469,3 +469,62 @@ fn sidecar_recipe_is_consistent() {
     assert_eq!(sidecar["args"], json!(["run", "--config", "/etc/portcullis/portcullis.yaml"]));
     assert!(env.get("PORTCULLIS_UID").is_none(), "exemption by mark, not by uid");
 }
+
+/// The sidecar variant's exemption, end to end: redirect.sh with
+/// PORTCULLIS_MARK (iptables and nft) and Portcullis setting upstream.mark
+/// as root in the same namespace. Workload processes (root without
+/// capabilities, any uid, the old exempt uids included) are redirected:
+/// the allowed origin is reached through the policy, a denied one is
+/// refused and never reached, and setting the mark is refused (EPERM).
+#[test]
+fn sidecar_exempts_portcullis_by_mark_only() {
+    netns::in_own_netns("sidecar_exempts_portcullis_by_mark_only", || {
+        netns::sh(&["ip", "link", "set", "lo", "up"]);
+        // "The world": addresses outside 127/8, which sidecar mode leaves direct.
+        for addr in ["10.99.0.1/32", "10.99.0.2/32"] {
+            netns::sh(&["ip", "addr", "add", addr, "dev", "lo"]);
+        }
+        let (origin, origin_hits) = counting_origin("10.99.0.1:8080");
+        let (canary, canary_hits) = counting_origin("10.99.0.2:8080");
+        let config = common::temp_file("recipes-sidecar", "mark.yaml",
+            "listen: 127.0.0.1:3128\nadmin_listen: 127.0.0.1:9128\ntransparent_listen: 0.0.0.0:15001\nupstream: {mark: 0x539}\n\
+             allow_ranges: [10.99.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [10.99.0.1/32]\n      http_ports: [8080]\n");
+        let client = r#"
+import socket, sys, os
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+try:
+    s.setsockopt(socket.SOL_SOCKET, 36, 0x539)  # SO_MARK
+    print("mark-set")
+except OSError as e:
+    print("mark-refused", e.errno)
+s.settimeout(5)
+s.connect((addr, port))
+s.sendall(b"GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (addr.encode(), port))
+print(s.recv(200).split(b"\r\n")[0].decode())
+"#;
+        for backend in ["iptables", "nft"] {
+            let out = netns::run(std::process::Command::new("sh").arg(path("deploy/transparent/redirect.sh"))
+                .env("PORTCULLIS_MARK", "0x539").env("PORTCULLIS_BACKEND", backend).env("PORTCULLIS_TRANSPARENT_PORT", "15001"));
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && said.contains("exempt mark 0x539"), "{backend}: {said}{}", String::from_utf8_lossy(&out.stderr));
+            let (child, _log) = common::run_binary(&config);
+            let _proxy = Killed(child);
+            for uid in ["0", "1000", "62211", "65532"] {
+                for (target, want) in [(origin, "HTTP/1.1 200 OK"), (canary, "HTTP/1.1 403")] {
+                    let out = netns::run(std::process::Command::new("setpriv")
+                        .args(["--reuid", uid, "--regid", uid, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "/usr/bin/python3", "-c", client])
+                        .arg(target.ip().to_string()).arg(target.port().to_string()));
+                    let said = String::from_utf8_lossy(&out.stdout);
+                    assert!(said.starts_with("mark-refused 1\n"), "{backend} uid {uid}: setting the mark needs NET_ADMIN: {said}{}", String::from_utf8_lossy(&out.stderr));
+                    assert!(said.contains(want), "{backend} uid {uid} -> {target}: want {want}: {said}{}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
+            let removed = netns::run(std::process::Command::new("sh").arg(path("deploy/transparent/redirect.sh")).arg("--remove")
+                .env("PORTCULLIS_MARK", "0x539").env("PORTCULLIS_BACKEND", backend));
+            assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+        }
+        assert_eq!(origin_hits.load(std::sync::atomic::Ordering::SeqCst), 8, "every allowed request went through Portcullis to the origin");
+        assert_eq!(canary_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the denied destination was never reached");
+    });
+}
