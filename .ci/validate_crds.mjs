@@ -53,7 +53,7 @@ for (const path of ["deploy/kubernetes/monitoring/servicemonitor.yaml", "deploy/
   }
 }
 const argoConfigMaps = [
-  "deploy/argo/workflow-controller-configmap.transparent.yaml",
+  "deploy/argo/sidecar/workflow-controller-configmap.yaml",
   "deploy/argo/workflow-controller-configmap.cooperative.yaml",
   "deploy/argo/node/workflow-controller-configmap.yaml",
 ];
@@ -63,6 +63,12 @@ for (const path of argoConfigMaps) {
   // A Workflow needs an entrypoint and templates; the defaults fill the rest.
   const spec = { ...defaults.spec, entrypoint: "main", templates: [{ name: "main", container: { name: "main", image: "busybox" } }] };
   check(`${path} workflowDefaults`, () => new Workflow({ metadata: { name: "defaults" }, spec }));
+}
+// Example Workflows shipped with the recipes, as written.
+for (const path of ["deploy/argo/node/example-workflow.yaml"]) {
+  for (const doc of docs(path)) {
+    check(`${path} ${doc.kind}`, () => new Workflow(doc));
+  }
 }
 console.log(`${checked} custom resources checked`);
 process.exit(failed ? 1 : 0);

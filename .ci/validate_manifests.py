@@ -22,7 +22,7 @@ import yaml
 VERSIONS = ["1.29.0", "1.37.0"]
 # Kinds that exist from a later version than the oldest: validated from there.
 SINCE = {"ValidatingAdmissionPolicy": "1.30.0", "ValidatingAdmissionPolicyBinding": "1.30.0"}
-CUSTOM = {"ServiceMonitor", "PrometheusRule"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "Workflow"}
 
 
 def documents():
