@@ -188,6 +188,8 @@ mod argo_pods;
 mod admission;
 #[path = "recipes/kestra.rs"]
 mod kestra;
+#[path = "recipes/layout.rs"]
+mod layout;
 
 use serde_json::json;
 
