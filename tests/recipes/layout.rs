@@ -15,6 +15,7 @@
 
 use super::{netns, path, repo, Killed};
 
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -286,5 +287,59 @@ fn kestra_tasks_and_jvm_reach_only_what_the_policy_allows() {
             assert_eq!(curl_in(&jvm, &lab.hosts, &[direct]), "000", "the JVM has no way out but the proxy: {direct}");
         }
         lab.assert_nothing_left(&world, &["10.255.3.2"]);
+    });
+}
+
+/// Argo on node mode: a workflow pod in the workflows namespace's pool
+/// (role argo-workflows) behind the node, with the recipe's node policy.
+/// The executor reaches the API server stand-in (the Service IP excluded,
+/// left to NetworkPolicy) and MinIO by its name on 9000 (the carve-out);
+/// MinIO's address by literal, the metadata service and every canary stay
+/// out of reach, whatever root in the pod does.
+#[test]
+fn argo_pod_reaches_api_server_and_minio_and_nothing_else() {
+    netns::in_own_netns("layout::argo_pod_reaches_api_server_and_minio_and_nothing_else", || {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        for a in WORLD_ADDRS {
+            sh(&["ip", "addr", "add", a, "dev", "lo"]);
+        }
+        let (api, api_hits) = super::counting_origin("10.96.0.1:443");
+        let (_minio, minio_hits) = super::counting_origin("10.96.5.5:9000");
+        let mut lab = Lab::build("argo", 2, "vpod1", ("10.244.64", "fd00:244:64"), ("10.244.64.7", "fd00:244:64::7"));
+        lab.watch(&[&api.ip().to_string()]);
+        let world = lab.start_world();
+        let mut config: Value = serde_yaml_ng::from_str(&lab_config(
+            "deploy/argo/node/portcullis.yaml",
+            "argo-workflows",
+            &[("allowed.test", ORIGIN), ("minio.argo.svc.cluster.local", "10.96.5.5")],
+        ))
+        .unwrap();
+        // The lab's pod prefix is IPv6 too; the recipe's pools are examples.
+        config["identity"]["sources"].as_sequence_mut().unwrap().push(serde_yaml_ng::from_str("{cidr: \"fd00:244:64::/64\", role: argo-workflows}").unwrap());
+        let config = lab.write("node.yaml", &serde_yaml_ng::to_string(&config).unwrap());
+        let (proxy, proxy_log) = start_proxy(&lab.router, &lab.dir, "node-proxy", &config);
+        lab.children.push(proxy);
+        let env = [("PORTCULLIS_MODE", "router"), ("PORTCULLIS_FROM", "vpod+"), ("PORTCULLIS_TRANSPARENT_PORT", "15001"), ("PORTCULLIS_EXCLUDE", "10.96.0.1")];
+        lab.redirect(&env.map(|(k, v)| (k.to_string(), v.to_string())));
+
+        // The executor (argoexec runs as 8737): the API server directly, MinIO by name.
+        let exec = |args: &[&str]| {
+            let mut argv = vec!["setpriv", "--reuid", "8737", "--regid", "8737", "--clear-groups", "curl", "-sk", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"];
+            argv.extend_from_slice(args);
+            text(&lab.client(&argv))
+        };
+        assert_eq!(exec(&["http://10.96.0.1:443/apis/argoproj.io/v1alpha1/namespaces/workflows/workflowtaskresults"]), "200");
+        assert_eq!(exec(&["http://minio.argo.svc.cluster.local:9000/argo-artifacts/key"]), "200");
+        assert_eq!(exec(&["http://10.96.5.5:9000/argo-artifacts/key"]), "403", "MinIO by literal stays internal");
+        assert_eq!(exec(&["http://169.254.169.254/computeMetadata/v1/"]), "403");
+        assert_eq!(exec(&["https://allowed.test/"]), "200");
+        let decisions = events(&proxy_log);
+        let minio = decisions.iter().find(|e| e.to_string().contains("minio.argo.svc.cluster.local")).expect("a decision line for MinIO");
+        assert!(minio.to_string().contains("argo-workflows"), "decided as the namespace's role: {minio}");
+        assert_eq!(minio_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "MinIO reached once, by name");
+        assert_eq!(api_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "the API server reached directly");
+        lab.attack();
+        lab.assert_nothing_left(&world, &[]);
+        assert_eq!(minio_hits.load(std::sync::atomic::Ordering::SeqCst), 1, "nothing else reached MinIO");
     });
 }
