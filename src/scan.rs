@@ -1,19 +1,24 @@
 //! `portcullis scan`: checks workflow definitions (Argo Workflows, Kestra
 //! flows) and any other text before they run. Every URL, `host:port` and IP
-//! literal in them is decided with the policy, as `portcullis check` decides
-//! a name its parent proxy resolves (no DNS here: the always-denied names,
-//! the role's deny entries, ports and domain rules; IP literals against
-//! every range). Spellings the proxy refuses as `invalid-target` are
+//! literal in them is decided with the policy on `portcullis check`'s path
+//! ([`Rules`]) without DNS: IP literals against every range, names the
+//! config pins (`dns.static`) on their addresses, any other name as a
+//! parent-resolved name is decided (the always-denied names, the role's
+//! deny entries, ports and domain rules). Spellings the proxy refuses as `invalid-target` are
 //! reported with the address lenient resolvers read from them.
 
 pub mod find;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::policy::{Decision, Policy, PreResolution, RoleId};
-use crate::target::{Host, Target};
+use crate::config::PinnedName;
+use crate::dns::ResolveError;
+use crate::policy::{Decision, Policy, RoleId};
+use crate::proxy::admit::{Before, Lookup, Rules};
+use crate::target::{DomainName, Host, Target};
 use find::{Found, Refused};
 
 /// Why a scan could not run: bad input, exit code 2.
@@ -55,12 +60,32 @@ pub struct Report {
 pub struct Scanner<'p> {
     policy: &'p Policy,
     role: RoleId,
+    pinned: Pinned<'p>,
+}
+
+/// Scan's DNS: the names the config pins, and nothing leaves.
+struct Pinned<'p>(&'p BTreeMap<PinnedName, Vec<IpAddr>>);
+
+impl Pinned<'_> {
+    fn get(&self, name: &DomainName) -> Option<&Vec<IpAddr>> {
+        self.0.get(&PinnedName(name.as_str().to_string()))
+    }
+}
+
+impl Lookup for Pinned<'_> {
+    fn answer(&self, _: &DomainName) -> &'static str {
+        "static"
+    }
+
+    async fn resolve(&self, name: &DomainName) -> Result<Vec<IpAddr>, ResolveError> {
+        self.get(name).cloned().ok_or(ResolveError::NoAddresses)
+    }
 }
 
 impl<'p> Scanner<'p> {
-    /// A scanner deciding as `role`.
-    pub fn new(policy: &'p Policy, role: RoleId) -> Self {
-        Scanner { policy, role }
+    /// A scanner deciding as `role`, with the config's pinned names.
+    pub fn new(policy: &'p Policy, role: RoleId, pinned: &'p BTreeMap<PinnedName, Vec<IpAddr>>) -> Self {
+        Scanner { policy, role, pinned: Pinned(pinned) }
     }
 
     /// Scans files and directories (recursively, hidden entries skipped).
@@ -122,9 +147,13 @@ impl<'p> Scanner<'p> {
     }
 
     fn decide(&self, found: &Found, target: &Target) -> Decision {
-        match self.policy.pre_resolution(self.role, found.kind, target) {
-            PreResolution::Decided(decision) => decision,
-            PreResolution::Resolve(_) => self.policy.decide_name_only(self.role, found.kind, target),
+        let rules = Rules { policy: self.policy, parent: None };
+        match rules.before_dns(self.role, found.kind, target, &self.pinned) {
+            Before::Decided(decided) => decided.decision,
+            Before::Resolve(name) => match self.pinned.get(name) {
+                Some(addrs) => rules.with_addrs(self.role, found.kind, target, addrs, None),
+                None => self.policy.decide_name_only(self.role, found.kind, target),
+            },
         }
     }
 

@@ -173,7 +173,7 @@ fn upstream_mark_is_set_on_every_upstream_socket() {
             let config = common::temp_file("recipes-mark", &format!("mark{port}.yaml"), &format!(
                 "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{mark}allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [8080]\n"
             ));
-            let (child, _log) = common::run_binary(&config);
+            let (child, _log, _) = common::run_binary(&config);
             let _proxy = Killed(child);
             let status = get_via(&format!("127.0.0.1:{port}"), &url);
             assert!(status.starts_with(want), "{mark:?}: {status}");
@@ -346,7 +346,7 @@ print(s.recv(200).split(b"\r\n")[0].decode())
                 .env("PORTCULLIS_MARK", "0x539").env("PORTCULLIS_BACKEND", backend).env("PORTCULLIS_TRANSPARENT_PORT", "15001"));
             let said = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success() && said.contains("exempt mark 0x539"), "{backend}: {said}{}", String::from_utf8_lossy(&out.stderr));
-            let (child, _log) = common::run_binary(&config);
+            let (child, _log, _) = common::run_binary(&config);
             let _proxy = Killed(child);
             for uid in ["0", "1000", "62211", "65532"] {
                 for (target, want) in [(origin, "HTTP/1.1 200 OK"), (canary, "HTTP/1.1 403")] {

@@ -141,3 +141,20 @@ fn ci_snippets_fail_a_flows_directory_naming_metadata() {
         assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+/// A name the config pins (`dns.static`) is decided on its pinned
+/// addresses, as the proxy decides it: one pinned into a private range is
+/// reported; other names are decided without DNS.
+#[test]
+fn pinned_names_are_decided_on_their_addresses() {
+    let config = common::temp_file(
+        "scan",
+        "pinned.yaml",
+        "dns:\n  static:\n    db.example.com: [10.0.0.5]\n    api.example.com: [93.184.216.34]\nroles:\n  default:\n    allow:\n      domains: [\"*.example.com\"]\n",
+    );
+    let flow = common::temp_file("scan", "pinned-flow.yml", "tasks:\n  - uri: https://db.example.com/\n  - uri: https://api.example.com/\n  - uri: https://other.example.com/\n");
+    let (code, stdout, stderr) = scan(&["--config", config.to_str().unwrap(), flow.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("pinned-flow.yml:2: deny connect db.example.com:443 role=default reason=denied-range:private"), "{stdout}");
+    assert!(stdout.ends_with("1 files, 3 destinations, 1 would be denied\n"), "{stdout}");
+}
