@@ -15,6 +15,10 @@ use crate::policy::DenyReason;
 /// post-quantum key shares included, are under 2 KiB.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
+/// A fatal `access_denied` alert (RFC 8446 6.2): what a refused TLS client
+/// is sent, so it reports a refusal rather than a bare reset.
+pub const ACCESS_DENIED_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+
 /// The most bytes a caller needs to buffer before [`server_name`] decides:
 /// the largest ClientHello plus the headers of a few records around it.
 pub const MAX_PEEK: usize = MAX_CLIENT_HELLO + 2 * 1024;

@@ -120,6 +120,7 @@ async fn smuggling_is_refused_and_the_uri_wins_over_host() {
         ("CL.TE", format!("POST {u}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"), Some("conflicting-framing")),
         ("two lengths", format!("POST {u}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 41\r\n\r\nhello{smuggled}"), None),
         ("no Host", format!("GET {u}/ HTTP/1.1\r\n\r\n{smuggled}"), Some("missing-host")),
+        ("two Hosts", format!("GET {u}/ HTTP/1.1\r\nHost: a.test\r\nHost: 169.254.169.254\r\n\r\n{smuggled}"), Some("duplicate-host")),
         ("CONNECT with a body", format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", origin.port()), Some("connect-with-body")),
     ] {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();

@@ -103,7 +103,7 @@ fn embedded_configs_are_valid() {
         Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
         configmaps += 1;
     }
-    assert_eq!(configmaps, 3, "sidecar, shared and transparent-sidecar ConfigMaps");
+    assert_eq!(configmaps, 4, "sidecar, shared, transparent-sidecar and node ConfigMaps");
 }
 
 /// The container image's config is the shipped policy, listening on all

@@ -206,7 +206,8 @@ async fn bulk_tunnels_of_one_client_leave_descriptors_for_another() {
     let first = lines.next().expect("a startup line").unwrap();
     assert!(first.contains("portcullis listening"), "{first}");
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    let (proxy, _admin) = listening_addrs(&first);
+    // Port 0: the proxy binds it and names it in the startup line.
+    let (proxy, _) = listening_addrs(&first);
 
     let mut held = Vec::new();
     for i in 0..60 {

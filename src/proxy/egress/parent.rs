@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::error::UpstreamError;
-use super::upstream::Upstream;
+use crate::proxy::error::UpstreamError;
+use crate::proxy::upstream::Upstream;
 use crate::config::{ParentResolve, UpstreamProxyConfig};
 use crate::policy::cidr::CidrTable;
 use crate::policy::domain::DomainMatcher;
@@ -147,7 +147,7 @@ impl Parent {
         let connected = tokio::time::timeout_at(deadline, async {
             let mut last = None;
             for addr in tokio::net::lookup_host(&self.authority).await? {
-                match super::connect::connect_marked(addr, self.mark).await {
+                match super::dial::connect_marked(addr, self.mark).await {
                     Ok(stream) => return Ok((stream, addr)),
                     Err(e) => last = Some(e),
                 }
