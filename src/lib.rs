@@ -24,6 +24,7 @@ pub mod policy;
 pub mod policytest;
 pub mod proxy;
 pub mod reload;
+pub mod scan;
 pub mod snapshot;
 pub mod sni;
 pub mod source_lines;

@@ -90,6 +90,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check workflow files (Argo, Kestra) and any text for destinations the
+    /// policy would deny: every URL, host:port and IP literal, in any
+    /// spelling. Exit code 0: none, 1: some (each printed as file:line), 2: bad input.
+    Scan {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Decide as this role (default: the `default` role).
+        #[arg(long)]
+        role: Option<String>,
+        /// Files or directories (read recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
@@ -123,6 +136,7 @@ fn main() -> ExitCode {
         Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
         Command::Why { admin, proxy_user, json } => why(admin, proxy_user, json),
+        Command::Scan { config, role, paths } => scan(config, role.as_deref(), &paths),
     };
     match result {
         Ok(code) => code,
@@ -303,6 +317,44 @@ async fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -
         std::fs::write(&path, policytest::junit_xml(&results)).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Prints each would-deny as `file:line: ...`; bad input is exit code 2.
+fn scan(config: PathBuf, role: Option<&str>, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let loaded = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c).map(|put| (c, put)));
+    let (loaded, put) = match loaded {
+        Ok(both) => both,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let policy = put.policy();
+    let role = match role {
+        Some(name) => match policy.role_id(name) {
+            Some(id) => id,
+            None => {
+                eprintln!("role {name:?} is not defined in {}", config.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => policy.default_role(),
+    };
+    let report = match portcullis::scan::Scanner::new(policy, role, &loaded.dns.pinned).scan_paths(paths) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for d in &report.denied {
+        println!("{}:{}: {}", d.file, d.line, d.verdict);
+    }
+    for skipped in &report.skipped {
+        eprintln!("{skipped}: binary, not scanned");
+    }
+    println!("{} files, {} destinations, {} would be denied", report.files, report.targets, report.denied.len());
+    Ok(if report.denied.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// The parent proxy, when one is configured.
     pub parent: Option<Parent>,
+    /// How upstream sockets are made (`upstream.mark`).
+    pub upstream: crate::config::UpstreamSockets,
     /// The operator's lines for deny bodies.
     pub deny_messages: DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
@@ -77,6 +79,7 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
     let policy = policy::compile(config)?;
     let identities = Identities::compile(&config.identity, &policy)?;
     let parent = config.upstream_proxy.as_ref().map(|parent| compile_parent(config, parent)).transpose()?;
+    let parent = parent.map(|p| p.with_mark(config.upstream.mark()));
     let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?.map(TlsAcceptor::from);
     Ok(Snapshot {
         identities,
@@ -86,6 +89,7 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
         limits: config.limits.clone(),
         resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
         parent,
+        upstream: config.upstream,
         deny_messages: DenyMessages::from_config(config),
         generation,
     })

@@ -98,6 +98,9 @@ pub struct Config {
     /// A parent proxy that allowed requests leave through.
     #[serde(default)]
     pub upstream_proxy: Option<UpstreamProxyConfig>,
+    /// How the proxy's own upstream sockets are made (`upstream.mark`).
+    #[serde(default)]
+    pub upstream: UpstreamSockets,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
     /// A line added to the body of every policy deny (e.g. where to request

@@ -14,6 +14,26 @@ use crate::target::Target;
 
 use super::values::{Cidr, ConfigDuration, DomainRule, RuleCidr};
 
+/// `upstream`: how the proxy's own upstream sockets are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSockets {
+    /// `SO_MARK` set on every upstream socket (origins and the parent), so
+    /// sidecar-mode netfilter rules exempt the proxy by packet mark
+    /// (`PORTCULLIS_MARK` in deploy/transparent/redirect.sh) instead of by
+    /// uid. Setting it needs CAP_NET_ADMIN in the proxy's container. 0 or
+    /// absent: no mark.
+    #[serde(default)]
+    pub mark: Option<u32>,
+}
+
+impl UpstreamSockets {
+    /// The mark to set, if any (0 is the kernel's "no mark").
+    pub fn mark(&self) -> Option<u32> {
+        self.mark.filter(|m| *m != 0)
+    }
+}
+
 /// `upstream_proxy`: allowed requests of `roles` (every role when empty)
 /// leave through a parent proxy, except those to `except` destinations.
 #[derive(Debug, Clone, Deserialize)]
