@@ -30,6 +30,6 @@ pub async fn open(snapshot: &Snapshot, metrics: &Metrics, ask: &Ask, admitted: &
         Some(parent) if carried && parent.applies(snapshot.policy.role(admitted.role).name(), &ask.target, permit) => {
             parent.tunnel(permit, &ask.target, snapshot.timeouts.upstream_connect.0).await
         }
-        _ => dial(permit, &snapshot.timeouts, metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
+        _ => dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
     }
 }
