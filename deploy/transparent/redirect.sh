@@ -106,11 +106,11 @@ BACKEND="${PORTCULLIS_BACKEND:-auto}"
 # site-local fec0::/10. Link-local is on-link and never routed here; mapped,
 # NAT64 and 6to4 destinations translate. Router mode rejects these with a
 # TCP reset unless it DNATs to PORTCULLIS_ROUTER_ADDRS, which has no scope rule.
+# Sidecar mode (REDIRECT in OUTPUT, to ::1) translates those. TCP to a
+# link-local address is bound to its interface and cannot be rerouted to ::1,
+# so it times out there: fail closed. A REJECT does not help, its reset is
+# routed without the interface and never arrives (measured).
 UNTRANSLATABLE6="::/96 fec0::/10"
-# Sidecar mode (REDIRECT in OUTPUT, to ::1) translates those, but TCP to a
-# link-local address is bound to its interface and cannot be rerouted to ::1:
-# it hangs. Portcullis denies link-local anyway, so it is refused at once.
-SIDECAR_REJECT6="fe80::/10"
 
 fail() {
     echo "redirect.sh: $*" >&2
@@ -193,12 +193,6 @@ sidecar_iptables_family() {
     # of window, say) would leave untranslated, to the original address.
     $ipt -w -t filter -C OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP 2>/dev/null ||
         $ipt -w -t filter -A OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP
-    if [ "$fam" = 6 ]; then
-        for dst in $SIDECAR_REJECT6; do
-            $ipt -w -t filter -C OUTPUT -p tcp -d "$dst" -j REJECT --reject-with tcp-reset 2>/dev/null ||
-                $ipt -w -t filter -A OUTPUT -p tcp -d "$dst" -j REJECT --reject-with tcp-reset
-        done
-    fi
 
     $ipt -w -t nat -A PORTCULLIS_OUTPUT $EXEMPT_IPT -j RETURN
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$loopback" -j RETURN
@@ -219,11 +213,6 @@ sidecar_iptables_family() {
         $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -p tcp --dport 53 -j RETURN
         $ipt -w -t filter -A PORTCULLIS_UDP -d "$dst" -p udp --dport 53 -j RETURN
     done
-    if [ "$fam" = 6 ]; then
-        for dst in $SIDECAR_REJECT6; do
-            $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -j RETURN
-        done
-    fi
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -p tcp -j REDIRECT --to-ports "$PORT"
     $ipt -w -t filter -A PORTCULLIS_UDP -j DROP
 }
@@ -233,7 +222,7 @@ sidecar_iptables_own() {
     ipt="$1"
     $ipt -w -t nat -S OUTPUT 2>/dev/null | grep -E -- '-j PORTCULLIS_(OUTPUT|DNS)$' | sed 's/^/nat /' || true
     $ipt -w -t filter -S OUTPUT 2>/dev/null |
-        grep -E -- '-j PORTCULLIS_UDP$|--ctstate INVALID -j DROP$|--reject-with tcp-reset$' | sed 's/^/filter /' || true
+        grep -E -- '-j PORTCULLIS_UDP$|--ctstate INVALID -j DROP$' | sed 's/^/filter /' || true
 }
 
 sidecar_iptables_remove() {
@@ -273,7 +262,6 @@ sidecar_nft() {
     excl6="$(nft_set 6 $EXCLUDE)"
     res4="$(nft_set 4 $RESOLVERS)"
     res6="$(nft_set 6 $RESOLVERS)"
-    reject6="$(printf '%s' "$SIDECAR_REJECT6" | sed 's/ /, /g')"
     {
         # Declaring the table first makes the delete succeed on a first run;
         # the whole file is one transaction, so there is no moment without rules.
@@ -294,7 +282,6 @@ sidecar_nft() {
         [ -n "$excl6" ] && echo "    ip6 daddr { $excl6 } return"
         [ -n "$res4" ] && echo "    ip daddr { $res4 } tcp dport 53 return"
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } tcp dport 53 return"
-        echo "    ip6 daddr { $reject6 } return"
         echo "    meta l4proto tcp redirect to :$PORT"
         echo "  }"
         echo "  chain output_filter {"
@@ -302,7 +289,6 @@ sidecar_nft() {
         # NAT applies per connection; an INVALID TCP packet (out of window,
         # say) would leave untranslated, to the original address.
         echo "    meta l4proto tcp ct state invalid drop"
-        echo "    ip6 daddr { $reject6 } meta l4proto tcp reject with tcp reset"
         echo "    meta l4proto != udp accept"
         echo "    ip daddr 127.0.0.0/8 accept"
         echo "    ip6 daddr ::1 accept"
