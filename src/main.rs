@@ -167,6 +167,9 @@ fn init_logging() -> anyhow::Result<portcullis::logging::LogGuard> {
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     let _log = init_logging()?;
     let app = App::start(&path).await?;
+    // Listened for before the process says it is listening, so a SIGTERM
+    // sent on that line drains instead of killing.
+    let shutdown = shutdown_signal();
     tracing::info!(
         listen = %app.proxy_addr()?,
         admin = %app.admin_addr()?,
@@ -174,31 +177,40 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
         config = %path.display(),
         "portcullis listening"
     );
-    app.run(shutdown_signal()).await;
+    app.run(shutdown).await;
     tracing::info!("portcullis stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+/// Listens for SIGTERM and SIGINT now; the future completes on either.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+                    _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the proxy gracefully");
+            (term, int) => {
+                let e = term.err().or(int.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(error = %e, "cannot listen for SIGTERM or SIGINT; stopping on Ctrl-C only");
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Parses and compiles the config exactly as start-up does (certificate
