@@ -11,7 +11,7 @@ use portcullis::config::Config;
 use portcullis::policy::Decision;
 use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
-use portcullis::proxy::Snapshot;
+use portcullis::snapshot::Snapshot;
 
 /// `portcullis --version`: the crate version and the git revision it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PORTCULLIS_GIT_REV"), ")");
@@ -201,12 +201,14 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Parses and compiles the config exactly as start-up does (certificate
+/// files are read); the descriptor budget is checked at start, against the
+/// limit the process then has.
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
-    match Config::load(&path) {
-        Ok(config) => {
-            // Valid, so it compiles; the warnings name rules that never match.
-            let policy = config.compile().map_err(anyhow::Error::msg)?;
-            for warning in portcullis::lint::lint(&config, &policy) {
+    match Config::load(&path).and_then(|config| Snapshot::compile(&config, 1).map(|snapshot| (config, snapshot))) {
+        Ok((config, snapshot)) => {
+            // The warnings name rules that never match.
+            for warning in portcullis::lint::lint(&config, &snapshot.policy) {
                 eprintln!("warning: {}: {warning}", path.display());
             }
             println!("{}: ok", path.display());
@@ -221,7 +223,7 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
 
 async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
-    let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
+    let snapshot = Snapshot::compile(&config, 1)?;
     let (kind, target) = match policytest::parse_request(url) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -357,7 +359,13 @@ fn scan(config: PathBuf, role: Option<&str>, paths: &[PathBuf]) -> anyhow::Resul
 
 fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
-    let text = std::fs::read_to_string(&log).with_context(|| format!("{}: cannot read", log.display()))?;
+    let text = match portcullis::input::read(&log, portcullis::input::DECISION_LOG) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     match portcullis::suggest::suggest(put.policy(), &text, &log.display().to_string(), role) {
         Ok(suggestion) => {
             print!("{suggestion}");
@@ -371,10 +379,10 @@ fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<
 }
 
 fn import_smokescreen(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let text = match std::fs::read_to_string(&path) {
+    let text = match portcullis::input::read(&path, portcullis::input::IMPORT) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("{}: cannot read: {e}", path.display());
+            eprintln!("{e}");
             return Ok(ExitCode::from(2));
         }
     };

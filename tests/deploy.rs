@@ -9,6 +9,7 @@ mod iana;
 use std::path::{Path, PathBuf};
 
 use portcullis::config::Config;
+use portcullis::snapshot::Snapshot;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
@@ -85,6 +86,12 @@ fn every_yaml_file_parses() {
     }
 }
 
+/// Parses and compiles a config as start-up does, or panics with the refusal.
+fn compile(text: &str, file: &str) -> Snapshot {
+    let config = Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
+    Snapshot::compile(&config, 1).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Every Portcullis config shipped in deploy/ (files and ConfigMap data) is
 /// accepted by the real loader.
 #[test]
@@ -95,12 +102,12 @@ fn embedded_configs_are_valid() {
         "deploy/compose/portcullis.kestra.yaml",
         "deploy/container/portcullis.yaml",
     ] {
-        Config::from_yaml_str(&read(rel), rel).unwrap_or_else(|e| panic!("{e}"));
+        compile(&read(rel), rel);
     }
     let mut configmaps = 0;
     for (file, doc) in kubernetes_docs().iter().filter(|(_, d)| kind(d) == "ConfigMap") {
         let text = doc["data"]["portcullis.yaml"].as_str().unwrap_or_else(|| panic!("{file}: no portcullis.yaml key"));
-        Config::from_yaml_str(text, file).unwrap_or_else(|e| panic!("{e}"));
+        compile(text, file);
         configmaps += 1;
     }
     assert_eq!(configmaps, 4, "sidecar, shared, transparent-sidecar and node ConfigMaps");
