@@ -10,6 +10,7 @@ mod policy;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -20,7 +21,6 @@ use crate::config::{Config, ConfigError, Limits, Timeouts, UpstreamProxyConfig};
 use crate::dns::Resolver;
 use crate::identity::Identities;
 use crate::policy::Policy;
-use crate::proxy::respond::DenyMessages;
 use crate::proxy::parent::Parent;
 
 /// Everything a request needs that can change on reload, published as one
@@ -46,6 +46,34 @@ pub struct Snapshot {
 impl fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Snapshot").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+/// The operator's deny lines (`deny_message`): the global one and per
+/// role, as deny bodies carry them.
+#[derive(Debug, Clone, Default)]
+pub struct DenyMessages {
+    global: Option<Box<str>>,
+    roles: HashMap<Box<str>, Box<str>>,
+}
+
+impl DenyMessages {
+    /// Collects `deny_message` from the config and its roles.
+    pub fn from_config(config: &Config) -> Self {
+        DenyMessages {
+            global: config.deny_message.as_deref().map(Into::into),
+            roles: config
+                .roles
+                .iter()
+                .filter_map(|(name, role)| Some((name.as_str().into(), role.deny_message.as_deref()?.into())))
+                .collect(),
+        }
+    }
+
+    /// The line for a deny of `role` (the global one when the role has none
+    /// or is unknown).
+    pub fn for_role(&self, role: Option<&str>) -> Option<&str> {
+        role.and_then(|r| self.roles.get(r)).or(self.global.as_ref()).map(|m| &**m)
     }
 }
 

@@ -4,7 +4,6 @@
 //! entrance the same path from a failed request to its answer, decision
 //! line and count.
 
-use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -13,8 +12,8 @@ use hyper::ext::ReasonPhrase;
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError, DENY_HEADER, ERROR_HEADER};
 use super::{repeats, Shared, Snapshot};
+pub use crate::snapshot::DenyMessages;
 use crate::access_log::AccessRecord;
-use crate::config::Config;
 use crate::policy::DenyReason;
 
 impl ProxyError {
@@ -176,33 +175,6 @@ pub fn accepts_json(accept: Option<&HeaderValue>) -> bool {
     })
 }
 
-/// The operator's deny lines: the global one and per role.
-#[derive(Debug, Clone, Default)]
-pub struct DenyMessages {
-    global: Option<Box<str>>,
-    roles: HashMap<Box<str>, Box<str>>,
-}
-
-impl DenyMessages {
-    /// Collects `deny_message` from the config and its roles.
-    pub fn from_config(config: &Config) -> Self {
-        DenyMessages {
-            global: config.deny_message.as_deref().map(Into::into),
-            roles: config
-                .roles
-                .iter()
-                .filter_map(|(name, role)| Some((name.as_str().into(), role.deny_message.as_deref()?.into())))
-                .collect(),
-        }
-    }
-
-    /// The line for a deny of `role` (the global one when the role has none
-    /// or is unknown).
-    pub fn for_role(&self, role: Option<&str>) -> Option<&str> {
-        role.and_then(|r| self.roles.get(r)).or(self.global.as_ref()).map(|m| &**m)
-    }
-}
-
 /// The response for a routed request: the upstream's, or the error's, in
 /// which case the request's log line is written here.
 pub(super) fn respond(
@@ -327,19 +299,5 @@ mod tests {
         // A failure that is not a policy deny does not carry the operator's line.
         let failed = ProxyError::Upstream(UpstreamError::Refused).to_response(&Answer { json: true, ..answer });
         assert_eq!(failed.headers()[header::CONTENT_TYPE], "application/json");
-    }
-
-    #[test]
-    fn deny_message_of_the_role_replaces_the_global_one() {
-        let config = Config::from_yaml_str(
-            "deny_message: global line\nroles:\n  default: {}\n  ci:\n    deny_message: ci line\n",
-            "t.yaml",
-        )
-        .expect("valid config");
-        let messages = DenyMessages::from_config(&config);
-        assert_eq!(messages.for_role(Some("ci")), Some("ci line"));
-        assert_eq!(messages.for_role(Some("default")), Some("global line"));
-        assert_eq!(messages.for_role(None), Some("global line"));
-        assert_eq!(DenyMessages::default().for_role(Some("ci")), None);
     }
 }

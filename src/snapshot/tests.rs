@@ -138,3 +138,17 @@ fn missing_default_role_is_refused() {
     let err = load("listen: 127.0.0.1:1\n", "x.yaml").unwrap_err().to_string();
     assert!(err.contains("missing field `roles`"), "{err}");
 }
+
+#[test]
+fn deny_message_of_the_role_replaces_the_global_one() {
+    let config = Config::from_yaml_str(
+        "deny_message: global line\nroles:\n  default: {}\n  ci:\n    deny_message: ci line\n",
+        "t.yaml",
+    )
+    .expect("valid config");
+    let messages = DenyMessages::from_config(&config);
+    assert_eq!(messages.for_role(Some("ci")), Some("ci line"));
+    assert_eq!(messages.for_role(Some("default")), Some("global line"));
+    assert_eq!(messages.for_role(None), Some("global line"));
+    assert_eq!(DenyMessages::default().for_role(Some("ci")), None);
+}
