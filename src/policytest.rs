@@ -18,7 +18,7 @@ use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
 use crate::policy::provenance::SourceLines;
 use crate::policy::{Decision, Policy, RequestKind, RoleId};
-use crate::proxy::admit::{Lookup, Rules};
+use crate::proxy::decide::{Lookup, Rules};
 use crate::proxy::parent::Parent;
 use crate::target::{DomainName, Host, Target};
 
