@@ -6,6 +6,8 @@ pub mod dial;
 pub mod forward;
 pub mod parent;
 pub mod pool;
+pub mod response;
+pub mod upload;
 pub mod upstream;
 
 use std::net::SocketAddr;
