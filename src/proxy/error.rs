@@ -99,6 +99,22 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Every value of [`UpstreamError::code`], so that the series counting
+    /// them can exist from the start.
+    pub const CODES: [&'static str; 11] = [
+        "resolve-failed",
+        "upstream-refused",
+        "upstream-connect-timeout",
+        "upstream-unreachable",
+        "upstream-response-timeout",
+        "upstream-error",
+        "parent-unreachable",
+        "parent-refused",
+        "parent-auth-failed",
+        "parent-error",
+        "parent-tls-failed",
+    ];
+
     /// The `X-Portcullis-Error` code, also the log reason and metric label.
     pub const fn code(&self) -> &'static str {
         match self {
@@ -166,5 +182,36 @@ impl ProxyError {
     /// error, the next request could not be found reliably.
     pub fn closes_connection(&self) -> bool {
         matches!(self, ProxyError::Client(ClientError::Refused(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code an upstream error can carry is listed once in `CODES`
+    /// (`Protocol` wraps a hyper error, which only hyper can make; its code
+    /// is the one left over).
+    #[test]
+    fn upstream_codes_are_listed() {
+        let io = || std::io::Error::other("x");
+        let made = [
+            UpstreamError::Resolve(crate::dns::ResolveError::NoAddresses),
+            UpstreamError::Refused,
+            UpstreamError::ConnectTimeout,
+            UpstreamError::Unreachable(io()),
+            UpstreamError::ResponseTimeout,
+            UpstreamError::ParentUnreachable(io()),
+            UpstreamError::ParentRefused(502),
+            UpstreamError::ParentAuthFailed,
+            UpstreamError::ParentError("x".into()),
+            UpstreamError::ParentTlsFailed(io()),
+        ];
+        let mut left: Vec<&str> = UpstreamError::CODES.to_vec();
+        for e in &made {
+            let at = left.iter().position(|c| *c == e.code()).unwrap_or_else(|| panic!("{} is not listed once", e.code()));
+            left.remove(at);
+        }
+        assert_eq!(left, ["upstream-error"]);
     }
 }

@@ -41,57 +41,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, Outcome};
-use crate::config::{Config, Limits, Timeouts};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::dns::Resolver;
-use crate::identity::Identities;
-use crate::policy::Policy;
-use tokio_rustls::TlsAcceptor;
 use body::ProxyBody;
 use framing::{WatchedIo, Wire};
 
-/// Everything a request needs that can change on reload, published as one
-/// snapshot so a request never mixes two configurations.
-pub struct Snapshot {
-    pub policy: Policy,
-    pub identities: Identities,
-    /// Present when the proxy port speaks TLS.
-    pub tls: Option<TlsAcceptor>,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    pub resolver: Resolver,
-    /// The parent proxy, when one is configured.
-    pub parent: Option<parent::Parent>,
-    /// The operator's lines for deny bodies.
-    pub deny_messages: respond::DenyMessages,
-    /// 1 for the config loaded at start, +1 per successful reload.
-    pub generation: u64,
-}
-
-impl Snapshot {
-    /// Compiles a snapshot from a validated config.
-    pub fn from_config(config: &Config, generation: u64) -> Result<Self, String> {
-        let policy = config.compile()?;
-        let tls = match &config.tls {
-            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
-            None => None,
-        };
-        Ok(Snapshot {
-            identities: Identities::compile(&config.identity, &policy)?,
-            tls,
-            policy,
-            timeouts: config.timeouts.clone(),
-            limits: config.limits.clone(),
-            resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
-            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
-            deny_messages: respond::DenyMessages::from_config(config),
-            generation,
-        })
-    }
-}
-
-/// The shared, swappable snapshot. Reads are lock-free.
-pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
+pub use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// State shared by every connection of one proxy.
 pub struct Shared {
@@ -117,7 +72,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` with its own metrics registry.
     pub async fn bind(config: &Config) -> io::Result<Self> {
-        let snapshot = Snapshot::from_config(config, 1).map_err(io::Error::other)?;
+        let snapshot = Snapshot::compile(config, 1).map_err(io::Error::other)?;
         Self::bind_with(config.listen, snapshot, Arc::new(Metrics::new())).await
     }
 

@@ -141,7 +141,7 @@ async fn connect(
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
         None => {
-            let (stream, addr) = dial(permit, &snapshot.timeouts, &shared.metrics).await?;
+            let (stream, addr) = dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), &shared.metrics).await?;
             let outbound = stream.local_addr().ok().map(|local| shared.outbound.register(local));
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }

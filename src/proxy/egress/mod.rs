@@ -39,6 +39,6 @@ pub async fn open(
         Some(parent) if carried && parent.applies(snapshot.policy.role(role).name(), target, permit) => {
             parent.tunnel(permit, target, snapshot.timeouts.upstream_connect.0).await
         }
-        _ => dial(permit, &snapshot.timeouts, metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
+        _ => dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
     }
 }
