@@ -13,7 +13,6 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::decide::Lookup;
 use super::egress;
 use super::error::{ProxyError, UpstreamError};
 use super::loops::OutboundGuard;
@@ -27,7 +26,8 @@ use crate::identity::IdentitySource;
 use crate::policy::{Decision, DenyReason, Permit, RoleId};
 use crate::target::DomainName;
 
-pub use super::decide::{Ask, Evidence};
+// The decision's types under the door's path too (callers written against it).
+pub use super::decide::{Ask, Before, Decided, Evidence, Lookup, Rules};
 
 /// The proxy's lookup: the resolver, each query timed into the metrics.
 struct Timed<'a> {
