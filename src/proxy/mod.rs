@@ -7,6 +7,7 @@
 
 pub mod admit;
 pub mod body;
+pub mod decide;
 pub mod egress;
 pub mod entrance;
 pub mod error;
