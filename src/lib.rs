@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod dns;
+pub mod dns_listen;
 pub mod host;
 pub mod identity;
 pub mod import;

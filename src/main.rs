@@ -137,6 +137,7 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
         listen = %app.proxy_addr()?,
         admin = %app.admin_addr()?,
         transparent = %app.transparent_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
+        dns = %app.dns_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
         config = %path.display(),
         "portcullis listening"
     );

@@ -275,6 +275,12 @@ impl Metrics {
         }
     }
 
+    /// The registry every metric is in, for metrics registered by other
+    /// parts of the process (the DNS listener's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The counter of one refusal reason.
     pub fn refused(&self, reason: &str) -> IntCounter {
         self.connections_refused.with_label_values(&[reason])

@@ -60,6 +60,10 @@ pub struct Config {
     /// when absent. See `deploy/transparent/redirect.sh`.
     #[serde(default)]
     pub transparent_listen: Option<SocketAddr>,
+    /// Where the DNS listener answers (UDP and TCP); off when absent. See
+    /// docs/DNS.md.
+    #[serde(default)]
+    pub dns_listen: Option<SocketAddr>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -311,7 +315,7 @@ fn compile_role(transitions: &Transitions, name: &str, role: &RoleConfig) -> Res
     )
     .resolve_unlisted(allow.resolve_unlisted_names);
     let deny = DenyList::new(role.deny.domains.iter().map(|d| d.0.clone()), cidrs("deny.cidrs", &role.deny.cidrs)?);
-    Ok(Role::new(name, role.mode, role.sni_check, allow_list).with_deny(deny))
+    Ok(Role::new(name, role.mode, role.sni_check, allow_list).with_deny(deny).with_allow_ech(role.allow_ech))
 }
 
 #[cfg(test)]

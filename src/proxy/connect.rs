@@ -248,6 +248,8 @@ struct StartCheck {
     limit: Duration,
     max_head: usize,
     sni: bool,
+    /// The role lets a ClientHello offering ECH through (on its outer name).
+    allow_ech: bool,
     start: TunnelStart,
 }
 
@@ -258,6 +260,7 @@ impl StartCheck {
         (permit.sni_check() || start != TunnelStart::Any).then(|| StartCheck {
             target: target.clone(),
             deny_message: snapshot.deny_messages.for_role(Some(&role)).map(str::to_string),
+            allow_ech: snapshot.policy.role_id(&role).is_some_and(|r| snapshot.policy.role(r).allows_ech()),
             role,
             limit: snapshot.timeouts.request_header.0,
             max_head: snapshot.limits.max_request_head_bytes,
@@ -274,7 +277,7 @@ impl StartCheck {
     {
         let host = self.target.host.to_string();
         if self.start == TunnelStart::Any {
-            return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
+            return check_sni(client, early, &host, self.allow_ech, self.limit).await.map(Started::Relay);
         }
         let mut buf = early;
         let start = tokio::time::timeout(self.limit, read_start(client, &mut buf)).await.unwrap_or(Start::Incomplete);
@@ -285,7 +288,7 @@ impl StartCheck {
                 let _ = client.shutdown().await;
                 Err(DenyReason::NotHttp)
             }
-            _ if self.sni => check_sni(client, buf, &host, self.limit).await.map(Started::Relay),
+            _ if self.sni => check_sni(client, buf, &host, self.allow_ech, self.limit).await.map(Started::Relay),
             _ => Ok(Started::Relay(buf)),
         }
     }
@@ -422,9 +425,10 @@ impl RelayEnd for Box<tokio_rustls::client::TlsStream<TcpStream>> {
 }
 
 /// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
-/// `limit`) and returns the bytes read when its server name is `host`;
-/// otherwise the reason code, after telling a TLS client why.
-async fn check_sni<C>(client: &mut C, early: Vec<u8>, host: &str, limit: Duration) -> Result<Vec<u8>, DenyReason>
+/// `limit`) and returns the bytes read when its server name is `host` (and
+/// it offers no Encrypted ClientHello, unless `allow_ech`); otherwise the
+/// reason code, after telling a TLS client why.
+async fn check_sni<C>(client: &mut C, early: Vec<u8>, host: &str, allow_ech: bool, limit: Duration) -> Result<Vec<u8>, DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -432,8 +436,13 @@ where
     buf.reserve(4096);
     let parsed = tokio::time::timeout(limit, read_client_hello(client, &mut buf)).await;
     let refusal = match parsed {
-        Ok(Ok(name)) if name == host => return Ok(buf),
-        Ok(Ok(name)) => {
+        Ok(Ok(hello)) if hello.ech && !allow_ech => {
+            tracing::debug!(sni = ?hello.name, connect = %host, "ClientHello offers Encrypted ClientHello");
+            DenyReason::EchRefused
+        }
+        Ok(Ok(hello)) if hello.name.as_deref() == Some(host) => return Ok(buf),
+        Ok(Ok(sni::Hello { name: None, .. })) => DenyReason::SniMissing,
+        Ok(Ok(sni::Hello { name: Some(name), .. })) => {
             tracing::debug!(sni = %name, connect = %host, "SNI does not name the CONNECT host");
             DenyReason::SniMismatch
         }
@@ -452,13 +461,13 @@ where
     Err(refusal)
 }
 
-async fn read_client_hello<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<String, SniError>
+async fn read_client_hello<C>(client: &mut C, buf: &mut Vec<u8>) -> Result<sni::Hello, SniError>
 where
     C: AsyncRead + Unpin,
 {
     let mut chunk = [0u8; 4096];
     loop {
-        match sni::server_name(buf) {
+        match sni::read_hello(buf) {
             Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => {}
             Err(SniError::Incomplete) => return Err(SniError::TooLarge),
             decided => return decided,

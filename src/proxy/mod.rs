@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub deny_messages: error::DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
+    /// The DNS listener's rules (`dns_listen`).
+    pub dns: crate::dns_listen::DnsRules,
 }
 
 impl Snapshot {
@@ -79,6 +81,7 @@ impl Snapshot {
             parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
             deny_messages: error::DenyMessages::from_config(config),
             generation,
+            dns: crate::dns_listen::DnsRules::compile(config)?,
         })
     }
 

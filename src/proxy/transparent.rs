@@ -61,8 +61,9 @@ impl Refusal {
 /// What the first bytes of a redirected connection are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum FirstBytes {
-    /// A TLS ClientHello, with its server name when it carries one.
-    Tls(Option<String>),
+    /// A TLS ClientHello, with its server name when it carries one, and
+    /// whether it offers Encrypted ClientHello.
+    Tls(Option<String>, bool),
     /// An HTTP/1.x request line.
     Http,
     /// Anything else, or nothing within the time limit.
@@ -164,8 +165,10 @@ async fn serve(
             let service = move |_wire| hyper::service::service_fn(move |req| handle(shared.clone(), client, original, req));
             super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
         }
-        FirstBytes::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
-        FirstBytes::Other => relay(guard, stream, client, original, RequestKind::TransparentTcp, None, first).await,
+        FirstBytes::Tls(name, ech) => {
+            relay(guard, stream, client, original, (RequestKind::TransparentTls, ech), name, first).await
+        }
+        FirstBytes::Other => relay(guard, stream, client, original, (RequestKind::TransparentTcp, false), None, first).await,
     }
 }
 
@@ -199,10 +202,9 @@ where
 fn judge(buf: &[u8], max_line: usize) -> Option<FirstBytes> {
     let first = *buf.first()?;
     if first == 0x16 {
-        return match sni::server_name(buf) {
+        return match sni::read_hello(buf) {
             Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => None,
-            Ok(name) => Some(FirstBytes::Tls(Some(name))),
-            Err(SniError::Missing) => Some(FirstBytes::Tls(None)),
+            Ok(hello) => Some(FirstBytes::Tls(hello.name, hello.ech)),
             Err(_) => Some(FirstBytes::Other),
         };
     }
@@ -309,7 +311,7 @@ async fn relay(
     mut stream: TcpStream,
     client: SocketAddr,
     original: SocketAddr,
-    kind: RequestKind,
+    (kind, ech): (RequestKind, bool),
     name: Option<String>,
     first: Vec<u8>,
 ) {
@@ -319,7 +321,7 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
-    let (dialed, tunnel_slot, registration) = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
+    let (dialed, tunnel_slot, registration) = match open(&shared, &snapshot, client, original, (kind, ech), name, &mut record).await {
         Ok(opened) => opened,
         Err(err) => {
             refuse(&shared, &mut record, &err);
@@ -349,7 +351,7 @@ async fn open(
     snapshot: &Snapshot,
     client: SocketAddr,
     original: SocketAddr,
-    kind: RequestKind,
+    (kind, ech): (RequestKind, bool),
     name: Option<String>,
     record: &mut AccessRecord,
 ) -> Result<(TcpStream, TunnelSlot, Registration), ProxyError> {
@@ -361,6 +363,10 @@ async fn open(
     record.host = target.host.to_text();
     record.port = target.port;
     let role = identify(snapshot, client.ip(), record)?;
+    // The SNI of an ECH offer is the outer, public name: not what decides.
+    if ech && !snapshot.policy.role(role).allows_ech() {
+        return Err(ProxyError::Denied(DenyReason::EchRefused));
+    }
     let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
     // Like a CONNECT tunnel: within the tunnel limits, and re-decided on reload.
     let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
@@ -442,7 +448,7 @@ mod tests {
     fn first_bytes_are_classified() {
         let hello = crate::sni::testing::hello_for("allowed.test");
         let cases: Vec<(Vec<u8>, Option<FirstBytes>)> = vec![
-            (hello.clone(), Some(FirstBytes::Tls(Some("allowed.test".into())))),
+            (hello.clone(), Some(FirstBytes::Tls(Some("allowed.test".into()), false))),
             (hello[..hello.len() - 3].to_vec(), None),
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), Some(FirstBytes::Http)),
             (b"POST /x?y=1 HTTP/1.0\r\n".to_vec(), Some(FirstBytes::Http)),
