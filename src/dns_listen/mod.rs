@@ -217,7 +217,8 @@ fn finish(shared: &Shared, mut record: DnsRecord, reply: &Message, query: Option
     bytes
 }
 
-fn rcode_name(rcode: ResponseCode) -> &'static str {
+/// The response code as dig and the decision line spell it.
+pub fn rcode_name(rcode: ResponseCode) -> &'static str {
     match rcode {
         ResponseCode::NoError => "NOERROR",
         ResponseCode::NXDomain => "NXDOMAIN",
