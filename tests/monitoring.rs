@@ -149,6 +149,7 @@ fn alert_rules_are_valid_and_the_prometheusrule_carries_the_same_groups() {
         "PortcullisDown",
         "PortcullisNotReady",
         "PortcullisDescriptorsNearLimit",
+        "PortcullisDnsRefusedSpike",
     ];
     assert_eq!(names, wanted);
     let runbook = std::fs::read_to_string(root().join("docs/MONITORING.md")).unwrap();
@@ -388,7 +389,7 @@ fn check_promql(exprs: &[String], dir: &Path) {
 fn policy(ports: &[u16], dns: SocketAddr) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\ndns:\n  nameservers: [\"{dns}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\ndns_listen: 127.0.0.1:0\ndns:\n  nameservers: [\"{dns}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
     )
 }
 
