@@ -233,3 +233,6 @@ pub fn rcode_name(rcode: ResponseCode) -> &'static str {
         _ => "OTHER",
     }
 }
+
+#[cfg(test)]
+mod tests;
