@@ -175,6 +175,11 @@ impl CaseFile {
         let raw: CaseFileRaw =
             serde_yaml_ng::from_str(text).map_err(|e| invalid(e.location().map(|l| l.line()), e.to_string()))?;
         let lines = SourceLines::index(file, text);
+        // A file that tests nothing must not pass: a mistyped list or an
+        // emptied file would otherwise read as "0 passed, 0 failed".
+        if raw.cases.is_empty() {
+            return Err(invalid(lines.key("cases").map(|l| l as usize), "no cases: a case file needs at least one".to_string()));
+        }
         let mut cases = Vec::with_capacity(raw.cases.len());
         for (i, case) in raw.cases.into_iter().enumerate() {
             let line = lines.item("cases", i).map(|l| l as usize);
@@ -502,6 +507,7 @@ mod tests {
             ("cases:\n  - {url: a.example:443, expect: allow, role: x, client: {user: u}}\n", Some(2), "either role or client"),
             ("cases:\n  - {url: a.example:443, expect: allow, reason: not-allowlisted}\n", Some(2), "reason is for expect: deny"),
             ("cases:\n  - {url: a.example:443, expct: allow}\n", Some(2), "unknown field `expct`"),
+            ("resolve: {}\ncases: []\n", Some(2), "no cases"),
         ];
         for (text, line, reason) in cases {
             match CaseFile::parse(text, "bad.yaml") {

@@ -123,6 +123,10 @@ fn test_files_pass_fail_and_write_junit() {
     let (code, _, stderr) = portcullis(&["test", "--config", path(&config), path(&undefined)]);
     assert_eq!(code, 2);
     assert!(stderr.contains(&format!("{}:4: cases[1]: url", path(&undefined))), "{stderr}");
+    let empty = temp_file("empty.yaml", "cases: []\n");
+    let (code, stdout, stderr) = portcullis(&["test", "--config", path(&config), path(&empty)]);
+    assert_eq!(code, 2, "a case file with no cases tests nothing: {stdout}");
+    assert!(stderr.contains(&format!("{}:1: no cases", path(&empty))), "{stderr}");
     let (code, _, stderr) = portcullis(&["test", "--config", "/nonexistent/p.yaml", path(&passing)]);
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/p.yaml: cannot read"), "{stderr}");
@@ -140,6 +144,17 @@ fn shipped_policy_tests_pass() {
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
+    let cases = cases_in(&root.join("config/portcullis.test.yaml"));
+    assert!(stdout.ends_with(&format!("{cases} cases: {cases} passed, 0 failed\n")), "every case ran: {stdout}");
+}
+
+/// How many cases a case file holds (one `url` key per case), counted from
+/// the text, so a run that parsed fewer cannot pass for complete.
+fn cases_in(file: &Path) -> usize {
+    let text = std::fs::read_to_string(file).unwrap();
+    let cases: usize = text.lines().map(|l| l.matches(" url: ").count() + l.matches("{url: ").count()).sum();
+    assert!(cases > 0, "{}: no cases found", file.display());
+    cases
 }
 
 #[test]
@@ -336,6 +351,8 @@ fn imported_smokescreen_acls_decide_as_smokescreen_does() {
         let (code, stdout, stderr) = portcullis(&["test", "--config", path(&config), path(&fixtures.join(cases))]);
         assert_eq!(code, 0, "{acl}: {stdout}{stderr}\n{imported}");
         assert!(!stdout.contains("FAIL"), "{stdout}");
+        let n = cases_in(&fixtures.join(cases));
+        assert!(stdout.ends_with(&format!("{n} cases: {n} passed, 0 failed\n")), "every case ran: {stdout}");
     }
     let broken = temp_file("broken-acl.yaml", "version: v1\nservices:\n  - name: a\n    action: allow-everything\n");
     let (code, _, stderr) = portcullis(&["import", "smokescreen", path(&broken)]);

@@ -12,8 +12,6 @@ use std::sync::Arc;
 
 use common::*;
 use hostile::{eventually, start_proxy_with_metrics as start};
-use portcullis::config::Config;
-use portcullis::proxy::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -67,8 +65,9 @@ async fn tunnels_count_against_connection_and_tunnel_limits() {
     // The connection limit counts the tunnels: a third plain connection
     // fills the client's 3, a fourth is refused at accept.
     let mut third = connect_from(proxy, "127.0.0.1").await;
-    third.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let _ = read_response(&mut third).await;
+    third.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let resp = read_response(&mut third).await;
+    assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("port-not-allowed")), "the third connection is served");
     let mut fourth = connect_from(proxy, "127.0.0.1").await;
     let resp = read_response(&mut fourth).await;
     assert_eq!((resp.status, resp.header("x-portcullis-error")), (503, Some("over-limit")));
@@ -180,10 +179,13 @@ async fn the_pool_keeps_at_most_its_bound() {
     assert!(metrics.upstream_idle.get() <= 2, "pool holds {}", metrics.upstream_idle.get());
 }
 
-/// A running binary whose stdout lines arrive on a channel.
+/// A running binary whose stdout lines arrive on a channel. Its config
+/// listens on port 0; the addresses come from its startup line.
 struct Running {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
+    addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Running {
@@ -210,9 +212,21 @@ impl Running {
                 }
             }
         });
-        let running = Running { child, lines };
-        running.wait_for("portcullis listening");
+        let mut running = Running { child, lines, addr: ([0, 0, 0, 0], 0).into(), admin: ([0, 0, 0, 0], 0).into() };
+        (running.addr, running.admin) = listening_addrs(&running.wait_for("portcullis listening"));
         running
+    }
+
+    /// Writes the config `yaml(proxy port, admin port)` with the ports the
+    /// process bound (it started on port 0) and waits for the reload: the
+    /// policy then knows its own listeners (a listener on port 0 has no
+    /// port to deny) and the port lists can name them. No port is freed
+    /// and bound again.
+    fn pin_own_ports(&self, path: &std::path::Path, yaml: impl Fn(u16, u16) -> String) {
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, yaml(self.addr.port(), self.admin.port())).unwrap();
+        std::fs::rename(&staged, path).unwrap();
+        self.wait_for("config reloaded");
     }
 
     /// The next line containing `needle` (bounded by [`STEP`]).
@@ -235,35 +249,39 @@ impl Drop for Running {
     }
 }
 
-/// A reload that removes a destination closes an open tunnel to it within
-/// a second; the decision line says `revoked` and the counter moves. A
-/// tunnel the new policy still allows stays open.
+/// A reload that removes a destination closes an open tunnel to it (after
+/// the reload, as events, not against a clock); the decision line says
+/// `revoked` and the counter moves. A tunnel the new policy still allows
+/// stays open.
 #[tokio::test]
 async fn a_reload_revokes_tunnels_it_denies() {
     let (denied_echo, kept_echo) = (start_tcp_echo().await, start_tcp_echo().await);
-    let (proxy_port, admin_port) = (closed_port().await, closed_port().await);
     let yaml = |ports: &str| {
         format!(
-            "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\nreload:\n  interval: 100ms\n\
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nreload:\n  interval: 100ms\n\
              allow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      connect_ports: [{ports}]\n"
         )
     };
     let path = temp_file("revoke", "portcullis.yaml", &yaml(&format!("{}, {}", denied_echo.port(), kept_echo.port())));
     let running = Running::start(&path);
-    let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let proxy = running.addr;
     let (resp, mut doomed) = connect(proxy, &format!("127.0.0.1:{}", denied_echo.port())).await;
     assert_eq!(resp.status, 200);
+    doomed.write_all(b"alive").await.unwrap();
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(STEP, doomed.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"alive", "the tunnel relays until the reload");
     let (resp, mut kept) = connect(proxy, &format!("127.0.0.1:{}", kept_echo.port())).await;
     assert_eq!(resp.status, 200);
 
     let staged = path.with_extension("new");
     std::fs::write(&staged, yaml(&kept_echo.port().to_string())).unwrap();
     std::fs::rename(&staged, &path).unwrap();
-    let changed = std::time::Instant::now();
+    // Events, in order, not a wall-clock bound: the reload, then the close.
+    running.wait_for("config reloaded");
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(STEP, doomed.read(&mut buf)).await.expect("the revoked tunnel is closed");
     assert!(matches!(read, Ok(0) | Err(_)), "closed, not data: {read:?}");
-    assert!(changed.elapsed() < std::time::Duration::from_secs(1), "closed {:?} after the change", changed.elapsed());
     let line = running.wait_for("\"reason\":\"revoked\"");
     assert!(line.contains(&format!("\"port\":{}", denied_echo.port())), "{line}");
 
@@ -272,9 +290,8 @@ async fn a_reload_revokes_tunnels_it_denies() {
     tokio::time::timeout(STEP, kept.read_exact(&mut echo)).await.unwrap().unwrap();
     assert_eq!(&echo, b"still here", "a tunnel the new policy allows stays open");
 
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let metrics = send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await.text();
-    assert!(metrics.contains("portcullis_revoked_total{kind=\"tunnel\"} 1"), "{metrics}");
+    let metrics = send_raw(running.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await.text();
+    assert_eq!(metric_value(&metrics, "portcullis_revoked_total{kind=\"tunnel\"}"), 1.0);
 }
 
 /// The red team's F4: nested CONNECTs through the proxy's own port. Its
@@ -283,16 +300,21 @@ async fn a_reload_revokes_tunnels_it_denies() {
 #[tokio::test]
 async fn the_proxy_never_proxies_to_itself() {
     let origin = start_http_origin().await;
-    let proxy_port = closed_port().await;
-    let ports = format!("[{proxy_port}, {}]", origin.port());
-    let yaml = format!(
-        "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:0\nallow_ranges: [127.0.0.0/8]\n\
-         roles:\n  default:\n    mode: open\n    allow: {{http_ports: {ports}, connect_ports: {ports}}}\n"
-    );
-    let config = Config::from_yaml_str(&yaml, "self.yaml").unwrap();
-    let server = Server::bind(&config).await.unwrap();
-    let proxy = server.local_addr().unwrap();
-    tokio::spawn(server.run());
+    let yaml = |proxy_port: u16, admin_port: u16| {
+        // Before the pin the port is 0, which no port list may hold.
+        let ports = match proxy_port {
+            0 => format!("[{}]", origin.port()),
+            own => format!("[{own}, {}]", origin.port()),
+        };
+        format!(
+            "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\nreload:\n  interval: 100ms\n\
+             allow_ranges: [127.0.0.0/8]\nroles:\n  default:\n    mode: open\n    allow: {{http_ports: {ports}, connect_ports: {ports}}}\n"
+        )
+    };
+    let path = temp_file("self", "portcullis.yaml", &yaml(0, 0));
+    let running = Running::start(&path);
+    running.pin_own_ports(&path, yaml);
+    let (proxy, proxy_port) = (running.addr, running.addr.port());
 
     for authority in [format!("127.0.0.1:{proxy_port}"), format!("[::ffff:127.0.0.1]:{proxy_port}")] {
         let (resp, _) = connect(proxy, &authority).await;
@@ -312,9 +334,13 @@ async fn the_proxy_never_proxies_to_itself() {
     assert_eq!(foreign.status, 200, "another Portcullis in the chain is not a loop");
 }
 
-/// Open descriptors of a process.
+/// Open descriptors of a process; fails when /proc cannot tell (a 0 would
+/// make every bound on it pass).
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap_or_else(|e| panic!("cannot read /proc/{pid}/fd: {e}"));
+    let n = dir.count();
+    assert!(n > 0, "/proc/{pid}/fd lists nothing; a running proxy holds at least its listeners");
+    n
 }
 
 /// Keep-alive HTTP origins on `n` ports.
@@ -335,25 +361,28 @@ async fn start_origins(n: usize) -> Vec<u16> {
 async fn one_client_cannot_exhaust_a_proxy_with_few_descriptors() {
     let echo = start_tcp_echo().await;
     let origins = start_origins(12).await;
-    let (proxy_port, admin_port) = (closed_port().await, closed_port().await);
-    let mut ports: Vec<String> = origins.iter().map(|p| p.to_string()).collect();
-    ports.push(echo.port().to_string());
-    ports.push(proxy_port.to_string());
-    let ports = ports.join(", ");
-    let yaml = format!(
-        "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\n\
+    let yaml = |proxy_port: u16, admin_port: u16| {
+        let mut ports: Vec<String> = origins.iter().map(|p| p.to_string()).collect();
+        ports.push(echo.port().to_string());
+        if proxy_port != 0 {
+            ports.push(proxy_port.to_string());
+        }
+        let ports = ports.join(", ");
+        format!(
+        "listen: 127.0.0.1:{proxy_port}\nadmin_listen: 127.0.0.1:{admin_port}\nreload:\n  interval: 100ms\n\
          limits:\n  max_connections: 60\n  max_connections_per_client: 30\n  max_tunnels: 40\n  max_tunnels_per_client: 20\n  \
          max_idle_upstream: 8\n  max_idle_upstream_per_destination: 2\n\
          allow_ranges: [127.0.0.0/8]\nidentity:\n  sources:\n    - {{cidr: 127.0.0.2/32, role: ci}}\n\
          roles:\n  default:\n    allow: {{cidrs: [127.0.0.1/32], http_ports: [{ports}], connect_ports: [{ports}]}}\n  \
          ci:\n    mode: open\n    allow: {{http_ports: [{ports}], connect_ports: [{ports}]}}\n"
-    );
+        )
+    };
     // 2 x 60 + 8 + 64 = 192 descriptors needed; the process gets 256.
-    let path = temp_file("exhaust", "portcullis.yaml", &yaml);
+    let path = temp_file("exhaust", "portcullis.yaml", &yaml(0, 0));
     let running = Running::start_with_nofile(&path, 256);
+    running.pin_own_ports(&path, yaml);
     let pid = running.child.id();
-    let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (proxy, admin) = (running.addr, running.admin);
     let victim_url = format!("http://127.0.0.1:{}/", origins[0]);
     let victim = || async { get_from_source(proxy, "127.0.0.3", &victim_url).await.status };
     assert_eq!(victim().await, 200);
@@ -406,14 +435,17 @@ async fn one_client_cannot_exhaust_a_proxy_with_few_descriptors() {
     }
 
     // Nested CONNECT through the proxy's own port: refused before dialing.
-    let (resp, _) = tunnel_from(proxy, "127.0.0.3", &format!("127.0.0.1:{proxy_port}")).await;
+    let (resp, _) = tunnel_from(proxy, "127.0.0.3", &proxy.to_string()).await;
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")));
     assert_eq!(victim().await, 200);
 
     let metrics = parse_sample_lines(&send_raw(admin, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await.text());
     assert!(metrics["portcullis_upstream_idle_connections"] <= 8.0, "{metrics:?}");
     assert_eq!(metrics["portcullis_active_tunnels"], 20.0);
-    assert!(open_fds(pid) <= 256);
+    // The reading is live (20 tunnels hold at least two sockets each), so
+    // the settle check below means something; the kernel enforces the 256.
+    let busy_fds = open_fds(pid);
+    assert!(busy_fds >= baseline_fds + 40, "{busy_fds} descriptors open under load, {baseline_fds} before");
 
     drop(held);
     drop(keep_alive);

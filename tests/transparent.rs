@@ -5,7 +5,8 @@
 //! route and netfilter rule below lives in namespaces it created itself:
 //! - the test's own namespace plays "the internet": origins, canaries and
 //!   the DNS server, on addresses added to its loopback;
-//! - a child namespace plays the pod: Portcullis (as the exempt uid 65532),
+//! - a child namespace plays the pod: Portcullis (as the script's default
+//!   exempt uid, 62211),
 //!   the redirect rules, and clients (curl, Python, Java, Node, raw TCP) run
 //!   as root with no proxy variables, resolving names from a bind-mounted
 //!   hosts file (`unshare -m`).
@@ -30,7 +31,8 @@ use serde_json::Value;
 
 use netns::{in_own_netns, run, set_mode, sh, Netns};
 
-const PROXY_UID: &str = "65532";
+/// redirect.sh's default exempt uid; the test relies on the default.
+const PROXY_UID: &str = "62211";
 const TRANSPARENT_PORT: u16 = 15001;
 const NET_V4: &str = "10.77.0.1";
 const POD_V4: &str = "10.77.0.2";
@@ -301,7 +303,6 @@ fn redirect(pod: &Pod, backend: &str) {
     let out = run(pod
         .cmd("sh")
         .arg(&script)
-        .env("PORTCULLIS_UID", PROXY_UID)
         .env("PORTCULLIS_TRANSPARENT_PORT", TRANSPARENT_PORT.to_string())
         .env("PORTCULLIS_DNS_RESOLVERS", NET_V4)
         .env("PORTCULLIS_BACKEND", backend));
@@ -423,6 +424,16 @@ fn scenario(backend: &str, every_client: bool) {
     assert!(v6["http-allowed6"].body.contains(&format!("local=[{ORIGIN_V6}]:80")), "{v6:?}");
     let meta6 = curl(&pod, &hosts, &[("http-metadata6", &format!("http://[{METADATA_V6}]/"))], &[]);
     assert_eq!(meta6["http-metadata6"].deny, "denied-range:metadata", "{meta6:?}");
+    // IPv6 destinations that PREROUTING's REDIRECT cannot translate are
+    // translated in OUTPUT: Portcullis decides them, nothing hangs.
+    let odd6 = curl(&pod, &hosts, &[("compat", "http://[::10.0.0.1]/"), ("site-local", "http://[fec0::1]/")], &[]);
+    for case in ["compat", "site-local"] {
+        assert_eq!(odd6[case].status, 403, "{case}: {odd6:?}");
+    }
+    // Link-local TCP is bound to its interface and cannot be rerouted to
+    // the listener: refused at once rather than left to time out.
+    let link_local = curl(&pod, &hosts, &[("link-local", "http://[fe80::1%25tp-pod]/")], &[]);
+    assert!(link_local["link-local"].body.contains("Couldn't connect") || link_local["link-local"].body.contains("refused"), "{link_local:?}");
     for (ip, port) in [(ELSEWHERE, 443), (ELSEWHERE, 80), (ELSEWHERE_V6, 443)] {
         let bracketed = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
         let scheme = if port == 443 { "https" } else { "http" };
@@ -512,6 +523,8 @@ fn check_log(log: &Path) {
     let raw = find("transparent-tcp", &format!("{RAW_DENIED}:7000"), "deny");
     assert_eq!(raw["reason"], "not-allowlisted", "{raw}");
     find("transparent-tcp", &format!("{RAW_ALLOWED}:7000"), "allow");
+    find("transparent-http", "[::a00:1]:80", "deny");
+    find("transparent-http", "[fec0::1]:80", "deny");
     assert!(lines.iter().all(|v| v["kind"].as_str().is_some_and(|k| k.starts_with("transparent-"))), "{text}");
 }
 

@@ -189,6 +189,38 @@ pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Li
     (child, lines)
 }
 
+/// The value of one exposed series, written exactly as the exposition
+/// writes it (`name{label="value",...}`). Panics when the series is
+/// absent: a misspelt name must not read as zero.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in the metrics:\n{metrics}"))
+}
+
+/// Polls `check` every 20 ms until it returns a value; panics naming
+/// `what` after [`STEP`].
+pub async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The proxy and admin addresses named by a `portcullis listening` line.
+pub fn listening_addrs(startup: &str) -> (SocketAddr, SocketAddr) {
+    let v: serde_json::Value = serde_json::from_str(startup).unwrap_or_else(|e| panic!("{e}: {startup}"));
+    let addr = |field: &str| -> SocketAddr {
+        v[field].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no {field} address in {startup}"))
+    };
+    (addr("listen"), addr("admin"))
+}
+
 /// A CA and a TLS server config for a server (an origin, a parent proxy)
 /// with `names` (IP addresses become IP SANs); the CA as PEM.
 pub fn test_ca_and_server_tls(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
@@ -217,20 +249,81 @@ pub fn test_ca_and_server_tls(names: &[&str]) -> (String, Arc<rustls::ServerConf
 /// A running `portcullis run` process and the decision lines it has written.
 pub struct BinaryProxy {
     child: std::process::Child,
+    path: std::path::PathBuf,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Every byte the process wrote to stdout and to stderr, as written.
+    pub output: Arc<Mutex<Vec<u8>>>,
 }
 
 impl BinaryProxy {
-    /// Writes `yaml` (with loopback listeners on free ports) to `path` and runs it.
+    /// Writes `yaml` (with loopback listeners on port 0) to `path` and runs it.
     pub async fn spawn(path: &std::path::Path, yaml: &str) -> BinaryProxy {
-        let (port, admin) = (closed_port().await, closed_port().await);
-        std::fs::write(path, format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{yaml}")).unwrap();
-        let (child, lines) = run_binary(path);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
-        BinaryProxy { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), log }
+        BinaryProxy::spawn_with_env(path, yaml, &[]).await
+    }
+
+    /// [`BinaryProxy::spawn`] with extra environment variables. The proxy
+    /// binds port 0 itself (a port freed by the test and bound later could
+    /// be taken in between); its addresses come from its startup line.
+    pub async fn spawn_with_env(path: &std::path::Path, yaml: &str, env: &[(&str, &str)]) -> BinaryProxy {
+        use std::io::{BufRead, Read};
+        std::fs::write(path, format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (log, output) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = Vec::new();
+        let startup = loop {
+            line.clear();
+            let n = stdout.read_until(b'\n', &mut line).unwrap();
+            assert!(n > 0, "portcullis exited before its startup line; output: {}", String::from_utf8_lossy(&output.lock().unwrap()));
+            output.lock().unwrap().extend_from_slice(&line);
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if text.contains("portcullis listening") {
+                break text;
+            }
+            log.lock().unwrap().push(text);
+        };
+        let (sink, raw) = (log.clone(), output.clone());
+        std::thread::spawn(move || loop {
+            let mut line = Vec::new();
+            if stdout.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            raw.lock().unwrap().extend_from_slice(&line);
+            sink.lock().unwrap().push(String::from_utf8_lossy(&line).trim_end().to_string());
+        });
+        let (mut stderr, raw) = (child.stderr.take().unwrap(), output.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                raw.lock().unwrap().extend_from_slice(&buf[..n]);
+                eprint!("{}", String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (addr, admin) = listening_addrs(&startup);
+        BinaryProxy { child, path: path.to_path_buf(), addr, admin, log, output }
+    }
+
+    /// Replaces the config file with `yaml` (same loopback listeners) in
+    /// one rename, as a deployment would, so the watcher never reads half a file.
+    pub fn rewrite(&self, yaml: &str) {
+        let staged = self.path.with_extension("staged");
+        std::fs::write(&staged, format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}")).unwrap();
+        std::fs::rename(&staged, &self.path).unwrap();
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = send_raw(self.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.text()
     }
 
     /// The decision lines that contain every one of `parts`, once there

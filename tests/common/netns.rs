@@ -12,21 +12,67 @@ use std::time::{Duration, Instant};
 const OWN_NETNS: &str = "PORTCULLIS_TEST_OWN_NETNS";
 
 /// Runs `body` in a network namespace this test created: re-executes the
-/// test binary for this one test under `unshare -n` and requires success.
+/// test binary for this one test under `unshare -n` and requires that
+/// exactly this one test ran there and passed. libtest exits 0 when
+/// `--exact` matches nothing, so the exit status alone would let a renamed
+/// test pass unseen; the child's summary line is checked instead.
 pub fn in_own_netns(test: &str, body: impl FnOnce()) {
     if std::env::var_os(OWN_NETNS).is_some() {
         assert_isolated();
         return body();
     }
+    use std::io::BufRead;
     let exe = std::env::current_exe().expect("test binary path");
-    let status = Command::new("unshare")
+    let mut child = Command::new("unshare")
         .args(["-n", "--"])
         .arg(exe)
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(OWN_NETNS, "1")
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .expect("run unshare (util-linux); these tests need root to create network namespaces");
+    let mut stdout = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line.expect("the child's stdout is text");
+        // Indented, so a summary line echoed here is never read as the
+        // parent's own (.ci/run counts lines that start `test result:`).
+        println!("    {line}");
+        stdout.push(line);
+    }
+    let status = child.wait().expect("wait for the namespaced test");
     assert!(status.success(), "{test} failed in its own network namespace: {status}");
+    if let Err(why) = exactly_one_passed(&stdout) {
+        panic!("{test} did not run in its own network namespace: {why}");
+    }
+}
+
+/// Checks libtest's output for one run: exactly one summary line, and it
+/// says one test passed and nothing failed (`test result: ok. 1 passed; 0 failed; ...`).
+fn exactly_one_passed(stdout: &[String]) -> Result<(), String> {
+    let summaries: Vec<&String> = stdout.iter().filter(|l| l.starts_with("test result: ")).collect();
+    let [summary] = summaries[..] else {
+        return Err(format!("expected one libtest summary line, found {}: {summaries:?}", summaries.len()));
+    };
+    if summary.starts_with("test result: ok. 1 passed; 0 failed;") {
+        Ok(())
+    } else {
+        Err(format!("expected `test result: ok. 1 passed; 0 failed; ...`, got `{summary}`"))
+    }
+}
+
+#[test]
+fn the_rerun_check_requires_exactly_one_passed_test() {
+    let lines = |text: &str| text.lines().map(str::to_string).collect::<Vec<_>>();
+    let one = "running 1 test\ntest x ... ok\n\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out; finished in 1.00s";
+    assert_eq!(exactly_one_passed(&lines(one)), Ok(()));
+    let renamed = "running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 10 filtered out; finished in 0.00s";
+    assert!(exactly_one_passed(&lines(renamed)).unwrap_err().contains("0 passed"));
+    let two = "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 8 filtered out; finished in 1.00s";
+    assert!(exactly_one_passed(&lines(two)).is_err());
+    let ignored = "test result: ok. 0 passed; 0 failed; 1 ignored; 0 measured; 9 filtered out; finished in 0.00s";
+    assert!(exactly_one_passed(&lines(ignored)).is_err());
+    assert!(exactly_one_passed(&lines("no summary at all")).is_err());
+    assert!(exactly_one_passed(&lines(&format!("{one}\n{one}"))).is_err());
 }
 
 /// Before adding anything: the namespace holds only a loopback interface.
