@@ -165,6 +165,7 @@ impl Config {
         }
         let policy = self.compile_policy()?;
         crate::identity::Identities::compile(&self.identity, &policy)?;
+        crate::dns_listen::DnsRules::compile(self)?;
         if let Some(parent) = &self.upstream_proxy {
             if let Some(missing) = parent.roles.iter().find(|r| !self.roles.contains_key(*r)) {
                 return Err(format!("upstream_proxy.roles: role {missing:?} is not defined under roles").into());
