@@ -5,6 +5,8 @@
 //! refused name never left the proxy.
 
 mod common;
+#[path = "dns/ech.rs"]
+mod ech;
 #[path = "dns/hello.rs"]
 mod hello;
 #[path = "common/netns.rs"]
@@ -319,4 +321,9 @@ async fn check_decides_a_query_like_the_listener() {
 #[test]
 fn system_resolvers_get_allowed_names_only() {
     netns::in_own_netns("system_resolvers_get_allowed_names_only", system::scenario);
+}
+
+#[test]
+fn ech_client_hello_is_refused_on_the_transparent_path_unless_the_role_allows_it() {
+    netns::in_own_netns("ech_client_hello_is_refused_on_the_transparent_path_unless_the_role_allows_it", ech::scenario);
 }
