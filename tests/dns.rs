@@ -9,6 +9,8 @@ mod common;
 mod ech;
 #[path = "dns/hello.rs"]
 mod hello;
+#[path = "common/hostile.rs"]
+mod hostile;
 #[path = "common/netns.rs"]
 mod netns;
 #[path = "dns/system.rs"]

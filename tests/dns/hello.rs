@@ -2,11 +2,11 @@
 //! added, shaped as a GREASE or real ECH offer: outer type, HPKE suite,
 //! config id, encapsulated key and payload (RFC 9849 section 5).
 
-use std::sync::Arc;
-
 /// rustls's ClientHello for `name` with an ECH extension appended.
 pub fn with_ech(name: &str) -> Vec<u8> {
-    let mut record = rustls_hello(name);
+    let mut record = super::hostile::rustls_client_hello(name);
+    // One record: the hello fits in one.
+    assert_eq!(usize::from(u16::from_be_bytes([record[3], record[4]])) + 5, record.len(), "one record");
     let mut ext = vec![0xfe, 0x0d];
     let mut body = vec![0x00, 0x00, 0x01, 0x00, 0x01, 0x42]; // outer, HKDF-SHA256, AES-128-GCM, config 0x42
     body.extend_from_slice(&[0x00, 0x20]);
@@ -35,22 +35,4 @@ pub fn with_ech(name: &str) -> Vec<u8> {
     grow(&mut record, 3, 2); // record length
     record.extend_from_slice(&ext);
     record
-}
-
-fn rustls_hello(name: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("valid server name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client connection");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("writing to a Vec cannot fail");
-    }
-    // One record: the hello fits in one.
-    assert_eq!(usize::from(u16::from_be_bytes([out[3], out[4]])) + 5, out.len(), "one record");
-    out
 }
