@@ -49,7 +49,9 @@ impl DnsRules {
         }
         let upstreams = match config.dns_listen {
             Some(listen) => upstreams(config, listen)?,
-            None => Box::default(),
+            // A reload that drops `dns_listen` leaves the listener running
+            // until restart: it keeps forwarding to the listed nameservers.
+            None => config.dns.nameservers.clone().into_boxed_slice(),
         };
         let mut allow_types: Vec<u16> = dns.allow_types.iter().map(|t| u16::from(t.0)).collect();
         allow_types.sort_unstable();
