@@ -16,6 +16,10 @@ WORKDIR /src
 # The whole context (see .dockerignore): Cargo.toml may name benches and
 # tests, which cargo needs to see even when building only the binary.
 COPY . .
+# The context has no .git: pass the revision for `portcullis --version`,
+#   docker build --build-arg PORTCULLIS_GIT_REV=$(git rev-parse --short=12 HEAD) .
+# (without it the version says "unknown").
+ARG PORTCULLIS_GIT_REV=
 RUN cargo build --release --locked --bin portcullis
 
 # The transparent-interception init image (deploy/kubernetes/transparent-sidecar,

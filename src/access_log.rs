@@ -74,6 +74,12 @@ pub struct AccessRecord {
     /// Where the role came from: certificate, credentials, source, default.
     pub identity: &'static str,
     pub mode: Mode,
+    /// The address in an always-denied range that denied a name, for the
+    /// carve-out hint (never logged: the hint is for the client).
+    pub denied_addr: Option<std::net::IpAddr>,
+    /// The digest of the `Proxy-Authorization` value the client was
+    /// identified by, which owns its denials (see [`crate::denials`]).
+    pub credentials: Option<[u8; 32]>,
     /// The rule that decided, described only when the line is written
     /// (operators only: never in a response).
     pub rule: Option<RuleRef>,
@@ -112,6 +118,8 @@ impl AccessRecord {
             role: String::new(),
             identity: "",
             mode: Mode::Enforce,
+            denied_addr: None,
+            credentials: None,
             rule: None,
             status: 0,
             bytes_in: 0,
@@ -125,6 +133,9 @@ impl AccessRecord {
     /// Writes the log line and counts the request.
     pub fn emit(&self) {
         self.count();
+        if let Outcome::Deny(reason) = self.outcome {
+            self.remember_denial(reason);
+        }
         if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
             return;
         }
@@ -135,6 +146,26 @@ impl AccessRecord {
             // A library user without the binary's sink: through tracing.
             None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
         }
+    }
+
+    /// Keeps the denial for its client's `GET /v1/denials`.
+    fn remember_denial(&self, reason: DenyReason) {
+        use crate::denials::{fix_hint, Denial, Owner};
+        let owner = match self.credentials {
+            Some(digest) => Owner::Credentials(digest),
+            None => Owner::Source(self.client.ip().to_canonical()),
+        };
+        self.metrics.denials.record(Denial {
+            at: std::time::SystemTime::now(),
+            owner,
+            kind: self.kind.map_or("", RequestKind::as_str),
+            host: self.host.clone(),
+            port: self.port,
+            reason: reason.as_str(),
+            role: self.role.clone(),
+            rule: self.rule.as_ref().map_or_else(String::new, |r| r.text().to_string()),
+            fix: fix_hint(reason, &self.host, self.port, &self.role, self.denied_addr),
+        });
     }
 
     /// Counts the request in the metrics without writing a log line (for

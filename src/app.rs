@@ -118,7 +118,7 @@ impl App {
 
     /// Serves until `shutdown` completes, then drains (see [`Server::run_until`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone()))];
+        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone(), self.server.snapshot_handle()))];
         if self.config.reload.watch {
             background.push(tokio::spawn(self.reloader.clone().watch(self.config.reload.interval.0)));
         }

@@ -8,13 +8,16 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
-use portcullis::policy::{Decision, PreResolution};
+use portcullis::policy::Decision;
 use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
 use portcullis::proxy::Snapshot;
 
+/// `portcullis --version`: the crate version and the git revision it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PORTCULLIS_GIT_REV"), ")");
+
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "An egress filtering forward proxy")]
+#[command(name = "portcullis", version = VERSION, about = "An egress filtering forward proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,6 +75,22 @@ enum Command {
         #[command(subcommand)]
         from: ImportFrom,
     },
+    /// Why was I refused? Lists this client's recent denials, newest first,
+    /// from the proxy's admin port (`GET /v1/denials`): by source address,
+    /// or by credentials when given. Exit code 0, or 2 when the admin port
+    /// cannot be asked.
+    Why {
+        /// The admin listener (default: $PORTCULLIS_ADMIN, else 127.0.0.1:9128).
+        #[arg(long)]
+        admin: Option<String>,
+        /// `user:password` to ask as (default: the userinfo of
+        /// $https_proxy, $HTTPS_PROXY, $http_proxy or $HTTP_PROXY, if any).
+        #[arg(long)]
+        proxy_user: Option<String>,
+        /// Print the endpoint's JSON as it came.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
@@ -100,10 +119,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => runtime.block_on(run(config)),
         Command::Check { config, role, url, explain } => runtime.block_on(check(config, role.as_deref(), &url, explain)),
-        Command::Test { config, junit, cases } => test(config, junit, &cases),
+        Command::Test { config, junit, cases } => runtime.block_on(test(config, junit, &cases)),
         Command::Suggest { config, log, role } => suggest(config, log, role.as_deref()),
         Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
+        Command::Why { admin, proxy_user, json } => why(admin, proxy_user, json),
     };
     match result {
         Ok(code) => code,
@@ -171,7 +191,12 @@ async fn shutdown_signal() {
 
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
     match Config::load(&path) {
-        Ok(_) => {
+        Ok(config) => {
+            // Valid, so it compiles; the warnings name rules that never match.
+            let policy = config.compile().map_err(anyhow::Error::msg)?;
+            for warning in portcullis::lint::lint(&config, &policy) {
+                eprintln!("warning: {}: {warning}", path.display());
+            }
             println!("{}: ok", path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -200,15 +225,14 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
         Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
         None => policy.default_role(),
     };
-    let (decision, addrs) = match policy.pre_resolution(role, kind, &target) {
-        PreResolution::Decided(d) => (d, literal_addr(&target.host).into_iter().collect()),
-        // As the proxy does: no local DNS for a name the parent resolves.
-        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, &target, name) => {
-            (policy.decide_name_only(role, kind, &target), Vec::new())
-        }
-        PreResolution::Resolve(name) => {
-            let addrs = snapshot.resolver.resolve(name).await.with_context(|| format!("resolve-failed: {name}"))?;
-            (policy.decide(role, kind, &target, &addrs), addrs)
+    // The proxy's own decision, on the real resolver.
+    let decided = snapshot.rules().decide(role, kind, &target, None, &snapshot.resolver).await;
+    let (decision, addrs) = match decided {
+        Ok(decided) if decided.addrs.is_empty() => (decided.decision, literal_addr(&target.host).into_iter().collect()),
+        Ok(decided) => (decided.decision, decided.addrs),
+        Err(unresolved) => {
+            let name = target.host.to_text();
+            return Err(anyhow::Error::new(unresolved.error).context(format!("resolve-failed: {name}")));
         }
     };
     if explain {
@@ -293,11 +317,11 @@ fn policy_under_test(config: &std::path::Path) -> Option<PolicyUnderTest> {
 }
 
 /// Runs case files; bad input (config or cases) is exit code 2.
-fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+async fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
     let mut files = Vec::with_capacity(case_paths.len());
     for path in case_paths {
-        match CaseFile::load(path) {
+        match CaseFile::load(path).and_then(|file| put.check_decidable(&file).map(|()| file)) {
             Ok(file) => files.push(file),
             Err(e) => {
                 eprintln!("{e}");
@@ -305,7 +329,7 @@ fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -> anyh
             }
         }
     }
-    let results = put.run_all(&files);
+    let results = put.run_all(&files).await;
     for r in &results {
         match &r.failure {
             None => println!("PASS {}: {}", r.case, r.got),
@@ -361,4 +385,106 @@ fn literal_addr(host: &portcullis::target::Host) -> Option<std::net::IpAddr> {
         portcullis::target::Host::Ip(ip) => Some(*ip),
         portcullis::target::Host::Name(_) => None,
     }
+}
+
+/// Asks the admin port for this client's denials and prints them.
+fn why(admin: Option<String>, proxy_user: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{Read, Write};
+    let admin = admin.or_else(|| std::env::var("PORTCULLIS_ADMIN").ok()).unwrap_or_else(|| "127.0.0.1:9128".to_string());
+    let admin = admin.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let user = proxy_user.or_else(proxy_userinfo);
+    let mut request = format!("GET /v1/denials HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n");
+    if let Some(user) = user {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(user.as_bytes());
+        request.push_str(&format!("Proxy-Authorization: Basic {encoded}\r\n"));
+    }
+    request.push_str("\r\n");
+    let timeout = std::time::Duration::from_secs(10);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&admin)
+        .with_context(|| format!("admin address {admin:?}"))?
+        .next()
+        .with_context(|| format!("admin address {admin:?} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot reach the admin port {admin}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(request.as_bytes())?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).with_context(|| format!("reading from the admin port {admin}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("the admin port {admin} answered {status:?}: {}", body.trim());
+    }
+    if json {
+        print!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let value: serde_json::Value = serde_json::from_str(body).context("the admin port's answer is not JSON")?;
+    print!("{}", render_denials(&value));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `user:password` of the first proxy variable that carries one.
+fn proxy_userinfo() -> Option<String> {
+    ["https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"].iter().find_map(|name| {
+        let url = std::env::var(name).ok()?;
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let authority = rest.split('/').next()?;
+        let (userinfo, _) = authority.rsplit_once('@')?;
+        Some(percent_decode(userinfo))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One block per denial: time, kind, target and reason, then the rule and
+/// the fix (indented, as many lines as it has).
+fn render_denials(value: &serde_json::Value) -> String {
+    let field = |v: &serde_json::Value, name: &str| v.get(name).and_then(|f| f.as_str()).unwrap_or_default().to_string();
+    let caller = field(value, "caller");
+    let denials = value.get("denials").and_then(|d| d.as_array()).cloned().unwrap_or_default();
+    if denials.is_empty() {
+        return format!("no recent denials for {caller}\n");
+    }
+    let mut out = format!("recent denials for {caller}, newest first:\n");
+    for d in &denials {
+        let port = d.get("port").and_then(|p| p.as_u64()).unwrap_or_default();
+        out.push_str(&format!(
+            "{}  {} {}:{port}  {}  role={}\n  rule: {}\n",
+            field(d, "time"),
+            field(d, "kind"),
+            field(d, "host"),
+            field(d, "reason"),
+            field(d, "role"),
+            field(d, "rule")
+        ));
+        let fix = field(d, "fix");
+        let mut lines = fix.lines();
+        if let Some(first) = lines.next() {
+            out.push_str(&format!("  fix:  {first}\n"));
+        }
+        for line in lines {
+            out.push_str(&format!("        {line}\n"));
+        }
+    }
+    out
 }

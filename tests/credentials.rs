@@ -26,6 +26,9 @@ const TOKEN_WRONG: &str = "tok-wrong-77aa02";
 const URI_PASSWORD: &str = "Sekr1t-uri-0b9d";
 const PARENT_SECRET: &str = "Par3nt-s3cret-c4";
 const PARENT_WRONG: &str = "Par3nt-wr0ng-e6";
+/// Secrets in a request's path and query: a deny body never repeats them.
+const PATH_SECRET: &str = "pathsecret-3e9a1c";
+const QUERY_SECRET: &str = "querysecret-b7d402";
 
 fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -56,6 +59,8 @@ fn all_leak_forms() -> Vec<(&'static str, String)> {
         ("alice", URI_PASSWORD),
         ("relay", PARENT_SECRET),
         ("relay", PARENT_WRONG),
+        ("", PATH_SECRET),
+        ("", QUERY_SECRET),
     ];
     secrets.iter().flat_map(|(user, secret)| leak_forms(user, secret).into_iter().map(move |f| (*secret, f))).collect()
 }
@@ -203,6 +208,26 @@ async fn client_credentials_never_reach_the_log_the_error_output_or_a_response()
             expect(&mut responses, request(proxy.addr, &connect).await, 407, "wrong CONNECT");
         }
     }
+    // Secrets in the path and query of refused requests: the deny bodies
+    // (403 by range and by allow-list, 407, 400, and a Host mismatch inside
+    // a plain-HTTP tunnel) never repeat them, and the log has no path.
+    let secret_path = format!("/latest/meta-data/{PATH_SECRET}?token={QUERY_SECRET}");
+    let metadata = format!("http://169.254.169.254{secret_path}");
+    expect(&mut responses, get_with(proxy.addr, &metadata, &alice).await, 403, "metadata, secret path");
+    expect(&mut responses, get_with(proxy.addr, &format!("http://b.test:{port}{secret_path}"), &alice).await, 403, "unlisted, secret path");
+    expect(&mut responses, get_with(proxy.addr, &format!("http://a.test:{port}{secret_path}"), &wrong_bearer).await, 407, "407, secret path");
+    let get = format!("GET http://alice:{URI_PASSWORD}@a.test:{port}{secret_path} HTTP/1.1\r\nHost: a.test:{port}\r\n\r\n");
+    expect(&mut responses, request(proxy.addr, &get).await, 400, "400, secret path");
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    let connect = format!("CONNECT a.test:{port} HTTP/1.1\r\nHost: a.test:{port}\r\n{alice}\r\n");
+    tunnel.write_all(connect.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tunnel).await.status, 200);
+    tunnel.write_all(format!("GET {secret_path} HTTP/1.1\r\nHost: b.test:{port}\r\n\r\n").as_bytes()).await.unwrap();
+    let mismatch = read_response(&mut tunnel).await;
+    assert_eq!((mismatch.status, mismatch.header("x-portcullis-deny")), (403, Some("host-mismatch")), "{}", mismatch.text());
+    responses.push(mismatch.body.clone());
+    drop(tunnel);
+
     // The same header twice, and a Basic value that is not user:password.
     let twice = format!("{alice}{alice}");
     let (status, bytes) = get_with(proxy.addr, &allowed, &twice).await;
@@ -221,8 +246,8 @@ async fn client_credentials_never_reach_the_log_the_error_output_or_a_response()
     // most once per 10 s, so at least one 407 line).
     assert!(proxy.lines_with(&["\"role\":\"team\""], 15).await.len() >= 15, "the valid credentials' requests logged");
     assert!(!proxy.lines_with(&["\"reason\":\"auth-failed\""], 1).await.is_empty(), "a 407 logged");
-    let refused = proxy.lines_with(&["\"status\":400"], 2).await;
-    assert_eq!(refused.len(), 2, "both userinfo refusals logged");
+    let refused = proxy.lines_with(&["\"status\":400"], 3).await;
+    assert_eq!(refused.len(), 3, "the three userinfo refusals logged");
     let output = String::from_utf8_lossy(&proxy.output.lock().unwrap()).into_owned();
     assert!(output.contains("\"level\":\"DEBUG\""), "the proxy's own events were written at debug level too");
     assert_nothing_leaked(&proxy, &responses).await;
@@ -271,7 +296,17 @@ async fn parent_credentials_never_reach_the_log_the_error_output_or_a_response()
             responses.push(bytes);
         }
     }
+    // With `resolve: local` every address is checked here: a denied
+    // destination never reaches the parent.
+    for (url, reason) in [("http://169.254.169.254/latest/", "denied-range:metadata"), (&*format!("http://unlisted.example:{port}/"), "not-allowlisted")] {
+        let (status, bytes) = get_with(good.addr, url, "").await;
+        assert_eq!(status, 403, "{url}");
+        assert!(String::from_utf8_lossy(&bytes).contains(reason), "{url}: {}", String::from_utf8_lossy(&bytes));
+        responses.push(bytes);
+    }
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("169.254.169.254") && !seen.contains("unlisted.example"), "a denied request reached the parent: {seen}");
+    assert!(seen.contains(&format!("CONNECT 127.0.0.1:{port} ")), "the parent is handed the checked address: {seen}");
     assert!(seen.contains(&b64(&format!("relay:{PARENT_SECRET}"))), "the parent got the credentials: {seen}");
     assert!(seen.contains(&b64(&format!("relay:{PARENT_WRONG}"))), "the parent got the wrong credentials: {seen}");
 

@@ -14,7 +14,7 @@ use portcullis::metrics::Metrics;
 use portcullis::proxy::Server;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -37,16 +37,6 @@ async fn start(yaml: &str) -> (SocketAddr, Arc<Metrics>) {
 
 async fn dns_for_teams() -> DnsServer {
     start_dns(&[("a.test", &["127.0.0.1"]), ("b.test", &["127.0.0.1"])]).await
-}
-
-/// `GET url` from a chosen loopback source address, with extra header lines.
-async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
-    let mut stream = socket.connect(proxy).await.unwrap();
-    let host = url.split('/').nth(2).unwrap();
-    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
-    read_response(&mut stream).await
 }
 
 #[tokio::test]
@@ -314,7 +304,10 @@ async fn mtls_listener_maps_certificates_to_roles() {
         pki.dir.join("ca.pem").display()
     );
     let identity = "identity:\n  certificates:\n    - {uri: \"spiffe://test/ns/team-a/*\", role: team-a}\n    - {cn: team-b, role: team-b}\n";
-    let (proxy, metrics) = start(&teams_yaml(dns.addr, port, identity, &tls)).await;
+    // The real binary: BinaryProxy writes its own loopback listeners.
+    let yaml = teams_yaml(dns.addr, port, identity, &tls).replacen("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n", "", 1);
+    let binary = BinaryProxy::spawn(&pki.dir.join("portcullis.yaml"), &yaml).await;
+    let proxy = binary.addr;
     let request = |host: &str| format!("GET http://{host}:{port}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
 
     let a = pki.client_config(Some((&a_cert, &a_key)));
@@ -332,7 +325,12 @@ async fn mtls_listener_maps_certificates_to_roles() {
 
     let anonymous = pki.client_config(None);
     assert_eq!(tls_request(proxy, anonymous, &request("a.test")).await, None, "no certificate, no service");
-    assert!(metrics.render().contains("portcullis_connections_refused_total{reason=\"tls_handshake\"} 1"));
+    let metrics = binary.metrics().await;
+    assert_eq!(metric_value(&metrics, "portcullis_connections_refused_total{reason=\"tls_handshake\"}"), 1.0);
+    for (role, names) in [("team-a", "a.test"), ("team-b", "b.test")] {
+        let lines = binary.lines_with(&[&format!("\"role\":\"{role}\",\"identity\":\"certificate\"")], 2).await;
+        assert!(lines.iter().any(|l| l.contains(&format!("\"host\":\"{names}\""))), "{role} by certificate: {lines:#?}");
+    }
 }
 
 #[test]

@@ -435,13 +435,15 @@ async fn scrape(admin: SocketAddr) -> String {
     body
 }
 
-/// The value of one exposed series, written exactly as the exposition
-/// writes it (`name{label="value",...}`), or 0 when it is absent.
+/// The value of one exposed series (see [`metric_value`]): a missing
+/// series fails instead of reading as 0.
 fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    metric_value(metrics, series)
+}
+
+/// The value of a series that may not be exposed yet (for waits only).
+fn sample_if_present(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The sample names the exposition can carry: every family, and for a
@@ -503,7 +505,8 @@ async fn dashboard_and_rule_queries_parse_and_name_only_exported_metrics() {
     check_promql(&exprs, &dir);
 
     let echo = start_tcp_echo().await;
-    let closed = closed_port().await;
+    let (refusing, _held_port) = refusing_addr();
+    let closed = refusing.port();
     let dns = start_dns(&[("echo.test", &["127.0.0.1"])]).await;
     let (proxy, admin, _stop) = start_app("names", &policy(&[echo.port(), closed], dns.addr)).await;
     exercise(proxy, admin, echo, closed).await;
@@ -560,7 +563,9 @@ async fn open_tunnels_report_bytes_while_open_and_once_in_total() {
     let closed = wait_for("the tunnel's decision is counted", STEP, || async {
         let m = scrape(admin).await;
         let finished = "portcullis_requests_total{decision=\"allow\",kind=\"connect\",reason=\"none\",role=\"default\"}";
-        (value(&m, finished) == 1.0).then_some(m)
+        // Absent until the tunnel's decision is counted: a wait, so absence
+        // reads as "not yet" here, and the strict reads follow.
+        (sample_if_present(&m, finished) == Some(1.0)).then_some(m)
     })
     .await;
     // Once each: the live flushes and the end-of-tunnel remainder add up
@@ -591,19 +596,30 @@ impl Prometheus {
             rules.display()
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = closed_port().await;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.join("prometheus.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let process = Command::new("prometheus")
-            .arg(format!("--web.listen-address={addr}"))
+            // Port 0: prometheus binds it and logs the port it got.
+            .arg("--web.listen-address=127.0.0.1:0")
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run prometheus ({e}): install Debian's `prometheus` package, as .ci/run does"));
-        let mut prometheus = Prometheus { addr, log, process: KillOnDrop(Some(process)) };
+        let mut process = KillOnDrop(Some(process));
+        let addr = wait_for("prometheus to listen", PROMETHEUS_STEP, || {
+            let exited = process.get().try_wait().unwrap();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(exited.is_none(), "prometheus exited ({exited:?}):\n{text}");
+            let bound = text
+                .lines()
+                .filter(|l| l.contains("msg=\"Listening on\""))
+                .find_map(|l| l.split("address=").nth(1)?.split_whitespace().next()?.parse::<SocketAddr>().ok());
+            async move { bound }
+        })
+        .await;
+        let mut prometheus = Prometheus { addr, log, process };
         wait_for("prometheus to be ready", PROMETHEUS_STEP, || {
             let exited = prometheus.process.get().try_wait().unwrap();
             assert!(exited.is_none(), "prometheus exited ({exited:?}):\n{}", prometheus.log_text());

@@ -3,6 +3,8 @@
 //! re-tested), and `import smokescreen` followed by `test`.
 
 mod common;
+#[path = "common/iana.rs"]
+mod iana;
 
 use common::portcullis;
 
@@ -297,6 +299,12 @@ fn suggest_applied_turns_every_would_deny_into_allow() {
     for net in &cidrs {
         for (denied, _) in portcullis::policy::ranges::denied_ranges() {
             assert!(!denied.contains(net) && !net.contains(&denied), "{net} overlaps always-denied {denied}");
+        }
+        // And against the hand-typed registries, which do not come from the
+        // table the product compiles.
+        for row in iana::rows().filter(|r| matches!(r.expected(), iana::Expect::Deny(_))) {
+            let denied = row.net();
+            assert!(!denied.contains(net) && !net.contains(&denied), "{net} overlaps {} ({})", row.prefix, row.name);
         }
     }
     assert_eq!(allow["connect_ports"], serde_yaml_ng::from_str::<Value>("[443, 8443]").unwrap());

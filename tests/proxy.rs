@@ -305,7 +305,8 @@ async fn origin_form_requests_get_405() {
 
 #[tokio::test]
 async fn upstream_refusal_is_502() {
-    let port = closed_port().await;
+    let (refusing, _held_port) = refusing_addr();
+    let port = refusing.port();
     let proxy = start_proxy(&loopback_policy(None, &[port], "enforce")).await;
     let resp = get(proxy, &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!((resp.status, resp.header("x-portcullis-error")), (502, Some("upstream-refused")));

@@ -154,8 +154,9 @@ impl Limits {
     /// The file descriptors these limits may need at once: each client
     /// connection (a tunnel keeps its connection's slot) and the upstream
     /// connection it may have open, every pooled idle connection, and a
-    /// reserve. Splice pipes are left out: when no descriptor is left for
-    /// one, a tunnel copies through user space instead.
+    /// reserve. Splice pipes are opened only from what the open-file limit
+    /// leaves beyond this (`proxy/splice.rs`); without one, a tunnel copies
+    /// through user space instead.
     pub fn fds_needed(&self) -> u64 {
         2 * self.max_connections as u64 + self.max_idle_upstream as u64 + Self::RESERVED_FDS
     }

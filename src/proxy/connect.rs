@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::error::{ProxyError, UpstreamError};
 use super::tunnel_http::{self, Start};
-use super::revoke::Tunnels;
+use super::admit::Opened;
+use super::revoke::Registration;
 use super::slots::ConnectionSlot;
 use super::framing::WatchedIo;
 use super::upstream::Upstream;
@@ -141,32 +142,19 @@ fn dial_failure(e: io::Error) -> UpstreamError {
 pub async fn tunnel(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-    permit: Permit,
+    opened: Opened,
     target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
     connection: Arc<ConnectionSlot>,
-    role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = shared.metrics.clone();
-    // Taken before dialing, so a client over its tunnel limit costs no
-    // upstream socket; held (with the client connection's slot) until the
-    // tunnel ends.
-    let tunnel_slot = shared.slots.tunnel(record.client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = match &snapshot.parent {
-        Some(parent) if parent.applies(&role, target, &permit) => {
-            parent.tunnel(&permit, target, snapshot.timeouts.upstream_connect.0).await?
-        }
-        _ => dial(&permit, &snapshot.timeouts, &metrics).await.map(|(s, a)| (Upstream::Tcp(s), a))?,
-    };
-    record.dialed = Some(addr);
+    let Opened { admitted, upstream, outbound, slot: tunnel_slot, registration } = opened;
+    let role = snapshot.policy.role(admitted.role).shared_name();
     record.status = 200;
     let idle = snapshot.timeouts.tunnel_idle.0;
-    let sni = StartCheck::of(&permit, target, role.clone(), snapshot);
+    let sni = StartCheck::of(&admitted.permit, target, role.clone(), snapshot);
     let mut meter = TunnelMeter::new(metrics.relayed_bytes_for(&role));
-    // A name the parent resolved is re-decided on the name alone.
-    let checked = (!permit.name_only()).then_some(addr);
-    let registration = Tunnels::register(shared, role, target.clone(), checked);
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
@@ -182,19 +170,12 @@ pub async fn tunnel(
                         Upstream::Tls(upstream) => Box::pin(serve_upgraded(upgraded, upstream, sni, idle, &counts)).await,
                     }
                 };
-                let end_of_life = async {
-                    match lifetime {
-                        Some(lifetime) => tokio::time::sleep(lifetime).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 // Dropping `served` closes both sockets.
                 tokio::select! {
-                    outcome = served => if let Err(reason) = outcome {
-                        record.outcome = Outcome::Deny(reason);
+                    outcome = served => if let Err(outcome) = outcome {
+                        record.outcome = outcome;
                     },
-                    _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
-                    _ = end_of_life => record.outcome = Outcome::Error("tunnel-lifetime"),
+                    cut = cut_short(&registration, lifetime) => record.outcome = cut,
                     never = meter.run(&counts) => match never {},
                 }
                 let (up, down) = counts.get();
@@ -205,11 +186,28 @@ pub async fn tunnel(
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
-        drop(registration);
+        drop((registration, outbound));
         drop((tunnel_slot, connection));
         record.emit();
     });
     Ok(Response::new(ProxyBody::empty()))
+}
+
+/// Completes when a relay must stop however busy it is: a reload revoked
+/// its tunnel, or it reached `tunnel_max_lifetime` (`lifetime`, counted
+/// from now). Every relay (CONNECT tunnels, redirected TLS and TCP
+/// connections, and the plain HTTP served inside a tunnel) runs under it.
+pub(super) async fn cut_short(registration: &Registration, lifetime: Option<Duration>) -> Outcome {
+    let end_of_life = async {
+        match lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = registration.revoked() => Outcome::Deny(DenyReason::Revoked),
+        _ = end_of_life => Outcome::Error("tunnel-lifetime"),
+    }
 }
 
 /// Serves a tunnel on the client's upgraded connection, with the upstream
@@ -220,7 +218,7 @@ async fn serve_upgraded<U>(
     check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
-) -> Result<(), DenyReason>
+) -> Result<(), Outcome>
 where
     U: RelayEnd + 'static,
 {
@@ -331,7 +329,7 @@ async fn serve_tunnel<C, U>(
     check: Option<StartCheck>,
     idle: Duration,
     counts: &RelayCounts,
-) -> Result<(), DenyReason>
+) -> Result<(), Outcome>
 where
     C: RelayEnd + 'static,
     U: RelayEnd + 'static,
@@ -354,7 +352,7 @@ where
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;
-            Err(reason)
+            Err(Outcome::Deny(reason))
         }
     }
 }

@@ -195,10 +195,16 @@ impl ProxyError {
             _ => None,
         };
         let message = self.to_string();
+        let fix = match (self, answer.target) {
+            (ProxyError::Denied(reason), Some((host, port))) => {
+                crate::denials::carve_out_lines(*reason, host, port, answer.role.unwrap_or(crate::config::DEFAULT_ROLE), answer.denied_addr)
+            }
+            _ => None,
+        };
         let (body, content_type) = if answer.json {
-            (answer.json_body(self.code(), &message, deny_message), "application/json")
+            (answer.json_body(self.code(), &message, deny_message, fix.as_deref()), "application/json")
         } else {
-            (answer.text_body(self.code(), &message, deny_message), "text/plain; charset=utf-8")
+            (answer.text_body(self.code(), &message, deny_message, fix.as_deref()), "text/plain; charset=utf-8")
         };
         let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
         *resp.status_mut() = self.status();
@@ -252,6 +258,9 @@ pub struct Answer<'a> {
     pub role: Option<&'a str>,
     /// The operator's line for policy denies (the role's, else the global one).
     pub deny_message: Option<&'a str>,
+    /// The address in an always-denied range a name resolved to, when that
+    /// denied it: the body then shows the carve-out for the name.
+    pub denied_addr: Option<std::net::IpAddr>,
     /// The client's `Accept` asks for `application/json`.
     pub json: bool,
     /// Close the connection after the answer (a client repeating a failure).
@@ -259,8 +268,9 @@ pub struct Answer<'a> {
 }
 
 impl Answer<'_> {
-    /// `portcullis: code: message`, then one `name: value` line per known field.
-    fn text_body(&self, code: &str, message: &str, deny_message: Option<&str>) -> String {
+    /// `portcullis: code: message`, then one `name: value` line per known
+    /// field, the operator's line, and the fix (config lines) when there is one.
+    fn text_body(&self, code: &str, message: &str, deny_message: Option<&str>, fix: Option<&str>) -> String {
         let mut body = format!("portcullis: {code}: {message}\n");
         if let Some((host, port)) = self.target {
             body.push_str(&format!("host: {host}\nport: {port}\n"));
@@ -272,12 +282,15 @@ impl Answer<'_> {
             body.push_str(line);
             body.push('\n');
         }
+        if let Some(fix) = fix {
+            body.push_str(fix);
+        }
         body
     }
 
-    /// `{"reason":…,"message":…,"host":…,"port":…,"role":…,"deny_message":…}`,
+    /// `{"reason":…,"message":…,"host":…,"port":…,"role":…,"deny_message":…,"fix":…}`,
     /// the unknown fields left out.
-    fn json_body(&self, code: &str, message: &str, deny_message: Option<&str>) -> String {
+    fn json_body(&self, code: &str, message: &str, deny_message: Option<&str>, fix: Option<&str>) -> String {
         use crate::logging::json_str;
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(b"{\"reason\":");
@@ -296,6 +309,10 @@ impl Answer<'_> {
         if let Some(line) = deny_message {
             out.extend_from_slice(b",\"deny_message\":");
             json_str(&mut out, line);
+        }
+        if let Some(fix) = fix {
+            out.extend_from_slice(b",\"fix\":");
+            json_str(&mut out, fix);
         }
         out.extend_from_slice(b"}\n");
         String::from_utf8(out).unwrap_or_default()
@@ -383,15 +400,16 @@ mod tests {
             target: Some(("169.254.169.254", 80)),
             role: Some("ci"),
             deny_message: Some("ask in \"#egress\""),
+            denied_addr: None,
             json: false,
             close: false,
         };
         assert_eq!(
-            answer.text_body(err.code(), &err.to_string(), answer.deny_message),
+            answer.text_body(err.code(), &err.to_string(), answer.deny_message, None),
             "portcullis: denied-range:metadata: destination denied by policy\nhost: 169.254.169.254\nport: 80\nrole: ci\nask in \"#egress\"\n"
         );
         assert_eq!(
-            answer.json_body(err.code(), &err.to_string(), answer.deny_message),
+            answer.json_body(err.code(), &err.to_string(), answer.deny_message, None),
             "{\"reason\":\"denied-range:metadata\",\"message\":\"destination denied by policy\",\"host\":\"169.254.169.254\",\"port\":80,\"role\":\"ci\",\"deny_message\":\"ask in \\\"#egress\\\"\"}\n"
         );
         // A failure that is not a policy deny does not carry the operator's line.

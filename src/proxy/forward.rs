@@ -16,39 +16,18 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::admit::Admitted;
 use super::body::{CountedBody, ProxyBody, Upload};
 use super::connect::dial;
 use super::error::{ClientError, ProxyError, UpstreamError};
 use super::framing::Refusal;
+use super::loops::{self, OutboundGuard};
 use super::parent::Parent;
 use super::pool::{PoolKey, PoolLimits, Sender};
 use super::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
-use crate::metrics::Metrics;
 use crate::policy::Permit;
 use crate::target::Target;
-
-/// The `Via` value this proxy adds (RFC 9110 7.6.3): `1.1 portcullis-`
-/// and a pseudonym drawn once per process, so a request that comes back
-/// carrying it has looped through this very process (another Portcullis,
-/// a parent proxy, has another pseudonym).
-fn via() -> &'static HeaderValue {
-    static VIA: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
-    VIA.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let pseudonym = h.finish() as u32;
-        HeaderValue::try_from(format!("1.1 portcullis-{pseudonym:08x}")).expect("ASCII text is a valid header value")
-    })
-}
-
-/// True when the request already passed through this process.
-pub fn has_looped(headers: &HeaderMap) -> bool {
-    let own = via().as_bytes();
-    let ours = |v: &HeaderValue| v.as_bytes().split(|b| *b == b',').any(|hop| hop.trim_ascii() == own);
-    headers.get_all(header::VIA).iter().any(ours)
-}
 
 /// Periodically expires idle upstream connections.
 pub async fn reap_idle(shared: Arc<Shared>) {
@@ -64,12 +43,13 @@ pub async fn reap_idle(shared: Arc<Shared>) {
 pub async fn forward(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
-    permit: Permit,
+    admitted: Admitted,
     target: &Target,
     req: Request<Incoming>,
     mut record: AccessRecord,
-    role: Arc<str>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let role = snapshot.policy.role(admitted.role).shared_name();
+    let permit = admitted.permit;
     let upload = Arc::new(Upload::default());
     let mut upstream_req = rewrite_request(req, target, upload.clone());
     let timeouts = &snapshot.timeouts;
@@ -91,7 +71,7 @@ pub async fn forward(
     };
     let (mut sender, mut addr, mut pooled) = match pooled_ready {
         Some((sender, addr)) => (sender, addr, true),
-        None => connect(&permit, parent, snapshot, &shared.metrics).await.map(|(s, a)| (s, a, false))?,
+        None => connect(&permit, parent, snapshot, shared).await.map(|(s, a)| (s, a, false))?,
     };
     record.dialed = Some(addr);
     let response = loop {
@@ -109,7 +89,7 @@ pub async fn forward(
                 match (pooled, e.take_message()) {
                     (true, Some(req)) => {
                         upstream_req = req;
-                        (sender, addr) = connect(&permit, parent, snapshot, &shared.metrics).await?;
+                        (sender, addr) = connect(&permit, parent, snapshot, shared).await?;
                         record.dialed = Some(addr);
                         pooled = false;
                     }
@@ -124,7 +104,7 @@ pub async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.append(header::VIA, via().clone());
+    parts.headers.append(header::VIA, loops::via().clone());
     record.status = parts.status.as_u16();
     let limits = PoolLimits {
         max_total: snapshot.limits.max_idle_upstream,
@@ -151,17 +131,19 @@ async fn connect(
     permit: &Permit,
     parent: Option<&Parent>,
     snapshot: &Snapshot,
-    metrics: &Metrics,
+    shared: &Shared,
 ) -> Result<(Sender, SocketAddr), UpstreamError> {
     let (idle, max_head) = (snapshot.timeouts.tunnel_idle.0, snapshot.limits.max_response_head_bytes);
     let (sender, addr) = match parent {
         Some(parent) => {
             let (stream, addr) = parent.dial(snapshot.timeouts.upstream_connect.0).await?;
-            (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
+            let outbound = stream.local_addr().ok().map(|local| shared.outbound.register(local));
+            (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
         None => {
-            let (stream, addr) = dial(permit, &snapshot.timeouts, metrics).await?;
-            (handshake(IdleStream::new(stream, idle), max_head).await?, addr)
+            let (stream, addr) = dial(permit, &snapshot.timeouts, &shared.metrics).await?;
+            let outbound = stream.local_addr().ok().map(|local| shared.outbound.register(local));
+            (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
     };
     Ok((sender, addr))
@@ -197,15 +179,17 @@ where
 /// the runtime's timer wheel on every read and write.
 struct IdleStream<S> {
     inner: S,
+    /// Its entry among this process's upstream sockets, while it is open.
+    _outbound: Option<OutboundGuard>,
     idle: Duration,
     last: tokio::time::Instant,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S> IdleStream<S> {
-    fn new(inner: S, idle: Duration) -> Self {
+    fn new(inner: S, idle: Duration, outbound: Option<OutboundGuard>) -> Self {
         let now = tokio::time::Instant::now();
-        IdleStream { inner, idle, last: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
+        IdleStream { inner, _outbound: outbound, idle, last: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
     }
 
     fn touch(&mut self) {
@@ -278,7 +262,7 @@ pub fn rewrite_request(req: Request<Incoming>, target: &Target, upload: Arc<Uplo
     let host = HeaderValue::try_from(target.host_header(80))
         .expect("a parsed target is a DNS name or an IP literal, both valid header text");
     parts.headers.insert(header::HOST, host);
-    parts.headers.append(header::VIA, via().clone());
+    parts.headers.append(header::VIA, loops::via().clone());
     Request::from_parts(parts, CountedBody::new(body, upload))
 }
 

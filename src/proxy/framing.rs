@@ -10,7 +10,11 @@
 //! Content-Length, so only the wire still shows both: RFC 9112 6.3 lets a
 //! server reject it, and a security boundary should), an HTTP/1.1 request
 //! without Host or with an invalid Host (RFC 9112 3.2), and CONNECT with
-//! content (RFC 9110 9.3.6).
+//! content (RFC 9110 9.3.6), and more than one Host line (RFC 9112 3.2:
+//! a server MUST answer 400; the next hop might read the other one).
+//!
+//! Every entrance runs the same [`check_head`]: the proxy port (absolute
+//! form and CONNECT), redirected HTTP, and plain HTTP inside a tunnel.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +35,11 @@ pub enum Refusal {
     MissingHost,
     /// A Host value that is not a valid `host[:port]`.
     InvalidHost,
+    /// More than one Host line (RFC 9112 3.2).
+    DuplicateHost,
+    /// A CONNECT request on a redirected connection: its client did not
+    /// choose a proxy, so there is nothing to connect it to.
+    ConnectRedirected,
     /// A CONNECT request that declares content.
     ConnectWithBody,
     /// The request body broke its own framing while it was forwarded (bad
@@ -55,6 +64,8 @@ impl Refusal {
             Refusal::ConflictingFraming => "conflicting-framing",
             Refusal::MissingHost => "missing-host",
             Refusal::InvalidHost => "invalid-host",
+            Refusal::DuplicateHost => "duplicate-host",
+            Refusal::ConnectRedirected => "connect-redirected",
             Refusal::ConnectWithBody => "connect-with-body",
             Refusal::MalformedBody => "malformed-body",
             Refusal::MalformedRequest => "malformed-request",
@@ -70,6 +81,8 @@ impl Refusal {
             Refusal::ConflictingFraming => "Content-Length and Transfer-Encoding in one request",
             Refusal::MissingHost => "HTTP/1.1 request without Host",
             Refusal::InvalidHost => "Host is not a valid host[:port]",
+            Refusal::DuplicateHost => "more than one Host line",
+            Refusal::ConnectRedirected => "CONNECT on a redirected connection; use the proxy port",
             Refusal::ConnectWithBody => "CONNECT must not carry a body",
             Refusal::MalformedBody => "the request body is not validly framed",
             Refusal::MalformedRequest => "the request head could not be parsed",
@@ -80,24 +93,47 @@ impl Refusal {
     }
 }
 
-/// Checks a parsed request head; `conflicting` says whether the wire showed
-/// both Content-Length and Transfer-Encoding for it (see [`Wire`]).
-pub fn check_head<B>(req: &Request<B>, conflicting: bool) -> Result<(), Refusal> {
+/// Where a request came in; the one difference between entrances is what
+/// a CONNECT means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entrance {
+    /// The proxy port: CONNECT opens a tunnel.
+    Proxy,
+    /// A redirected connection: a CONNECT is refused.
+    Redirected,
+    /// Plain HTTP inside a tunnel: a CONNECT names no host the tunnel
+    /// allows, and is refused as such by the tunnel's host check.
+    Tunnel,
+}
+
+/// Checks a parsed request head that came in at `entrance`; `conflicting`
+/// says whether the wire showed both Content-Length and Transfer-Encoding
+/// for it (see [`Wire`]).
+pub fn check_head<B>(req: &Request<B>, conflicting: bool, entrance: Entrance) -> Result<(), Refusal> {
     if conflicting {
         return Err(Refusal::ConflictingFraming);
     }
     check_host(req.version(), req.headers())?;
-    if req.method() == Method::CONNECT && declares_content(req.headers()) {
-        return Err(Refusal::ConnectWithBody);
+    if req.method() == Method::CONNECT {
+        if entrance == Entrance::Redirected {
+            return Err(Refusal::ConnectRedirected);
+        }
+        if declares_content(req.headers()) {
+            return Err(Refusal::ConnectWithBody);
+        }
     }
     Ok(())
 }
 
 fn check_host(version: Version, headers: &HeaderMap) -> Result<(), Refusal> {
-    let Some(host) = headers.get(header::HOST) else {
-        return match version {
-            Version::HTTP_09 | Version::HTTP_10 => Ok(()),
-            _ => Err(Refusal::MissingHost),
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return match headers.contains_key(header::HOST) {
+            true => Err(Refusal::DuplicateHost),
+            false => match version {
+                Version::HTTP_09 | Version::HTTP_10 => Ok(()),
+                _ => Err(Refusal::MissingHost),
+            },
         };
     };
     // RFC 9110 7.2: Host = uri-host [ ":" port ], so no userinfo either.
@@ -506,7 +542,7 @@ mod tests {
         const HTTP_10: Version = Version::HTTP_10;
         const HTTP_11: Version = Version::HTTP_11;
         type Case = (&'static str, Version, &'static [(&'static str, &'static str)], Result<(), Refusal>);
-        let cases: [Case; 15] = [
+        let cases: [Case; 18] = [
             ("GET", HTTP_11, &[("host", "a.test")], Ok(())),
             ("GET", HTTP_11, &[("host", "a.test:8080")], Ok(())),
             ("GET", HTTP_11, &[("host", "[2001:db8::1]:443")], Ok(())),
@@ -518,16 +554,22 @@ mod tests {
             ("GET", HTTP_11, &[("host", "user:pw@a.test")], Err(Refusal::InvalidHost)),
             ("GET", HTTP_10, &[("host", "a.test:99999")], Err(Refusal::InvalidHost)),
             ("GET", HTTP_11, &[("host", "[::1]")], Ok(())),
+            ("GET", HTTP_11, &[("host", "a.test"), ("host", "169.254.169.254")], Err(Refusal::DuplicateHost)),
+            ("GET", HTTP_10, &[("host", "a.test"), ("host", "a.test")], Err(Refusal::DuplicateHost)),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("host", "b.test:443")], Err(Refusal::DuplicateHost)),
             ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "0")], Ok(())),
             ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "00")], Ok(())),
             ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "5")], Err(Refusal::ConnectWithBody)),
             ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("transfer-encoding", "chunked")], Err(Refusal::ConnectWithBody)),
         ];
         for (method, version, headers, want) in cases {
-            assert_eq!(check_head(&request(method, version, headers), false), want, "{method} {version:?} {headers:?}");
+            assert_eq!(check_head(&request(method, version, headers), false, Entrance::Proxy), want, "{method} {version:?} {headers:?}");
         }
         let fine = request("POST", Version::HTTP_11, &[("host", "a.test")]);
-        assert_eq!(check_head(&fine, true), Err(Refusal::ConflictingFraming));
+        assert_eq!(check_head(&fine, true, Entrance::Proxy), Err(Refusal::ConflictingFraming));
+        let connect = request("CONNECT", Version::HTTP_11, &[("host", "a.test:443")]);
+        assert_eq!(check_head(&connect, false, Entrance::Redirected), Err(Refusal::ConnectRedirected));
+        assert_eq!(check_head(&connect, false, Entrance::Tunnel), Ok(()), "the tunnel's host check refuses it");
     }
 
     /// Feeds `wire_bytes` in pieces of `step` bytes; returns the number of

@@ -1,11 +1,14 @@
 //! The proxy listener and the request path: read the head, parse the target,
 //! resolve, decide, then forward (plain HTTP) or tunnel (CONNECT).
 
+pub mod admit;
 pub mod body;
 pub mod connect;
+pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod loops;
 pub mod parent;
 pub mod pool;
 pub mod repeats;
@@ -36,11 +39,12 @@ use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::Metrics;
 use crate::dns::Resolver;
 use crate::identity::{CertNames, Identities};
-use crate::policy::{Decision, DenyReason, Permit, Policy, PreResolution, RequestKind, RoleId};
+use crate::policy::{DenyReason, Policy, RequestKind};
 use tokio_rustls::TlsAcceptor;
-use crate::target::{DomainName, Target};
+use crate::target::Target;
+use admit::{Ask, Evidence};
 use body::ProxyBody;
-use error::{ClientError, ProxyError, UpstreamError};
+use error::{ClientError, ProxyError};
 use framing::{WatchedIo, Wire};
 
 /// Everything a request needs that can change on reload, published as one
@@ -84,18 +88,6 @@ impl Snapshot {
             dns: crate::dns_listen::DnsRules::compile(config)?,
         })
     }
-
-    /// True when `name` is handed to the parent proxy unresolved
-    /// (`upstream_proxy.resolve: parent`, and the request leaves through
-    /// the parent) and nothing in this config needs its addresses: a pinned
-    /// name is answered from config and checked, and a name a carve-out is
-    /// bound to must be resolved here for the carve-out to apply.
-    pub fn parent_resolves(&self, role: RoleId, kind: RequestKind, target: &Target, name: &DomainName) -> bool {
-        let Some(parent) = &self.parent else { return false };
-        parent.resolves(self.policy.role(role).name(), kind, name)
-            && self.resolver.pinned(name).is_none()
-            && !self.policy.binds_name(role, target)
-    }
 }
 
 /// The shared, swappable snapshot. Reads are lock-free.
@@ -112,6 +104,8 @@ pub struct Shared {
     tunnels: revoke::Tunnels,
     /// Recent wrong credentials per client, to thin out repeats.
     auth_failures: repeats::AuthFailures,
+    /// This process's open upstream sockets, for the loop guard.
+    outbound: Arc<loops::Outbound>,
 }
 
 /// A bound proxy listener, ready to serve.
@@ -132,12 +126,15 @@ impl Server {
         let listener = TcpListener::bind(listen).await?;
         let idle = snapshot.timeouts.upstream_idle.0;
         metrics.policy_generation.set(snapshot.generation as i64);
+        #[cfg(target_os = "linux")]
+        splice::promise(snapshot.limits.fds_needed());
         let shared = Arc::new(Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             pool: pool::UpstreamPool::new(idle, metrics.upstream_idle.clone()),
             slots: slots::Slots::new(metrics.clone()),
             tunnels: revoke::Tunnels::default(),
             auth_failures: repeats::AuthFailures::default(),
+            outbound: Arc::default(),
             metrics,
         });
         Ok(Server { listener, shared })
@@ -389,35 +386,15 @@ async fn handle(
     let snapshot = shared.snapshot.load_full();
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     let json = error::accepts_json(req.headers().get(http::header::ACCEPT));
+    let kind = request_kind(req.method());
+    record.kind = Some(kind);
     // The edge comes first: a malformed request is refused whoever sends it.
-    if let Err(refusal) = framing::check_head(&req, conflicting_framing) {
-        record.kind = Some(request_kind(req.method()));
+    if let Err(refusal) = framing::check_head(&req, conflicting_framing, framing::Entrance::Proxy) {
         return Ok(refuse(&shared, &snapshot, record, ClientError::Refused(refusal).into(), json));
     }
-    let identity = snapshot.identities.identify(
-        &snapshot.policy,
-        cert.as_deref(),
-        req.headers().get(http::header::PROXY_AUTHORIZATION),
-        client.ip(),
-    );
-    let routed = match identity {
-        Ok((role, source)) => {
-            record.identity = source.as_str();
-            record.role = snapshot.policy.role(role).name().to_string();
-            record.mode = snapshot.policy.role(role).mode();
-            match route(&shared, &snapshot, role, &mut record, slot, req).await {
-                Err(ProxyError::Denied(reason)) => Err(ProxyError::Denied(snapshot.identities.challenge(source, reason))),
-                routed => routed,
-            }
-        }
-        Err(reason) => {
-            // The 407 line names what the client wanted to reach.
-            let kind = request_kind(req.method());
-            record.kind = Some(kind);
-            let _ = parse_target(kind, &req, &mut record);
-            Err(ProxyError::Denied(reason))
-        }
-    };
+    let credentials = req.headers().get(http::header::PROXY_AUTHORIZATION).cloned();
+    let who = Evidence::Proxy { source: client.ip(), cert, credentials };
+    let routed = route(&shared, &snapshot, who, kind, &mut record, slot, req).await;
     Ok(respond(&shared, &snapshot, record, routed, json))
 }
 
@@ -461,6 +438,7 @@ fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: P
         target: (record.port != 0).then_some((record.host.as_str(), record.port)),
         role,
         deny_message: snapshot.deny_messages.for_role(role),
+        denied_addr: record.denied_addr,
         json,
         close: matches!(failure, repeats::Failure::Repeat { .. }),
     };
@@ -494,27 +472,31 @@ fn request_kind(method: &Method) -> RequestKind {
     }
 }
 
-/// Parses, decides and dispatches; the caller turns an error into a response.
+/// Parses the request into an [`Ask`], takes it through the door, and
+/// forwards it or opens its tunnel; the caller turns an error into a response.
 async fn route(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
-    role: RoleId,
+    who: Evidence,
+    kind: RequestKind,
     record: &mut AccessRecord,
     slot: Arc<slots::ConnectionSlot>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let kind = request_kind(req.method());
-    record.kind = Some(kind);
-    let target = parse_target(kind, &req, record)?;
-    if forward::has_looped(req.headers()) {
+    let target = match parse_target(kind, &req, record) {
+        Ok(target) => target,
+        Err(e) => return Err(admit::unparsed(snapshot, &who, record, e)),
+    };
+    if loops::has_looped(req.headers()) {
         return Err(ProxyError::LoopDetected);
     }
-    let permit = authorize(shared, snapshot, role, kind, &target, record, None).await?;
-    let role_name = snapshot.policy.role(role).shared_name();
-    match kind {
-        RequestKind::Connect => connect::tunnel(shared, snapshot, permit, &target, req, record.clone(), slot, role_name).await,
-        _ => forward::forward(shared, snapshot, permit, &target, req, record.clone(), role_name).await,
+    let ask = Ask { who, kind, target, original: None };
+    if kind == RequestKind::Connect {
+        let opened = admit::admit_tunnel(shared, snapshot, &ask, record).await?;
+        return connect::tunnel(shared, snapshot, opened, &ask.target, req, record.clone(), slot).await;
     }
+    let admitted = admit::admit(shared, snapshot, &ask, record).await?;
+    forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await
 }
 
 fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessRecord) -> Result<Target, ProxyError> {
@@ -549,53 +531,6 @@ fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Ta
         _ => Target::parse_absolute(req.uri()),
     };
     Ok(parsed.map_err(ClientError::InvalidTarget)?)
-}
-
-/// Resolves if needed and asks the policy; returns the permit to dial.
-/// `original` is where a redirected connection was headed (transparent
-/// listener), so the policy can prefer it when it is a checked address.
-async fn authorize(
-    shared: &Shared,
-    snapshot: &Snapshot,
-    role: RoleId,
-    kind: RequestKind,
-    target: &Target,
-    record: &mut AccessRecord,
-    original: Option<SocketAddr>,
-) -> Result<Permit, ProxyError> {
-    let policy = &snapshot.policy;
-    let decision = match policy.pre_resolution(role, kind, target) {
-        PreResolution::Decided(decision) => decision,
-        PreResolution::Resolve(name) if snapshot.parent_resolves(role, kind, target, name) => {
-            record.answer = "parent";
-            policy.decide_name_only(role, kind, target)
-        }
-        PreResolution::Resolve(name) => {
-            record.answer = if snapshot.resolver.pinned(name).is_some() { "static" } else { "dns" };
-            let started = std::time::Instant::now();
-            let resolved = snapshot.resolver.resolve(name).await;
-            shared.metrics.dns_resolve.observe(started.elapsed().as_secs_f64());
-            let addrs = resolved.map_err(UpstreamError::Resolve)?;
-            match original {
-                None => policy.decide(role, kind, target, &addrs),
-                Some(original) => policy.decide_redirected(role, kind, target, &addrs, original.ip()),
-            }
-        }
-    };
-    match decision {
-        Decision::Deny { reason, rule } => {
-            record.rule = Some(policy.rule_ref(rule));
-            Err(ProxyError::Denied(reason))
-        }
-        Decision::Allow(permit) => {
-            record.rule = Some(policy.rule_ref(permit.rule_id()));
-            record.outcome = match permit.would_deny() {
-                Some(reason) => Outcome::WouldDeny(reason),
-                None => Outcome::Allow,
-            };
-            Ok(permit)
-        }
-    }
 }
 
 #[cfg(test)]

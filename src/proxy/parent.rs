@@ -76,6 +76,22 @@ impl Parent {
         })
     }
 
+    /// What decisions need of a parent (which roles and names it carries,
+    /// which names it resolves), without its credentials or TLS: for
+    /// `portcullis test`, which models the parent's part in a decision and
+    /// never dials it.
+    pub fn for_decisions(config: &UpstreamProxyConfig) -> Parent {
+        Parent {
+            authority: config.url.target.to_string(),
+            tls: None,
+            resolve: config.resolve,
+            auth: None,
+            roles: config.roles.clone(),
+            except_domains: DomainMatcher::new(config.except.domains.iter().map(|d| (d.0.clone(), ()))),
+            except_cidrs: CidrTable::new(config.except.cidrs.iter().map(|c| (c.0, ()))),
+        }
+    }
+
     fn role_uses(&self, role: &str) -> bool {
         self.roles.is_empty() || self.roles.iter().any(|r| r == role)
     }

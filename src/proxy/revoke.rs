@@ -1,9 +1,11 @@
 //! Revocation: a decision is not forever. Every open tunnel is registered
-//! with what it was decided on (role, target, dialed address); after each
-//! reload the new policy re-decides every tunnel and pooled upstream
-//! connection, and those it denies are closed (reason `revoked`).
+//! with the [`Ask`] it was admitted on and the address it dialed; after
+//! each reload the new snapshot answers every tunnel's `Ask` again (the
+//! identity derived again from its evidence, the same kind), and re-decides
+//! every pooled upstream connection. Those it denies are closed (reason
+//! `revoked`).
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,39 +13,37 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use super::admit::Ask;
 use super::Shared;
 use crate::policy::{Decision, Policy, RequestKind};
-use crate::target::Target;
 
 /// How often the published snapshot is checked for a new generation.
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 
-/// What an open tunnel was decided on, and how to close it.
+/// What an open tunnel was admitted on, and how to close it.
 struct OpenTunnel {
-    role: Arc<str>,
-    target: Target,
+    ask: Ask,
     /// The checked address dialed; `None` when a parent proxy resolved the name.
-    checked: Option<SocketAddr>,
-    revoke: Arc<Notify>,
+    dialed: Option<IpAddr>,
+    revoke: Notify,
 }
 
 /// Every open tunnel, by registration id.
 #[derive(Default)]
 pub struct Tunnels {
-    open: DashMap<u64, OpenTunnel>,
+    open: DashMap<u64, Arc<OpenTunnel>>,
     next: AtomicU64,
 }
 
 impl Tunnels {
-    /// Registers a tunnel to `target` at the `checked` address (`None`
-    /// when a parent proxy resolved the name); it is unregistered when the
-    /// returned value drops. `notified()` on the registration completes
-    /// when a reload revokes it.
-    pub fn register(shared: &Arc<Shared>, role: Arc<str>, target: Target, checked: Option<SocketAddr>) -> Registration {
+    /// Registers a tunnel admitted on `ask` and connected to `dialed`
+    /// (`None` when a parent proxy resolved the name); it is unregistered
+    /// when the returned value drops.
+    pub fn register(shared: &Arc<Shared>, ask: Ask, dialed: Option<IpAddr>) -> Registration {
         let id = shared.tunnels.next.fetch_add(1, Ordering::Relaxed);
-        let revoke = Arc::new(Notify::new());
-        shared.tunnels.open.insert(id, OpenTunnel { role, target, checked, revoke: revoke.clone() });
-        Registration { shared: shared.clone(), id, revoke }
+        let tunnel = Arc::new(OpenTunnel { ask, dialed, revoke: Notify::new() });
+        shared.tunnels.open.insert(id, tunnel.clone());
+        Registration { shared: shared.clone(), id, tunnel }
     }
 }
 
@@ -51,13 +51,18 @@ impl Tunnels {
 pub struct Registration {
     shared: Arc<Shared>,
     id: u64,
-    revoke: Arc<Notify>,
+    tunnel: Arc<OpenTunnel>,
 }
 
 impl Registration {
     /// Completes when a reload denies this tunnel.
     pub async fn revoked(&self) {
-        self.revoke.notified().await
+        self.tunnel.revoke.notified().await
+    }
+
+    /// True when the snapshot in force still admits this tunnel's `Ask`.
+    pub fn still_allowed(&self, shared: &Shared) -> bool {
+        shared.snapshot.load().still_allows(&self.tunnel.ask, self.tunnel.dialed)
     }
 }
 
@@ -67,31 +72,27 @@ impl Drop for Registration {
     }
 }
 
-/// True when `policy` still allows `role` to reach `target` at the
-/// `checked` address, or on the name alone when the parent resolved it.
-fn still_allowed(policy: &Policy, role: &str, kind: RequestKind, target: &Target, checked: Option<SocketAddr>) -> bool {
+/// True when `policy` still lets `role` send plain HTTP to `target` at
+/// `addr` over a pooled connection.
+fn pooled_allowed(policy: &Policy, role: &str, target: &crate::target::Target, addr: std::net::SocketAddr) -> bool {
     let Some(role) = policy.role_id(role) else { return false };
-    let decision = match checked {
-        Some(addr) => policy.decide(role, kind, target, &[addr.ip()]),
-        None => policy.decide_name_only(role, kind, target),
-    };
-    matches!(decision, Decision::Allow(_))
+    matches!(policy.decide(role, RequestKind::Http, target, &[addr.ip()]), Decision::Allow(_))
 }
 
-/// Re-decides every open tunnel and pooled connection against the
-/// snapshot in force; closes what it denies.
+/// Answers every open tunnel's `Ask` again, and re-decides every pooled
+/// connection, against the snapshot in force; closes what it denies.
 fn revoke_denied(shared: &Shared) {
     let snapshot = shared.snapshot.load_full();
-    let policy = &snapshot.policy;
     let mut tunnels = 0;
     for entry in shared.tunnels.open.iter() {
         let t = entry.value();
-        if !still_allowed(policy, &t.role, RequestKind::Connect, &t.target, t.checked) {
+        if !snapshot.still_allows(&t.ask, t.dialed) {
             t.revoke.notify_one();
             tunnels += 1;
         }
     }
-    let pooled = shared.pool.retain(|role, target, addr| still_allowed(policy, role, RequestKind::Http, target, Some(addr)));
+    let policy = &snapshot.policy;
+    let pooled = shared.pool.retain(|role, target, addr| pooled_allowed(policy, role, target, addr));
     shared.metrics.revoked.with_label_values(&["tunnel"]).inc_by(tunnels);
     shared.metrics.revoked.with_label_values(&["pooled"]).inc_by(pooled as u64);
     if tunnels + pooled as u64 > 0 {
@@ -109,6 +110,9 @@ pub async fn on_reload(shared: Arc<Shared>) {
         let generation = shared.snapshot.load().generation;
         if generation != seen {
             seen = generation;
+            // The limits may have changed: pipes keep out of what they promise.
+            #[cfg(target_os = "linux")]
+            super::splice::promise(shared.snapshot.load().limits.fds_needed());
             revoke_denied(&shared);
         }
     }

@@ -7,10 +7,18 @@
 //! `connect::copy_half`): an idle tunnel keeps no pipe, so it costs no file
 //! descriptors beyond its two sockets.
 //!
+//! Pipes are counted (red team N4): the descriptors the limits promise to
+//! connections, pooled sockets and the reserve ([`promise`]) are never
+//! taken by a pipe. A pipe is opened only from what the open-file limit
+//! leaves beyond them; when none is left, a tunnel copies through user
+//! space, so one client's bulk transfers cannot starve another's accepts,
+//! dials and DNS sockets.
+//!
 //! The syscalls go through `nix`, so the crate stays `forbid(unsafe_code)`.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
@@ -21,6 +29,25 @@ use tokio::net::TcpStream;
 /// larger pipe costs memory only while data is in flight. When the kernel
 /// refuses the size (`fs.pipe-max-size`), the default 64 KiB is used.
 const PIPE_BYTES: usize = 1024 * 1024;
+
+/// Descriptors promised to what the limits allow (see [`promise`]).
+static PROMISED: AtomicU64 = AtomicU64::new(0);
+/// Pipes open now, each two descriptors.
+static PIPES: AtomicU64 = AtomicU64::new(0);
+
+/// Records that the limits in force may need `fds` descriptors at once
+/// (`Limits::fds_needed`); pipes use only what the open-file limit leaves
+/// beyond them. The limit is one per process, and so is this budget.
+pub fn promise(fds: u64) {
+    PROMISED.store(fds, Ordering::Relaxed);
+}
+
+/// How many pipes may be open at once now: half of what the open-file
+/// limit leaves beyond the promised descriptors.
+fn pipes_allowed() -> u64 {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
+    soft.saturating_sub(PROMISED.load(Ordering::Relaxed)) / 2
+}
 
 /// A non-blocking pipe that carries one direction of a tunnel.
 pub struct Pipe {
@@ -33,15 +60,32 @@ pub struct Pipe {
 const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
 
 impl Pipe {
-    /// A new pipe; fails when the process is out of file descriptors, in
-    /// which case the caller keeps copying through user space.
+    /// A new pipe within the budget; fails when the budget has none left
+    /// (or the process is out of file descriptors), in which case the
+    /// caller keeps copying through user space.
     pub fn new() -> io::Result<Pipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let allowed = pipes_allowed();
+        if PIPES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < allowed).then_some(open + 1)).is_err() {
+            return Err(io::Error::other("no descriptors left in the budget for a splice pipe"));
+        }
+        let (read, write) = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(ends) => ends,
+            Err(e) => {
+                PIPES.fetch_sub(1, Ordering::AcqRel);
+                return Err(e.into());
+            }
+        };
         let capacity = match fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32)) {
             Ok(size) => size as usize,
             Err(_) => DEFAULT_PIPE_BYTES,
         };
         Ok(Pipe { read, write, capacity })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,12 +28,14 @@ use tokio::sync::watch;
 
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError};
-use super::revoke::{Registration, Tunnels};
-use super::slots::TunnelSlot;
-use super::{accept_until, admit_slot, authorize, connect, forward, respond, Server, Shared, Snapshot};
-use crate::access_log::{AccessRecord, Outcome};
+use super::framing::{check_head, Entrance, Wire};
+use super::loops::{self, Loop};
+use super::admit::{self, Ask, Evidence, Opened};
+use super::upstream::Upstream;
+use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
+use crate::access_log::AccessRecord;
 use crate::orig_dst;
-use crate::policy::{DenyReason, RequestKind, RoleId};
+use crate::policy::{DenyReason, RequestKind};
 use crate::sni::{self, SniError};
 use crate::target::{Host, Target};
 
@@ -117,20 +119,6 @@ impl TransparentServer {
     }
 }
 
-/// True when `original` names one of this process's listeners, or the
-/// connection's own local address (a client that connected to the
-/// transparent port directly).
-fn is_own_listener(original: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
-    let original = SocketAddr::new(original.ip().to_canonical(), original.port());
-    if original == SocketAddr::new(local.ip().to_canonical(), local.port()) {
-        return true;
-    }
-    own.iter().filter(|l| l.port() == original.port()).any(|l| {
-        let ip = l.ip().to_canonical();
-        ip == original.ip() || (ip.is_unspecified() && orig_dst::is_local_address(original.ip()))
-    })
-}
-
 async fn serve(
     guard: super::ConnectionGuard,
     mut stream: TcpStream,
@@ -140,29 +128,43 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let metrics = guard.shared.metrics.clone();
-    let original = match (orig_dst::original_destination(&stream), stream.local_addr()) {
-        (Ok(original), Ok(local)) if is_own_listener(original, local, &own) => {
-            tracing::warn!(%client, %original, "redirected connection headed for this proxy; refused");
-            metrics.refused(Refusal::Loop.as_str()).inc();
-            return;
-        }
-        (Ok(original), Ok(_)) => SocketAddr::new(original.ip().to_canonical(), original.port()),
+    let (original, local) = match (orig_dst::original_destination(&stream), stream.local_addr()) {
+        (Ok(original), Ok(local)) => (SocketAddr::new(original.ip().to_canonical(), original.port()), local),
         (Err(e), _) | (_, Err(e)) => {
             tracing::info!(%client, error = %e, "no original destination; refused");
             metrics.refused(Refusal::NoOriginalDst.as_str()).inc();
             return;
         }
     };
+    let looped = || loops::redirected(client, local, original, &own, &guard.shared.outbound);
+    if let Some(kind) = looped() {
+        return refuse_loop(&guard.shared, client, original, kind, RequestKind::TransparentTcp);
+    }
     let (limit, max_head) = {
         let snapshot = guard.shared.snapshot.load();
         (snapshot.timeouts.request_header.0, snapshot.limits.max_request_head_bytes)
     };
     // A request line is part of the head: the head's size limit applies.
     let (first_bytes, first) = classify(&mut stream, limit, max_head).await;
+    // Checked again once the first bytes are in: by then an upstream
+    // socket of this process that was redirected back here is registered.
+    if let Some(kind) = looped() {
+        let carried = match first_bytes {
+            FirstBytes::Http => RequestKind::TransparentHttp,
+            FirstBytes::Tls(..) => RequestKind::TransparentTls,
+            FirstBytes::Other => RequestKind::TransparentTcp,
+        };
+        return refuse_loop(&guard.shared, client, original, kind, carried);
+    }
     match first_bytes {
         FirstBytes::Http => {
             let shared = guard.shared.clone();
-            let service = move |_wire| hyper::service::service_fn(move |req| handle(shared.clone(), client, original, req));
+            let service = move |wire: Arc<Wire>| {
+                hyper::service::service_fn(move |req| {
+                    let conflicting = wire.next_request_conflicting();
+                    handle(shared.clone(), client, original, conflicting, req)
+                })
+            };
             super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
         }
         FirstBytes::Tls(name, ech) => {
@@ -170,6 +172,20 @@ async fn serve(
         }
         FirstBytes::Other => relay(guard, stream, client, original, (RequestKind::TransparentTcp, false), None, first).await,
     }
+}
+
+/// Refuses a redirected connection that loops back to this process:
+/// counted, logged with its likely cause, and given a decision line (as a
+/// redirected connection of kind `carried`, as far as it was read).
+fn refuse_loop(shared: &Shared, client: SocketAddr, original: SocketAddr, kind: Loop, carried: RequestKind) {
+    tracing::warn!(%client, %original, cause = kind.cause(), "loop-detected: a redirected connection came back to Portcullis; refused");
+    shared.metrics.refused(Refusal::Loop.as_str()).inc();
+    let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
+    record.kind = Some(carried);
+    record.original_dst = Some(original);
+    record.host = original.ip().to_string();
+    record.port = original.port();
+    refuse(shared, &mut record, &ProxyError::LoopDetected);
 }
 
 /// Reads the first bytes, at most `limit` long and about `max_line` bytes
@@ -237,6 +253,7 @@ async fn handle(
     shared: Arc<Shared>,
     client: SocketAddr,
     original: SocketAddr,
+    conflicting_framing: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
@@ -244,27 +261,36 @@ async fn handle(
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
     let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
-    let routed = match identify(&snapshot, client.ip(), &mut record) {
-        Ok(role) => route(&shared, &snapshot, role, original, &mut record, req).await,
-        Err(e) => Err(e),
-    };
+    // The same edge as the proxy port's; a CONNECT has nothing to connect.
+    if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Redirected) {
+        return Ok(respond(&shared, &snapshot, record, Err(ClientError::Refused(refusal).into()), json));
+    }
+    let routed = route(&shared, &snapshot, client, original, &mut record, req).await;
     Ok(respond(&shared, &snapshot, record, routed, json))
 }
 
 async fn route(
     shared: &Arc<Shared>,
     snapshot: &Arc<Snapshot>,
-    role: RoleId,
+    client: SocketAddr,
     original: SocketAddr,
     record: &mut AccessRecord,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let target = request_target(&req, original)?;
+    let who = Evidence::Redirected { source: client.ip() };
+    let target = match request_target(&req, original) {
+        Ok(target) => target,
+        Err(e) => return Err(admit::unparsed(snapshot, &who, record, e)),
+    };
     record.host = target.host.to_text();
     record.port = target.port;
-    let permit = authorize(shared, snapshot, role, RequestKind::TransparentHttp, &target, record, Some(original)).await?;
-    let role_name = snapshot.policy.role(role).shared_name();
-    forward::forward(shared, snapshot, permit, &target, req, record.clone(), role_name).await
+    if loops::has_looped(req.headers()) {
+        tracing::warn!(%client, %original, cause = loops::SIDECAR_CAUSE, "loop-detected: a request came back to Portcullis; refused");
+        return Err(ProxyError::LoopDetected);
+    }
+    let ask = Ask { who, kind: RequestKind::TransparentHttp, target, original: Some(original) };
+    let admitted = admit::admit(shared, snapshot, &ask, record).await?;
+    forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await
 }
 
 /// The target of a redirected HTTP request: the host its client named (the
@@ -294,18 +320,10 @@ fn invalid_host() -> ProxyError {
     ClientError::InvalidTarget(crate::target::TargetError::EmptyHost).into()
 }
 
-/// The role of a redirected connection's client, from its source address.
-fn identify(snapshot: &Snapshot, source: IpAddr, record: &mut AccessRecord) -> Result<RoleId, ProxyError> {
-    let (role, source) = snapshot.identities.identify_source(&snapshot.policy, source).map_err(ProxyError::Denied)?;
-    record.identity = source.as_str();
-    record.role = snapshot.policy.role(role).name().to_string();
-    record.mode = snapshot.policy.role(role).mode();
-    Ok(role)
-}
-
 /// Decides a TLS or other TCP connection once, then relays it to the
-/// permitted address; a refusal closes it (TLS clients get an
-/// `access_denied` alert). One log line either way.
+/// permitted address until either side is done, it idles out, a reload
+/// revokes it or it reaches `tunnel_max_lifetime`; a refusal closes it
+/// (TLS clients get an `access_denied` alert). One log line either way.
 async fn relay(
     guard: super::ConnectionGuard,
     mut stream: TcpStream,
@@ -321,7 +339,7 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
-    let (dialed, tunnel_slot, registration) = match open(&shared, &snapshot, client, original, (kind, ech), name, &mut record).await {
+    let opened = match open(&shared, &snapshot, client, original, (kind, ech), name, &mut record).await {
         Ok(opened) => opened,
         Err(err) => {
             refuse(&shared, &mut record, &err);
@@ -333,19 +351,28 @@ async fn relay(
             return;
         }
     };
+    let Opened { upstream, outbound, slot, registration, .. } = opened;
     let idle = snapshot.timeouts.tunnel_idle.0;
+    let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
     let counts = connect::RelayCounts::default();
+    let relayed = async {
+        match upstream {
+            Upstream::Tcp(upstream) => connect::relay_after(stream, upstream, first, idle, &counts).await,
+            Upstream::Tls(upstream) => Box::pin(connect::relay_after(stream, upstream, first, idle, &counts)).await,
+        }
+    };
     tokio::select! {
-        () = connect::relay_after(stream, dialed, first, idle, &counts) => {}
-        _ = registration.revoked() => record.outcome = Outcome::Deny(DenyReason::Revoked),
+        () = relayed => {}
+        cut = connect::cut_short(&registration, lifetime) => record.outcome = cut,
     }
     (record.bytes_in, record.bytes_out) = counts.get();
-    drop((tunnel_slot, registration));
+    drop((slot, registration, outbound));
     record.emit();
     drop(guard);
 }
 
-/// Identifies, decides and dials a redirected TLS/TCP connection.
+/// Turns a redirected TLS/TCP connection into its [`Ask`] (named by its
+/// SNI, else by its original destination) and takes it through the door.
 async fn open(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
@@ -354,7 +381,7 @@ async fn open(
     (kind, ech): (RequestKind, bool),
     name: Option<String>,
     record: &mut AccessRecord,
-) -> Result<(TcpStream, TunnelSlot, Registration), ProxyError> {
+) -> Result<Opened, ProxyError> {
     let host = match name {
         Some(name) => Host::parse(&name).map_err(ClientError::InvalidTarget)?,
         None => Host::Ip(original.ip()),
@@ -362,18 +389,15 @@ async fn open(
     let target = Target { host, port: original.port() };
     record.host = target.host.to_text();
     record.port = target.port;
-    let role = identify(snapshot, client.ip(), record)?;
-    // The SNI of an ECH offer is the outer, public name: not what decides.
-    if ech && !snapshot.policy.role(role).allows_ech() {
-        return Err(ProxyError::Denied(DenyReason::EchRefused));
+    let ask = Ask { who: Evidence::Redirected { source: client.ip() }, kind, target, original: Some(original) };
+    if ech {
+        // The SNI of an ECH offer is the outer, public name: not what decides.
+        let (role, _) = admit::identify(snapshot, &ask.who, record).map_err(ProxyError::Denied)?;
+        if !snapshot.policy.role(role).allows_ech() {
+            return Err(ProxyError::Denied(DenyReason::EchRefused));
+        }
     }
-    let permit = authorize(shared, snapshot, role, kind, &target, record, Some(original)).await?;
-    // Like a CONNECT tunnel: within the tunnel limits, and re-decided on reload.
-    let tunnel_slot = shared.slots.tunnel(client.ip(), &snapshot.limits).map_err(ProxyError::OverLimit)?;
-    let (upstream, addr) = connect::dial(&permit, &snapshot.timeouts, &shared.metrics).await?;
-    record.dialed = Some(addr);
-    let registration = Tunnels::register(shared, snapshot.policy.role(role).shared_name(), target, Some(addr));
-    Ok((upstream, tunnel_slot, registration))
+    admit::admit_tunnel(shared, snapshot, &ask, record).await
 }
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
@@ -509,26 +533,6 @@ mod tests {
             }
             let got = request_target(&req.body(()).unwrap(), original).ok().map(|t| t.to_string());
             assert_eq!(got.as_deref(), want, "{uri} Host: {host:?}");
-        }
-    }
-
-    #[test]
-    fn loop_guard() {
-        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap();
-        let own: Vec<SocketAddr> =
-            ["127.0.0.1:3128", "0.0.0.0:9128", "[::]:15001"].iter().map(|a| a.parse().unwrap()).collect();
-        let cases = [
-            ("127.0.0.1:15001", true),
-            ("[::ffff:127.0.0.1]:15001", true),
-            ("127.0.0.1:3128", true),
-            ("127.0.0.1:9128", true),
-            ("[::1]:15001", true),
-            ("11.0.0.10:3128", false),
-            ("11.0.0.10:443", false),
-            ("127.0.0.1:8080", false),
-        ];
-        for (original, want) in cases {
-            assert_eq!(is_own_listener(original.parse().unwrap(), local, &own), want, "{original}");
         }
     }
 }

@@ -8,8 +8,8 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,7 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::ProxyBody;
 use super::connect::{Activity, RelayEnd};
-use super::error::{Answer, ProxyError, UpstreamError};
+use super::error::{Answer, ClientError, ProxyError, UpstreamError};
+use super::framing::{check_head, Entrance, WatchedIo, Wire};
+use crate::access_log::Outcome;
 use crate::policy::DenyReason;
 use crate::target::Target;
 
@@ -106,10 +108,12 @@ pub struct Limits {
 
 /// Serves a tunnel that started with plain HTTP: `early` (the bytes already
 /// read) and the rest of `client` are parsed as HTTP/1 requests, each
-/// checked against `target` and sent to `upstream`. Returns the bytes read
-/// from and written to the client, or `host-mismatch` once a request named
-/// another host.
-pub async fn serve<C, U>(client: C, early: Vec<u8>, upstream: U, ends: Ends, limits: Limits) -> Result<(u64, u64), DenyReason>
+/// framed as strictly as on the proxy port ([`check_head`]), checked
+/// against `target` and sent to `upstream` without the client's proxy
+/// credentials or the headers its `Connection` names. Returns the bytes
+/// read from and written to the client, or how the tunnel ended: refused
+/// as malformed, or `host-mismatch` once a request named another host.
+pub async fn serve<C, U>(client: C, early: Vec<u8>, upstream: U, ends: Ends, limits: Limits) -> Result<(u64, u64), Outcome>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: RelayEnd + 'static,
@@ -118,14 +122,16 @@ where
         return Ok((0, 0));
     };
     let upstream_conn = tokio::spawn(upstream_conn.with_upgrades());
-    let mismatch = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(OnceLock::new());
+    let wire = Arc::new(Wire::default());
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel();
     let upgrade_tx = Arc::new(std::sync::Mutex::new(Some(upgrade_tx)));
-    let service_mismatch = mismatch.clone();
+    let (service_ended, service_wire) = (ended.clone(), wire.clone());
     let service = hyper::service::service_fn(move |req| {
-        let (sender, ends, mismatch, upgrade) = (sender.clone(), ends.clone(), service_mismatch.clone(), upgrade_tx.clone());
-        async move { Ok::<_, std::convert::Infallible>(exchange(req, &sender, &ends, &mismatch, &upgrade).await) }
+        let (sender, ends, ended, upgrade) = (sender.clone(), ends.clone(), service_ended.clone(), upgrade_tx.clone());
+        let conflicting = service_wire.next_request_conflicting();
+        async move { Ok::<_, std::convert::Infallible>(exchange(req, conflicting, &sender, &ends, &ended, &upgrade).await) }
     });
     let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let activity = Arc::new(Activity::new());
@@ -134,15 +140,15 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header)
         .max_buf_size(limits.max_head)
-        .serve_connection(TokioIo::new(counted), service)
+        .serve_connection(TokioIo::new(WatchedIo::new(counted, wire, limits.max_head)), service)
         .with_upgrades();
     tokio::select! {
         _ = conn => {}
         _ = activity.idle_for(limits.idle) => tracing::debug!("plain-HTTP tunnel idle timeout"),
     }
-    if mismatch.load(Ordering::Relaxed) {
+    if let Some(outcome) = ended.get() {
         upstream_conn.abort();
-        return Err(DenyReason::HostMismatch);
+        return Err(*outcome);
     }
     // A 101 answer: both sides are handed over and relayed as a raw tunnel,
     // inside this future, so idle timeout, revocation and limits still apply.
@@ -178,9 +184,10 @@ async fn relay_upgraded<U: RelayEnd + 'static>((client, upstream): Upgrade, idle
 /// response passed back; an upgrade (101) is relayed as a raw tunnel.
 async fn exchange(
     mut req: Request<Incoming>,
+    conflicting_framing: bool,
     sender: &tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>,
     ends: &Ends,
-    mismatch: &AtomicBool,
+    ended: &OnceLock<Outcome>,
     upgrade: &UpgradeSlot,
 ) -> Response<TunnelBody> {
     let host = ends.target.host.to_string();
@@ -188,13 +195,19 @@ async fn exchange(
         target: Some((&host, ends.target.port)),
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
+        denied_addr: None,
         json: super::error::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
+    if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Tunnel) {
+        let _ = ended.set(Outcome::Refused(refusal));
+        return ProxyError::from(ClientError::Refused(refusal)).to_response(&answer).map(Either::Right);
+    }
     if let Err(reason) = names_target(&req, &ends.target) {
-        mismatch.store(true, Ordering::Relaxed);
+        let _ = ended.set(Outcome::Deny(reason));
         return ProxyError::Denied(reason).to_response(&answer).map(Either::Right);
     }
+    strip_proxy_headers(req.headers_mut());
     let client_upgrade = hyper::upgrade::on(&mut req);
     let mut sender = sender.lock().await;
     let sent = match sender.ready().await {
@@ -212,6 +225,30 @@ async fn exchange(
         }
     }
     resp.map(Either::Left)
+}
+
+/// Removes what is meant for this proxy, not the origin (red team N8):
+/// the client's proxy credentials, `Proxy-Connection`, and `Connection`
+/// with the headers it names, except an upgrade, which the tunnel honours
+/// (a 101 is relayed as a raw tunnel): then `Connection: upgrade` stays.
+fn strip_proxy_headers(headers: &mut http::HeaderMap) {
+    use http::header;
+    let named: Vec<http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim_ascii()).ok())
+        .collect();
+    let upgrade = named.contains(&header::UPGRADE) && headers.contains_key(header::UPGRADE);
+    for name in named.into_iter().filter(|name| *name != header::UPGRADE) {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    if upgrade {
+        headers.insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    }
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(http::HeaderName::from_static("proxy-connection"));
 }
 
 /// The client side of a plain-HTTP tunnel: the bytes read before it was
@@ -290,6 +327,29 @@ mod tests {
             (b"\x00\x01binary", Start::Other),
         ] {
             assert_eq!(classify(bytes), expected, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn proxy_headers_are_stripped_and_upgrades_kept() {
+        type Case = (&'static [(&'static str, &'static str)], &'static [&'static str]);
+        let cases: [Case; 3] = [
+            (
+                &[("proxy-authorization", "Basic c2VjcmV0"), ("connection", "x-secret, keep-alive"), ("x-secret", "1"), ("x-kept", "1")],
+                &["x-kept"],
+            ),
+            (&[("connection", "Upgrade"), ("upgrade", "websocket"), ("proxy-connection", "keep-alive")], &["connection", "upgrade"]),
+            (&[("connection", "upgrade, x-hop"), ("x-hop", "1")], &[]),
+        ];
+        for (input, left) in cases {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in input {
+                headers.append(*name, http::HeaderValue::from_static(value));
+            }
+            strip_proxy_headers(&mut headers);
+            let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, *left, "{input:?}");
         }
     }
 

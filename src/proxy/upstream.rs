@@ -22,6 +22,16 @@ pub enum Upstream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl Upstream {
+    /// The local address of the TCP socket under it.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            Upstream::Tcp(s) => s.local_addr(),
+            Upstream::Tls(s) => s.get_ref().0.local_addr(),
+        }
+    }
+}
+
 impl AsyncRead for Upstream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {

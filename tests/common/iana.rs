@@ -10,7 +10,7 @@
 //! The deny kinds are README.md's kind table.
 //!
 //! Used by tests/denied_ranges.rs (through the proxy socket) and by
-//! src/policy/tests.rs (`every_registry_row_is_decided`).
+//! src/policy/tests/oracle.rs (`every_registry_row_is_decided`).
 #![allow(dead_code)]
 
 use std::net::IpAddr;

@@ -157,10 +157,14 @@ pub async fn start_tcp_count_then_reply() -> SocketAddr {
     addr
 }
 
-/// A port on loopback where nothing listens.
-pub async fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+/// A loopback address where nothing listens, and the socket that holds
+/// its port: bound but never listening, so a connection to it is refused,
+/// and no other socket can take the port while the returned socket lives
+/// (a port freed and reused later could be taken by a parallel test).
+pub fn refusing_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }
 
 /// Writes `text` to `name` in a per-process temporary directory tagged `tag`.
@@ -173,9 +177,12 @@ pub fn temp_file(tag: &str, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 /// Starts `portcullis run --config <config>` (the real binary) with stdout
-/// piped, waits for its startup line, and returns the process and the rest
-/// of its stdout (the decision log).
-pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+/// piped, waits for its startup line, and returns the process, the rest
+/// of its stdout (the decision log), and the proxy and admin addresses it
+/// bound (a config listening on port 0 learns its ports here).
+pub fn run_binary(
+    config: &std::path::Path,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>, (SocketAddr, SocketAddr)) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["run", "--config", config.to_str().unwrap()])
@@ -186,7 +193,7 @@ pub fn run_binary(config: &std::path::Path) -> (std::process::Child, std::io::Li
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("a startup line").unwrap();
     assert!(first.contains("portcullis listening"), "{first}");
-    (child, lines)
+    (child, lines, listening_addrs(&first))
 }
 
 /// The value of one exposed series, written exactly as the exposition
@@ -492,6 +499,17 @@ async fn read_chunked(stream: &mut TcpStream) -> Vec<u8> {
 pub async fn send_raw(proxy: SocketAddr, request: &str) -> RawResponse {
     let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// `GET url` from a chosen loopback source address (a client identity by
+/// source), with extra header lines.
+pub async fn get_from(proxy: SocketAddr, source: &str, url: &str, headers: &str) -> RawResponse {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    let mut stream = socket.connect(proxy).await.unwrap();
+    let host = url.split('/').nth(2).unwrap();
+    stream.write_all(format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n").as_bytes()).await.unwrap();
     read_response(&mut stream).await
 }
 
