@@ -18,7 +18,9 @@
 //! create a network namespace (root, `unshare`): it then re-executes itself
 //! under `unshare -n`, puts a stand-in public address on that namespace's
 //! loopback, applies `deploy/transparent/redirect.sh` there and runs the
-//! proxy as the exempt uid. Nothing outside that namespace changes.
+//! proxy as the exempt uid. Nothing outside that namespace changes. There
+//! it also measures router mode from a pod namespace of its own
+//! (`proxy_load/router.rs`).
 //!
 //! Peer mode (`PORTCULLIS_LOAD_PEERS`, see `proxy_load/peers.rs` and
 //! `benches/peers.sh`) measures other proxies a script started next to the
@@ -26,6 +28,8 @@
 
 #[path = "proxy_load/peers.rs"]
 mod peers;
+#[path = "proxy_load/router.rs"]
+mod router;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -70,6 +74,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() {
         runtime.block_on(serve_origins());
+    } else if let Ok(spec) = std::env::var(router::CLIENT) {
+        runtime.block_on(router::client(&spec));
     } else {
         runtime.block_on(run());
     }
@@ -229,6 +235,8 @@ async fn run() {
             println!("  transparent p50/p99 latency µs, 50 clients: {:.0} / {:.0}", via.p50, via.p99);
             let via = bulk(redirected(source), None).await;
             row("transparent tunnel throughput MB/s (512 MiB)", direct.0, via.0, &format!("explicit: {bulk_ratio:.2}"));
+            let ports = (origin.port(), source.port(), p.port());
+            tokio::task::spawn_blocking(move || router::compare(ports.0, ports.1, ports.2)).await.expect("router phases");
         } else {
             println!("transparent path: not measured (needs root and unshare for a network namespace of its own)");
         }
@@ -342,12 +350,14 @@ impl Proxy {
             Some(_) => String::new(),
             None => format!(", max_tunnels: {conns}, max_tunnels_per_client: {conns}"),
         };
-        let (transparent_listen, stand_in) = match transparent {
-            true => (format!("transparent_listen: 127.0.0.1:{TRANSPARENT_PORT}\n"), format!(", {}/32", std::net::Ipv4Addr::from(STAND_IN))),
-            false => (String::new(), String::new()),
+        // In the bench's own namespace the listeners take every address:
+        // router mode's pod reaches them over a veth.
+        let (listen_on, transparent_listen, stand_in) = match transparent {
+            true => ("0.0.0.0", format!("transparent_listen: 0.0.0.0:{TRANSPARENT_PORT}\n"), format!(", {}/32", std::net::Ipv4Addr::from(STAND_IN))),
+            false => ("127.0.0.1", String::new(), String::new()),
         };
         let config = format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32{stand_in}]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+            "listen: {listen_on}:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32{stand_in}]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
         );
         std::fs::write(dir.join("load.yaml"), config).unwrap();
         let mut command = match transparent {

@@ -272,7 +272,7 @@ mod tests {
         record.identity = "credentials";
         record.mode = Mode::Report;
         let config = crate::config::Config::from_yaml_str("roles:\n  default:\n    allow:\n      domains: [\"*.a.example\"]\n", "p.yaml").unwrap();
-        let policy = config.compile().unwrap();
+        let policy = crate::snapshot::compile_policy(&config).unwrap();
         let target = crate::target::Target::parse_authority("x.a.example:443").unwrap();
         let decision = policy.decide(policy.default_role(), RequestKind::Connect, &target, &["8.8.8.8".parse().unwrap()]);
         record.rule = Some(policy.rule_ref(decision.rule()));

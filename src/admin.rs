@@ -66,7 +66,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tokio::spawn(async move {
-                let answer = crate::proxy::error::raw_answer(
+                let answer = crate::proxy::respond::raw_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     crate::proxy::error::ERROR_HEADER,
                     "over-limit",

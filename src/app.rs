@@ -10,11 +10,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, Health};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ReloadConfig};
 use crate::dns_listen::DnsListener;
 use crate::metrics::Metrics;
 use crate::proxy::transparent::TransparentServer;
-use crate::proxy::{Server, Snapshot};
+use crate::proxy::error::UpstreamError;
+use crate::proxy::Server;
+use crate::snapshot::Snapshot;
 use crate::reload::Reloader;
 
 /// Why the process could not start.
@@ -37,7 +39,8 @@ pub struct App {
     reloader: Arc<Reloader>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    config: Config,
+    /// The reload settings (they take effect only at start).
+    reload: ReloadConfig,
 }
 
 impl App {
@@ -45,23 +48,11 @@ impl App {
     pub async fn start(path: &Path) -> Result<App, StartError> {
         let config = Config::load(path)?;
         if let Some(nofile) = crate::host::raise_nofile_limit() {
-            config.limits.check_fds(nofile).map_err(|message| ConfigError::Invalid {
-                file: path.display().to_string(),
-                message: format!("limits: {message}"),
-                line: None,
-            })?;
-            crate::dns_listen::check_fds(&config, nofile).map_err(|message| ConfigError::Invalid {
-                file: path.display().to_string(),
-                message,
-                line: None,
-            })?;
+            crate::snapshot::check_descriptors(&config, nofile)?;
         }
-        let snapshot = Snapshot::from_config(&config, 1).map_err(|message| ConfigError::Invalid {
-            file: path.display().to_string(),
-            message,
-            line: None,
-        })?;
+        let snapshot = Snapshot::compile(&config, 1)?;
         let metrics = Arc::new(Metrics::new());
+        metrics.start_series(&snapshot.policy, config.transparent_listen.is_some(), &UpstreamError::CODES);
         metrics.count_reload(true, 1);
         let server = Server::bind_with(config.listen, snapshot, metrics.clone())
             .await
@@ -88,7 +79,7 @@ impl App {
             None => None,
         };
         let reloader = Arc::new(Reloader::new(PathBuf::from(path), &config, server.snapshot_handle(), metrics.clone()));
-        Ok(App { server, transparent, dns, admin, reloader, health: Arc::new(Health::default()), metrics, config })
+        Ok(App { server, transparent, dns, admin, reloader, health: Arc::new(Health::default()), metrics, reload: config.reload })
     }
 
     /// The proxy listener's address.
@@ -118,9 +109,10 @@ impl App {
 
     /// Serves until `shutdown` completes, then drains (see [`Server::run_until`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone(), self.server.snapshot_handle()))];
-        if self.config.reload.watch {
-            background.push(tokio::spawn(self.reloader.clone().watch(self.config.reload.interval.0)));
+        let serving = self.server.snapshot_handle();
+        let mut background = vec![tokio::spawn(admin::serve(self.admin, self.metrics.clone(), self.health.clone(), serving))];
+        if self.reload.watch {
+            background.push(tokio::spawn(self.reloader.clone().watch(self.reload.interval.0)));
         }
         #[cfg(unix)]
         background.push(tokio::spawn(self.reloader.clone().on_sighup()));

@@ -44,6 +44,17 @@ pub fn raise_nofile_limit() -> Option<u64> {
     None
 }
 
+/// The open-file (soft) limit in force now, as a reload checks against.
+#[cfg(unix)]
+pub fn nofile_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
+}
+
+#[cfg(not(unix))]
+pub fn nofile_limit() -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

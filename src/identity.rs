@@ -8,68 +8,15 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use base64::Engine;
 use http::HeaderValue;
 use ipnet::IpNet;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::Cidr;
+pub use crate::config::{CertificateRule, CredentialRule, IdentityConfig, SourceRule};
 use crate::policy::cidr::CidrTable;
 use crate::policy::{DenyReason, Policy, RoleId};
-
-/// How clients are mapped to roles.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Refuse (407) clients that present neither a mapped certificate nor credentials.
-    pub require_credentials: bool,
-    /// Answer 407 with `Proxy-Authenticate` instead of 403 when a client
-    /// that presented no identity (the `default` role) is denied, so clients
-    /// that send credentials only when challenged (the JDK, .NET, browsers)
-    /// retry with them. Needs `credentials`.
-    pub challenge_unauthenticated: bool,
-    /// TLS client certificate → role, first match wins.
-    pub certificates: Vec<CertificateRule>,
-    /// `Proxy-Authorization` credentials → role.
-    pub credentials: Vec<CredentialRule>,
-    /// Source address ranges → role (longest prefix wins).
-    pub sources: Vec<SourceRule>,
-}
-
-/// Maps a certificate name to a role. Exactly one of `uri`, `dns`, `cn`;
-/// a value ending in `*` matches by prefix (e.g. a SPIFFE trust domain path).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateRule {
-    pub uri: Option<String>,
-    pub dns: Option<String>,
-    pub cn: Option<String>,
-    pub role: String,
-}
-
-/// One credential. Basic: `user` with `password_sha256`. Bearer: one of
-/// `token_sha256`, `token_file`, `token_env`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialRule {
-    pub user: Option<String>,
-    pub password_sha256: Option<String>,
-    pub token_sha256: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub token_env: Option<String>,
-    pub role: String,
-}
-
-/// Maps a source range to a role.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceRule {
-    pub cidr: Cidr,
-    pub role: String,
-}
 
 /// The names a verified client certificate carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

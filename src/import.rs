@@ -21,7 +21,7 @@ use crate::policy::Mode;
 
 /// An ACL that cannot be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{}: {message}", line.map_or("?".to_string(), |l| l.to_string()))]
+#[error("{file}{}: {message}", line.map_or(String::new(), |l| format!(":{l}")))]
 pub struct ImportError {
     /// The ACL file as named.
     pub file: String,
@@ -131,6 +131,8 @@ fn overlaps(a: &DomainPattern, b: &DomainPattern) -> bool {
 
 /// Converts ACL text; `file` names it in errors.
 pub fn smokescreen(text: &str, file: &str) -> Result<Imported, ImportError> {
+    crate::input::check(text, file, crate::input::IMPORT)
+        .map_err(|e| ImportError { file: e.file, line: e.line, message: e.reason })?;
     let acl: Acl = serde_yaml_ng::from_str(text).map_err(|e| ImportError {
         file: file.to_string(),
         line: e.location().map(|l| l.line()),
@@ -300,7 +302,7 @@ mod tests {
         assert_eq!(role("open-dummy-srv").mode, Mode::Open);
         assert_eq!(role("default").mode, Mode::Report);
         let config = imported.to_string();
-        crate::config::Config::from_yaml_str(&config, "imported.yaml").unwrap_or_else(|e| panic!("{e}\n{config}"));
+        crate::policytest::compile_text(&config, "imported.yaml").unwrap_or_else(|e| panic!("{e}\n{config}"));
     }
 
     #[test]

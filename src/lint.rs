@@ -126,7 +126,7 @@ mod tests {
 
     fn warnings(yaml: &str) -> Vec<String> {
         let config = Config::from_yaml_str(yaml, "t.yaml").expect("valid config");
-        let policy = config.compile().expect("compiles");
+        let policy = crate::snapshot::compile_policy(&config).expect("compiles");
         lint(&config, &policy).iter().map(ToString::to_string).collect()
     }
 

@@ -11,7 +11,7 @@ use portcullis::config::Config;
 use portcullis::policy::Decision;
 use portcullis::policytest::{self, CaseFile, PolicyUnderTest};
 use portcullis::app::App;
-use portcullis::proxy::Snapshot;
+use portcullis::snapshot::Snapshot;
 
 /// `portcullis --version`: the crate version and the git revision it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PORTCULLIS_GIT_REV"), ")");
@@ -91,6 +91,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check workflow files (Argo, Kestra) and any text for destinations the
+    /// policy would deny: every URL, host:port and IP literal, in any
+    /// spelling. Exit code 0: none, 1: some (each printed as file:line), 2: bad input.
+    Scan {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Decide as this role (default: the `default` role).
+        #[arg(long)]
+        role: Option<String>,
+        /// Files or directories (read recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
@@ -124,6 +137,7 @@ fn main() -> ExitCode {
         Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
         Command::Why { admin, proxy_user, json } => why(admin, proxy_user, json),
+        Command::Scan { config, role, paths } => scan(config, role.as_deref(), &paths),
     };
     match result {
         Ok(code) => code,
@@ -189,12 +203,14 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Parses and compiles the config exactly as start-up does (certificate
+/// files are read); the descriptor budget is checked at start, against the
+/// limit the process then has.
 fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
-    match Config::load(&path) {
-        Ok(config) => {
-            // Valid, so it compiles; the warnings name rules that never match.
-            let policy = config.compile().map_err(anyhow::Error::msg)?;
-            for warning in portcullis::lint::lint(&config, &policy) {
+    match Config::load(&path).and_then(|config| Snapshot::compile(&config, 1).map(|snapshot| (config, snapshot))) {
+        Ok((config, snapshot)) => {
+            // The warnings name rules that never match.
+            for warning in portcullis::lint::lint(&config, &snapshot.policy) {
                 eprintln!("warning: {}: {warning}", path.display());
             }
             println!("{}: ok", path.display());
@@ -209,7 +225,7 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
 
 async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
-    let snapshot = Snapshot::from_config(&config, 1).map_err(anyhow::Error::msg)?;
+    let snapshot = Snapshot::compile(&config, 1)?;
     if let Some(query) = url.strip_prefix("dns:") {
         return check_dns(&snapshot, &path, role, query).await;
     }
@@ -344,9 +360,53 @@ async fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// Prints each would-deny as `file:line: ...`; bad input is exit code 2.
+fn scan(config: PathBuf, role: Option<&str>, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let loaded = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c).map(|put| (c, put)));
+    let (loaded, put) = match loaded {
+        Ok(both) => both,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let policy = put.policy();
+    let role = match role {
+        Some(name) => match policy.role_id(name) {
+            Some(id) => id,
+            None => {
+                eprintln!("role {name:?} is not defined in {}", config.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => policy.default_role(),
+    };
+    let report = match portcullis::scan::Scanner::new(policy, role, &loaded.dns.pinned).scan_paths(paths) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for d in &report.denied {
+        println!("{}:{}: {}", d.file, d.line, d.verdict);
+    }
+    for skipped in &report.skipped {
+        eprintln!("{skipped}: binary, not scanned");
+    }
+    println!("{} files, {} destinations, {} would be denied", report.files, report.targets, report.denied.len());
+    Ok(if report.denied.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {
     let Some(put) = policy_under_test(&config) else { return Ok(ExitCode::from(2)) };
-    let text = std::fs::read_to_string(&log).with_context(|| format!("{}: cannot read", log.display()))?;
+    let text = match portcullis::input::read(&log, portcullis::input::DECISION_LOG) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     match portcullis::suggest::suggest(put.policy(), &text, &log.display().to_string(), role) {
         Ok(suggestion) => {
             print!("{suggestion}");
@@ -360,10 +420,10 @@ fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<
 }
 
 fn import_smokescreen(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let text = match std::fs::read_to_string(&path) {
+    let text = match portcullis::input::read(&path, portcullis::input::IMPORT) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("{}: cannot read: {e}", path.display());
+            eprintln!("{e}");
             return Ok(ExitCode::from(2));
         }
     };

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::policy::{DenyReason, Mode, Policy, RequestKind};
+
 use prometheus::{
     exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -54,6 +56,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `portcullis_draining`: 1 while shutting down.
     pub draining: IntGauge,
+    /// The DNS listener's `portcullis_dns_*` metrics.
+    pub dns: crate::dns_listen::record::DnsMetrics,
     /// `portcullis_auth_failures_repeated_total`: wrong proxy credentials
     /// from a client that failed within the last few seconds (answered with
     /// `Connection: close`; their log lines are thinned out).
@@ -209,6 +213,7 @@ impl Metrics {
             descriptors: Descriptors::register(&registry),
             denials: crate::denials::Denials::default(),
             build_info,
+            dns: crate::dns_listen::record::DnsMetrics::register(&registry).expect("metric names are unique"),
             registry,
         };
         // Series that alerts watch exist from the start, at zero.
@@ -222,6 +227,42 @@ impl Metrics {
             metrics.revoked.with_label_values(&[kind]);
         }
         metrics
+    }
+
+    /// Creates, at zero, the series that the dashboard and the alert rules
+    /// read, so that rates and ratios have a value before the first request
+    /// (Prometheus' instrumentation guidance: initialise the label values
+    /// you know). Bounded by the config: per role of `policy` and per
+    /// request kind served (the redirected kinds only with a `transparent`
+    /// listener), an allow and every deny reason, and for a role in report
+    /// mode the reasons it lets through; both relayed directions per role;
+    /// every `upstream_errors` code. Called at start and on every reload,
+    /// so a role added by a reload has its series from then on.
+    pub fn start_series(&self, policy: &Policy, transparent: bool, upstream_errors: &[&str]) {
+        const EXPLICIT: &[RequestKind] = &[RequestKind::Http, RequestKind::Connect];
+        const REDIRECTED: &[RequestKind] =
+            &[RequestKind::TransparentHttp, RequestKind::TransparentTls, RequestKind::TransparentTcp];
+        let kinds = EXPLICIT.iter().chain(if transparent { REDIRECTED } else { &[] });
+        for role in policy.roles() {
+            let name = role.name();
+            self.with_role_directions(name, |_| ());
+            // The series the DNS refusal alert watches.
+            self.dns.queries.with_label_values(&[name, "deny", "not-allowlisted", "A"]);
+            for kind in kinds.clone().map(|k| k.as_str()) {
+                self.requests.with_label_values(&[kind, "allow", "none", name]);
+                for reason in DenyReason::ALL {
+                    self.requests.with_label_values(&[kind, "deny", reason.as_str(), name]);
+                }
+                if role.mode() == Mode::Report {
+                    for reason in [DenyReason::NotAllowListed, DenyReason::PortNotAllowed] {
+                        self.requests.with_label_values(&[kind, "would_deny", reason.as_str(), name]);
+                    }
+                }
+            }
+        }
+        for code in upstream_errors {
+            self.upstream_errors.with_label_values(&[code]);
+        }
     }
 
     /// Counts a finished request.

@@ -16,26 +16,26 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
-use crate::policy::provenance::SourceLines;
 use crate::policy::{Decision, Policy, RequestKind, RoleId};
 use crate::proxy::admit::{Lookup, Rules};
 use crate::proxy::parent::Parent;
+use crate::snapshot::Snapshot;
+use crate::source_lines::SourceLines;
 use crate::target::{DomainName, Host, Target};
 
 /// A case file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CaseFileError {
-    /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
-    Io {
-        /// The file as named.
-        file: String,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// The file is not a valid case file; `line` is 1-based when known.
-    #[error("{file}:{}: {message}", line.map_or("?".to_string(), |l| l.to_string()))]
+    /// The file could not be read, is too large or too deep, or is not a
+    /// valid case file; `line` is 1-based when known.
+    #[error("{file}{}: {message}", line.map_or(String::new(), |l| format!(":{l}")))]
     Invalid { file: String, line: Option<usize>, message: String },
+}
+
+impl From<crate::input::InputError> for CaseFileError {
+    fn from(e: crate::input::InputError) -> Self {
+        CaseFileError::Invalid { file: e.file, line: e.line, message: e.reason }
+    }
 }
 
 /// A case file as written.
@@ -168,14 +168,14 @@ pub fn parse_request(url: &str) -> Result<(RequestKind, Target), String> {
 impl CaseFile {
     /// Reads and checks a case file.
     pub fn load(path: &Path) -> Result<Self, CaseFileError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CaseFileError::Io { file: file.clone(), source })?;
-        Self::parse(&text, &file)
+        let text = crate::input::read(path, crate::input::CASES).map_err(CaseFileError::from)?;
+        Self::parse(&text, &path.display().to_string())
     }
 
     /// Checks case-file text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, CaseFileError> {
         let invalid = |line: Option<usize>, message: String| CaseFileError::Invalid { file: file.to_string(), line, message };
+        crate::input::check(text, file, crate::input::CASES)?;
         let raw: CaseFileRaw =
             serde_yaml_ng::from_str(text).map_err(|e| invalid(e.location().map(|l| l.line()), e.to_string()))?;
         let lines = SourceLines::index(file, text);
@@ -290,15 +290,13 @@ impl Lookup for CaseAnswers<'_> {
 impl PolicyUnderTest {
     /// Compiles the config's policy and identity rules.
     pub fn new(config: &Config) -> Result<Self, String> {
-        let policy = config.compile()?;
-        let identities = Identities::compile(&config.identity, &policy)?;
+        let Snapshot { policy, identities, parent, .. } = Snapshot::compile(config, 1).map_err(|e| e.to_string())?;
         let users = config
             .identity
             .credentials
             .iter()
             .filter_map(|c| c.user.clone().map(|u| (u, c.role.clone())))
             .collect();
-        let parent = config.upstream_proxy.as_ref().map(Parent::for_decisions);
         let pinned = config.dns.pinned.iter().map(|(name, addrs)| (name.0.as_str().to_string(), addrs.clone())).collect();
         let role_names = config.roles.keys().cloned().collect();
         Ok(PolicyUnderTest { policy, identities, users, parent, pinned, role_names })

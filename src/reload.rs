@@ -1,17 +1,21 @@
-//! Hot reload: on SIGHUP and when the config file's content changes, parse,
-//! validate and compile off the hot path, then swap the snapshot. A config
-//! that fails is refused and logged; the old snapshot keeps serving.
+//! Hot reload: on SIGHUP and when the content of the config file or of a
+//! file it refers to (a bearer token file, a certificate, a key, a CA
+//! bundle) changes, parse, validate and compile off the hot path, then swap
+//! the snapshot. A config that fails is refused and logged; the old
+//! snapshot keeps serving.
 
 use std::hash::{Hash, Hasher};
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::proxy::{Snapshot, SnapshotHandle};
+use crate::proxy::error::UpstreamError;
+use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// What can trigger a reload, for the log.
 #[derive(Debug, Clone, Copy)]
@@ -34,25 +38,39 @@ pub struct Reloader {
     path: PathBuf,
     handle: SnapshotHandle,
     metrics: Arc<Metrics>,
-    /// Settings that only take effect at start: (listen, admin_listen, reload settings).
-    fixed: (SocketAddr, SocketAddr, bool, Duration),
+    /// Settings that only take effect at start.
+    fixed: Fixed,
     generation: AtomicU64,
-    /// Fingerprint of the file content last tried, so an unchanged (or
-    /// unchanged broken) file is not reloaded again and again.
-    last_seen: Mutex<u64>,
+    /// What the last load read, so an unchanged (or unchanged broken)
+    /// config is not reloaded again and again. Held through a reload.
+    last_seen: Mutex<Seen>,
+}
+
+/// Fingerprints of the config file's content and of each file it refers to.
+#[derive(Debug, Default)]
+struct Seen {
+    config: u64,
+    files: Vec<(PathBuf, u64)>,
+}
+
+impl Seen {
+    /// The files `config` refers to, read now.
+    fn files_of(config: &Config) -> Vec<(PathBuf, u64)> {
+        config.referenced_files().into_iter().map(|path| (path.to_path_buf(), file_fingerprint(path))).collect()
+    }
 }
 
 impl Reloader {
     /// Creates a reloader for the config `initial` loaded from `path`.
     pub fn new(path: PathBuf, initial: &Config, handle: SnapshotHandle, metrics: Arc<Metrics>) -> Self {
-        let fingerprint = std::fs::read(&path).map(|b| fingerprint(&b)).unwrap_or(0);
+        let seen = Seen { config: file_fingerprint(&path), files: Seen::files_of(initial) };
         Reloader {
             path,
             handle,
             metrics,
             fixed: fixed_settings(initial),
             generation: AtomicU64::new(1),
-            last_seen: Mutex::new(fingerprint),
+            last_seen: Mutex::new(seen),
         }
     }
 
@@ -64,14 +82,19 @@ impl Reloader {
         // One read serves both the fingerprint and the parse: a file being
         // rewritten in place cannot be fingerprinted whole and parsed
         // truncated, which would pin the old policy until the next change.
-        let read = std::fs::read(&self.path).map_err(|source| ConfigError::Io { file: file.clone(), source });
-        if let Ok(bytes) = &read {
-            *last_seen = fingerprint(bytes);
+        let read = crate::input::read(&self.path, crate::input::CONFIG).map_err(ConfigError::from);
+        if let Ok(text) = &read {
+            last_seen.config = fingerprint(text.as_bytes());
         }
-        let compiled = read.and_then(|bytes| Config::from_bytes(&bytes, &file)).and_then(|config| {
+        let compiled = read.and_then(|text| Config::from_yaml_str(&text, &file)).and_then(|config| {
+            // Read before the compile reads them: a file rotated meanwhile
+            // differs on the next look and is loaded then.
+            last_seen.files = Seen::files_of(&config);
+            if let Some(nofile) = crate::host::nofile_limit() {
+                crate::snapshot::check_descriptors(&config, nofile)?;
+            }
             let generation = self.generation.load(Ordering::SeqCst) + 1;
-            let snapshot = Snapshot::from_config(&config, generation)
-                .map_err(|message| ConfigError::Invalid { file: file.clone(), message, line: None })?;
+            let snapshot = Snapshot::compile(&config, generation)?;
             Ok((config, snapshot))
         });
         let (config, snapshot) = match compiled {
@@ -85,10 +108,12 @@ impl Reloader {
         if fixed_settings(&config) != self.fixed {
             tracing::warn!(
                 trigger = trigger.as_str(),
-                "listen, admin_listen and reload settings changed in the file; they take effect only after a restart"
+                "listen, admin_listen, transparent_listen and reload settings changed in the file; they take effect only after a restart"
             );
         }
         let generation = snapshot.generation;
+        let transparent = self.fixed.transparent_listen.is_some();
+        self.metrics.start_series(&snapshot.policy, transparent, &UpstreamError::CODES);
         // Counted before it is published: whoever observes the new policy
         // then also reads its generation in the metrics.
         self.metrics.count_reload(true, generation);
@@ -98,10 +123,13 @@ impl Reloader {
         Ok(generation)
     }
 
-    /// True when the file content differs from what was last loaded or tried.
+    /// True when the content of the config file, or of a file it refers
+    /// to, differs from what was last loaded or tried. False while a
+    /// reload runs (the next look sees what it missed).
     fn changed(&self) -> bool {
+        let Ok(seen) = self.last_seen.try_lock() else { return false };
         let Ok(bytes) = std::fs::read(&self.path) else { return false };
-        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) != fingerprint(&bytes)
+        fingerprint(&bytes) != seen.config || seen.files.iter().any(|(path, fp)| file_fingerprint(path) != *fp)
     }
 
     /// Reloads in a blocking task so compilation never stalls a worker thread.
@@ -110,7 +138,7 @@ impl Reloader {
         let _ = tokio::task::spawn_blocking(move || this.reload(trigger)).await;
     }
 
-    /// Polls the file every `interval` and reloads when its content changes.
+    /// Polls the files every `interval` and reloads when a content changes.
     /// Reading the content (rather than watching an inode) also follows a
     /// Kubernetes ConfigMap, whose file is a symlink swapped atomically.
     pub async fn watch(self: Arc<Self>, interval: Duration) {
@@ -141,8 +169,35 @@ impl Reloader {
     }
 }
 
-fn fixed_settings(c: &Config) -> (SocketAddr, SocketAddr, bool, Duration) {
-    (c.listen, c.admin_listen, c.reload.watch, c.reload.interval.0)
+/// The settings that take effect only at start: the listeners and how
+/// reloads are triggered.
+#[derive(Debug, PartialEq, Eq)]
+struct Fixed {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    transparent_listen: Option<SocketAddr>,
+    watch: bool,
+    interval: Duration,
+}
+
+fn fixed_settings(c: &Config) -> Fixed {
+    Fixed {
+        listen: c.listen,
+        admin_listen: c.admin_listen,
+        transparent_listen: c.transparent_listen,
+        watch: c.reload.watch,
+        interval: c.reload.interval.0,
+    }
+}
+
+/// The fingerprint of a file's content (at most its first 16 MiB); 0 when
+/// it cannot be read, so that its appearing counts as a change.
+fn file_fingerprint(path: &Path) -> u64 {
+    let mut bytes = Vec::new();
+    match std::fs::File::open(path).and_then(|f| f.take(16 << 20).read_to_end(&mut bytes)) {
+        Ok(_) => fingerprint(&bytes),
+        Err(_) => 0,
+    }
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {

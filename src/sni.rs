@@ -15,6 +15,10 @@ use crate::policy::DenyReason;
 /// post-quantum key shares included, are under 2 KiB.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
+/// A fatal `access_denied` alert (RFC 8446 6.2): what a refused TLS client
+/// is sent, so it reports a refusal rather than a bare reset.
+pub const ACCESS_DENIED_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+
 /// The most bytes a caller needs to buffer before [`server_name`] decides:
 /// the largest ClientHello plus the headers of a few records around it.
 pub const MAX_PEEK: usize = MAX_CLIENT_HELLO + 2 * 1024;
@@ -73,6 +77,12 @@ impl fmt::Display for SniError {
 /// and more bytes are needed.
 pub fn server_name(buf: &[u8]) -> Result<String, SniError> {
     read_hello(buf)?.name.ok_or(SniError::Missing)
+}
+
+/// True when the ClientHello at the start of `buf` offers Encrypted
+/// ClientHello (its server name is then only the outer, public one).
+pub fn offers_ech(buf: &[u8]) -> bool {
+    read_hello(buf).is_ok_and(|hello| hello.ech)
 }
 
 /// What a ClientHello says about where it goes.

@@ -7,6 +7,13 @@
 //! `/128` CIDRs for address literals, and missing ports. Whatever lies in
 //! the always-denied ranges or names is listed as blocked regardless and
 //! never suggested; denials an allow-list cannot lift are listed apart.
+//!
+//! The suffixes are the PSL's ICANN and private sections (`github.io`,
+//! `s3.amazonaws.com`, `cloudfront.net`: each label below is another
+//! customer's) and the few multi-tenant hosts the PSL does not list
+//! ([`MULTI_TENANT`]). A public suffix itself (`com`, `co.uk`,
+//! `storage.googleapis.com`) is never proposed: it would admit every
+//! tenant below it. Such requests are listed apart.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,6 +24,12 @@ use serde::Deserialize;
 
 use crate::policy::{Policy, RequestKind, RoleId};
 use crate::target::Host;
+
+/// Hosts under which each label is a different tenant, but which the
+/// Public Suffix List (as compiled into `psl`) does not list: Google Cloud
+/// Storage's virtual-hosted buckets (`BUCKET.storage.googleapis.com`) and
+/// Cloudflare R2's accounts (`ACCOUNT.r2.cloudflarestorage.com`).
+pub const MULTI_TENANT: &[&str] = &["storage.googleapis.com", "r2.cloudflarestorage.com"];
 
 /// A decision log that cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +94,8 @@ pub struct Suggestion {
     pub blocked: BTreeMap<(String, String), u64>,
     /// Denials an allow-list cannot lift (role deny entries, SNI, auth...).
     pub other: BTreeMap<(String, String), u64>,
+    /// Requests to a public suffix itself: `role host:port` → requests.
+    pub public_suffixes: BTreeMap<(String, String), u64>,
 }
 
 /// Reads decision lines (`file` names them in errors) and proposes additions.
@@ -95,8 +110,12 @@ pub fn suggest(policy: &Policy, log: &str, file: &str, only_role: Option<&str>) 
         if text.trim().is_empty() {
             continue;
         }
-        let line: LogLine = serde_json::from_str(text)
-            .map_err(|e| SuggestError::BadLine { file: file.to_string(), line: i + 1, message: e.to_string() })?;
+        let bad = |message: String| SuggestError::BadLine { file: file.to_string(), line: i + 1, message };
+        if crate::input::line_too_deep(text, crate::input::DECISION_LOG) {
+            let bounds = crate::input::DECISION_LOG;
+            return Err(bad(format!("nested deeper than the {} levels allowed for {}", bounds.max_depth, bounds.what)));
+        }
+        let line: LogLine = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         if line.target != "portcullis::access" || !matches!(line.decision.as_str(), "would_deny" | "deny") {
             continue;
         }
@@ -125,10 +144,17 @@ pub fn suggest(policy: &Policy, log: &str, file: &str, only_role: Option<&str>) 
         let role = policy.role_id(&role_name).expect("only roles of the policy are kept");
         let blocked_hosts: BTreeSet<String> =
             out.blocked.keys().filter(|(r, _)| *r == role_name).map(|(_, d)| d.split(':').next().unwrap_or("").to_string()).collect();
-        let suggestion = for_role(policy, role, &kinds, &blocked_hosts, &mut out.blocked, &role_name);
+        let refused = Refused { blocked: &mut out.blocked, public_suffixes: &mut out.public_suffixes };
+        let suggestion = for_role(policy, role, &kinds, &blocked_hosts, refused, &role_name);
         out.roles.insert(role_name, suggestion);
     }
     Ok(out)
+}
+
+/// Where the requests that get no suggestion are listed.
+struct Refused<'a> {
+    blocked: &'a mut BTreeMap<(String, String), u64>,
+    public_suffixes: &'a mut BTreeMap<(String, String), u64>,
 }
 
 fn for_role(
@@ -136,7 +162,7 @@ fn for_role(
     role: RoleId,
     kinds: &BTreeMap<&'static str, BTreeMap<Denied, u64>>,
     blocked_hosts: &BTreeSet<String>,
-    blocked: &mut BTreeMap<(String, String), u64>,
+    refused: Refused<'_>,
     role_name: &str,
 ) -> RoleSuggestion {
     let r = policy.role(role);
@@ -153,7 +179,7 @@ fn for_role(
                 Ok(Host::Ip(ip)) => match policy.denied_range_for(role, ip) {
                     Some(range) => {
                         let key = (role_name.to_string(), format!("{}:{} denied-range:{}", d.host, d.port, range.as_str()));
-                        *blocked.entry(key).or_default() += count;
+                        *refused.blocked.entry(key).or_default() += count;
                     }
                     None if !r.allows_addr(policy.transitions(), ip) => {
                         *cidrs.entry(IpNet::from(policy.transitions().judged(ip))).or_default() += count;
@@ -162,6 +188,9 @@ fn for_role(
                 },
                 Ok(Host::Name(name)) if blocked_hosts.contains(name.as_str()) => {}
                 Ok(Host::Name(name)) if policy.denied_name(&name).is_some() => {}
+                Ok(Host::Name(name)) if is_public_suffix(name.as_str()) => {
+                    *refused.public_suffixes.entry((role_name.to_string(), format!("{}:{}", d.host, d.port))).or_default() += count;
+                }
                 Ok(Host::Name(name)) if !r.allows_name(&name) => *names.entry(name.as_str().to_string()).or_default() += count,
                 _ => {}
             }
@@ -185,19 +214,16 @@ fn for_role(
 /// a common suffix that is the registrable domain or below it, and no
 /// blocked name lies below it.
 fn group_names(names: &BTreeMap<String, u64>, blocked: &BTreeSet<String>) -> Vec<(String, u64, Vec<String>)> {
-    let mut by_domain: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut by_domain: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for name in names.keys() {
-        let registrable = psl::List.domain(name.as_bytes()).map_or(name.as_str(), |d| {
-            std::str::from_utf8(d.as_bytes()).unwrap_or(name.as_str())
-        });
-        by_domain.entry(registrable.to_string()).or_default().push(name);
+        by_domain.entry(registrable(name)).or_default().push(name);
     }
     let mut out = Vec::new();
     for (registrable, group) in by_domain {
         let below: Vec<&str> = group.iter().copied().filter(|n| n.len() > registrable.len()).collect();
         let suffix = common_suffix(&below);
         let wildcard = suffix.filter(|s| {
-            s.ends_with(registrable.as_str())
+            s.ends_with(registrable)
                 && below.iter().filter(|n| n.len() > s.len()).count() >= 2
                 && !blocked.iter().any(|b| is_below(b, s))
         });
@@ -214,6 +240,41 @@ fn group_names(names: &BTreeMap<String, u64>, blocked: &BTreeSet<String>) -> Vec
         }
     }
     out
+}
+
+/// The known public suffix of `name`, from the PSL (both sections) or
+/// [`MULTI_TENANT`], whichever is longer. `None` for a name under no known
+/// suffix (a single-label or internal name).
+fn public_suffix(name: &str) -> Option<&str> {
+    let listed = psl::List
+        .suffix(name.as_bytes())
+        .filter(|s| s.is_known())
+        .and_then(|s| std::str::from_utf8(s.as_bytes()).ok())
+        .map(|s| &name[name.len() - s.len()..]);
+    let extra = MULTI_TENANT.iter().find(|m| name == **m || is_below(name, m)).map(|m| &name[name.len() - m.len()..]);
+    match (listed, extra) {
+        (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// True when `name` is itself a public suffix: an allow-list entry for it
+/// would admit every registrant or tenant below it.
+fn is_public_suffix(name: &str) -> bool {
+    public_suffix(name) == Some(name)
+}
+
+/// The registrable domain of `name` (its public suffix and one label
+/// more), or the name itself under no known suffix.
+fn registrable(name: &str) -> &str {
+    match public_suffix(name) {
+        Some(suffix) if suffix.len() < name.len() => {
+            let above = &name[..name.len() - suffix.len() - 1];
+            let label = above.rfind('.').map_or(0, |at| at + 1);
+            &name[label..]
+        }
+        _ => name,
+    }
 }
 
 /// True when `name` lies strictly below `suffix` at a label boundary.
@@ -273,6 +334,12 @@ impl fmt::Display for Suggestion {
                 writeln!(f, "#   role {role}: {what}  ({count} request{})", plural(*count))?;
             }
         }
+        if !self.public_suffixes.is_empty() {
+            writeln!(f, "# Not suggested: public suffixes (an entry would admit every registrant or tenant below them):")?;
+            for ((role, what), count) in &self.public_suffixes {
+                writeln!(f, "#   role {role}: {what}  ({count} request{})", plural(*count))?;
+            }
+        }
         if !self.other.is_empty() {
             writeln!(f, "# Not an allow-list matter (role deny entries, TLS checks, credentials, malformed requests):")?;
             for ((role, what), count) in &self.other {
@@ -317,6 +384,14 @@ mod tests {
             // github.io is a public suffix: each user's site is its own domain.
             (&["alice.github.io", "bob.github.io"], &["alice.github.io", "bob.github.io"]),
             (&["x.alice.github.io", "y.alice.github.io"], &["*.alice.github.io"]),
+            // The PSL's private section: each bucket, distribution, account is another customer's.
+            (&["a.s3.amazonaws.com", "b.s3.amazonaws.com"], &["a.s3.amazonaws.com", "b.s3.amazonaws.com"]),
+            (&["d1.cloudfront.net", "d2.cloudfront.net"], &["d1.cloudfront.net", "d2.cloudfront.net"]),
+            (&["acct.blob.core.windows.net", "other.blob.core.windows.net"], &["acct.blob.core.windows.net", "other.blob.core.windows.net"]),
+            // Multi-tenant hosts the PSL does not list.
+            (&["a.storage.googleapis.com", "b.storage.googleapis.com"], &["a.storage.googleapis.com", "b.storage.googleapis.com"]),
+            (&["x.bucket.storage.googleapis.com", "y.bucket.storage.googleapis.com"], &["*.bucket.storage.googleapis.com"]),
+            (&["1.acct.r2.cloudflarestorage.com", "2.acct.r2.cloudflarestorage.com"], &["*.acct.r2.cloudflarestorage.com"]),
         ];
         for (names, want) in cases {
             let got: Vec<String> = group_names(&counts(names), &BTreeSet::new()).into_iter().map(|(r, _, _)| r).collect();
@@ -326,5 +401,31 @@ mod tests {
         let got: Vec<String> =
             group_names(&counts(&["a.example.com", "b.example.com"]), &blocked).into_iter().map(|(r, _, _)| r).collect();
         assert_eq!(got, ["a.example.com", "b.example.com"], "no wildcard over a blocked name");
+    }
+
+    #[test]
+    fn public_suffixes_are_known_from_both_sections_and_the_list() {
+        let cases: &[(&str, bool)] = &[
+            ("com", true),
+            ("co.uk", true),
+            ("github.io", true),
+            ("s3.amazonaws.com", true),
+            ("cloudfront.net", true),
+            ("storage.googleapis.com", true),
+            ("r2.cloudflarestorage.com", true),
+            ("googleapis.com", true),
+            ("example.com", false),
+            ("bucket.storage.googleapis.com", false),
+            ("amazonaws.com", false),
+            // Under no known suffix: an internal name, never a public suffix.
+            ("intranet", false),
+            ("build.corp", false),
+        ];
+        for (name, want) in cases {
+            assert_eq!(is_public_suffix(name), *want, "{name}");
+        }
+        assert_eq!(registrable("a.b.bucket.storage.googleapis.com"), "bucket.storage.googleapis.com");
+        assert_eq!(registrable("www.example.co.uk"), "example.co.uk");
+        assert_eq!(registrable("intranet"), "intranet");
     }
 }

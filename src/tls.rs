@@ -3,32 +3,17 @@
 //! client certificate carries for the identity step), and the client side
 //! of TLS to an `https://` parent proxy.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde::Deserialize;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::CertNames;
 
-/// `tls:` in config: serve the proxy port over TLS.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain of the proxy.
-    pub cert: PathBuf,
-    /// PEM private key of the proxy.
-    pub key: PathBuf,
-    /// PEM CA bundle that client certificates must chain to; no client
-    /// certificates are requested when absent.
-    pub client_ca: Option<PathBuf>,
-    /// Refuse clients without a valid certificate (needs `client_ca`).
-    #[serde(default)]
-    pub require_client_cert: bool,
-}
+pub use crate::config::TlsConfig;
 
 /// Loads the files and builds the rustls server configuration.
 pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {

@@ -89,6 +89,25 @@ fn validate_accepts_shipped_and_refuses_bad_config() {
     assert!(stderr.contains("/nonexistent.yaml: cannot read"), "{stderr}");
 }
 
+/// `validate` runs the compile step start-up runs: checks across fields
+/// (with the line of the value) and the TLS material (files are read).
+#[test]
+fn validate_compiles_as_start_up_does() {
+    let carve = temp_file("carve.yaml", "listen: 127.0.0.1:0
+allow_ranges: [8.8.8.0/24]
+roles:
+  default: {}
+");
+    let (code, _, stderr) = portcullis(&["validate", "--config", carve.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("allow_ranges[0]: 8.8.8.0/24 is not inside any always-denied"), "{stderr}");
+    assert!(stderr.contains("at line 2"), "names the line: {stderr}");
+    let tls = temp_file("tls.yaml", "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\nroles:\n  default: {}\n");
+    let (code, _, stderr) = portcullis(&["validate", "--config", tls.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("tls.cert: cannot load /nonexistent/cert.pem"), "{stderr}");
+}
+
 /// `portcullis run` serves on the configured address, logs one JSON line
 /// per request, and denies the metadata address.
 #[tokio::test]
@@ -144,4 +163,50 @@ fn check_evaluates_as_a_named_role() {
     let (code, _, stderr) = portcullis(&["check", "--config", config, "--role", "nobody", "https://x.example/"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("role \"nobody\" is not defined"), "{stderr}");
+}
+
+/// The red team's N10: every YAML and JSON input of the CLIs has a nesting
+/// and a size bound, checked before the parser runs (100,000 nested `[`
+/// took the YAML parser 22 s). Each is refused at once, with the file, the
+/// line and the reason, exit code 2.
+#[test]
+fn deep_or_large_inputs_are_refused_before_parsing() {
+    let config = temp_file("n10-config.yaml", "listen: 127.0.0.1:0\nroles:\n  default:\n    allow:\n      domains: [a.example]\n");
+    let config = config.to_str().unwrap();
+    let deep_flow = format!("cases: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_map = format!("version: v1\nservices: {}1{}\n", "{a: ".repeat(50_000), "}".repeat(50_000));
+    let deep_config = format!("listen: 127.0.0.1:0\nroles:\n  default:\n    allow:\n      domains: {}a.example{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_log = format!("{}\n{}1{}\n", r#"{"target":"portcullis::access","decision":"deny"}"#, "[".repeat(100_000), "]".repeat(100_000));
+    let (cases, acl, bad_config, log) = (
+        temp_file("n10-cases.yaml", &deep_flow),
+        temp_file("n10-acl.yaml", &deep_map),
+        temp_file("n10-deep-config.yaml", &deep_config),
+        temp_file("n10-log.jsonl", &deep_log),
+    );
+    let (cases, acl, bad_config, log) = (cases.to_str().unwrap(), acl.to_str().unwrap(), bad_config.to_str().unwrap(), log.to_str().unwrap());
+    let runs: [(&[&str], String); 5] = [
+        (&["test", "--config", config, cases], format!("{cases}:1: nested deeper than the 32 levels allowed for a case file")),
+        (&["import", "smokescreen", acl], format!("{acl}:2: nested deeper than the 32 levels allowed for an imported policy")),
+        (&["validate", "--config", bad_config], format!("{bad_config}: nested deeper than the 32 levels allowed for a config file at line 5")),
+        (&["test", "--config", bad_config, cases], format!("{bad_config}: nested deeper than the 32 levels allowed for a config file at line 5")),
+        (&["suggest", "--config", config, "--log", log], format!("{log}:2: not a decision log line: nested deeper than the 32 levels allowed for a decision log")),
+    ];
+    for (args, want) in runs {
+        let started = Instant::now();
+        let (code, _, stderr) = portcullis(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(&want), "{args:?}: want {want:?} in {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{args:?} took {:?}", started.elapsed());
+    }
+    // Sizes: a file that never ends is cut at the bound, not read to the end.
+    let runs: [(&[&str], &str); 3] = [
+        (&["test", "--config", config, "/dev/zero"], "/dev/zero: larger than the 16777216 bytes allowed for a case file"),
+        (&["import", "smokescreen", "/dev/zero"], "/dev/zero: larger than the 16777216 bytes allowed for an imported policy"),
+        (&["validate", "--config", "/dev/zero"], "/dev/zero: larger than the 134217728 bytes allowed for a config file"),
+    ];
+    for (args, want) in runs {
+        let (code, _, stderr) = portcullis(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: want {want:?} in {stderr}");
+    }
 }

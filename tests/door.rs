@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 fn snapshot(yaml: &str, generation: u64) -> Snapshot {
     let config = Config::from_yaml_str(yaml, "door.yaml").expect("test config is valid");
-    Snapshot::from_config(&config, generation).expect("test config compiles")
+    Snapshot::compile(&config, generation).expect("test config compiles")
 }
 
 /// The proxy in-process with `yaml`; its address, its reload handle and metrics.

@@ -73,7 +73,7 @@ print("closed", flush=True)
 
 fn snapshot(yaml: &str, generation: u64) -> Snapshot {
     let config = Config::from_yaml_str(yaml, "door.yaml").expect("test config is valid");
-    Snapshot::from_config(&config, generation).expect("test config compiles")
+    Snapshot::compile(&config, generation).expect("test config compiles")
 }
 
 /// An echo service on every address given, port `PORT`.

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
-use portcullis::config::Config;
+use portcullis::config::{Config, ConfigError};
 use portcullis::metrics::Metrics;
 use portcullis::proxy::Server;
+use portcullis::snapshot::Snapshot;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -149,10 +150,15 @@ async fn challenge_mode_asks_unidentified_clients_for_credentials() {
     assert_eq!(metrics.auth_failures_repeated.get(), 5);
 }
 
+/// Parses and compiles a config as start-up does.
+fn compile(yaml: &str, file: &str) -> Result<Snapshot, ConfigError> {
+    Snapshot::compile(&Config::from_yaml_str(yaml, file)?, 1)
+}
+
 #[test]
 fn challenge_mode_needs_credentials_to_answer_with() {
     let yaml = "identity:\n  challenge_unauthenticated: true\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "c.yaml").err().expect("refused without credentials");
+    let err = compile(yaml, "c.yaml").err().expect("refused without credentials");
     assert!(err.to_string().contains("identity.challenge_unauthenticated"), "{err}");
 }
 
@@ -336,12 +342,55 @@ async fn mtls_listener_maps_certificates_to_roles() {
 #[test]
 fn bad_tls_material_is_refused_like_a_bad_config() {
     let yaml = "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "tls.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "tls.yaml").unwrap_err().to_string();
     assert!(err.starts_with("tls.yaml: tls.cert: cannot load /nonexistent/cert.pem"), "{err}");
     let yaml = "identity:\n  sources:\n    - {cidr: 10.0.0.0/8, role: nobody}\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "id.yaml").unwrap_err().to_string();
     assert!(err.contains("identity.sources[0].role: role \"nobody\" is not defined"), "{err}");
     let yaml = "identity:\n  credentials:\n    - {user: bob, token_sha256: \"00\", role: default}\nroles:\n  default: {}\n";
-    let err = Config::from_yaml_str(yaml, "id.yaml").unwrap_err().to_string();
+    let err = compile(yaml, "id.yaml").unwrap_err().to_string();
     assert!(err.contains("identity.credentials[0]: give either user with password_sha256"), "{err}");
+}
+
+/// The red team's N13: a rotated `token_file` (a Kubernetes Secret
+/// update) is picked up by the file watch, without SIGHUP and with the
+/// config unchanged: the old token is refused, the new one accepted.
+/// Through the real binary.
+#[tokio::test]
+async fn a_rotated_token_file_is_picked_up_without_a_signal() {
+    let origin = start_http_origin().await;
+    let dir = std::env::temp_dir().join(format!("portcullis-token-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "old-token\n").unwrap();
+    let yaml = format!(
+        "reload:\n  interval: 200ms\nallow_ranges: [127.0.0.0/8]\nidentity:\n  require_credentials: true\n  credentials:\n    - {{token_file: {}, role: ci}}\n\
+         roles:\n  default: {{}}\n  ci:\n    mode: open\n    allow: {{http_ports: [{}]}}\n",
+        token.display(),
+        origin.port()
+    );
+    let proxy = BinaryProxy::spawn(&dir.join("portcullis.yaml"), &yaml).await;
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    let with = |bearer: &'static str| {
+        let request = format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nProxy-Authorization: Bearer {bearer}\r\nConnection: close\r\n\r\n");
+        async move { send_raw(proxy.addr, &request).await }
+    };
+    assert_eq!(with("old-token").await.status, 200, "the first token is accepted");
+    assert_eq!(with("new-token").await.status, 407, "the next one not yet");
+
+    let staged = dir.join("token.staged");
+    std::fs::write(&staged, "new-token\n").unwrap();
+    std::fs::rename(&staged, &token).unwrap();
+    wait_until("the rotated token is accepted", || async { (with("new-token").await.status == 200).then_some(()) }).await;
+    let old = with("old-token").await;
+    assert_eq!((old.status, old.header("x-portcullis-deny")), (407, Some("auth-failed")), "the old token is refused");
+    // The log is written in batches: wait for the reload's line.
+    let lines = wait_until("the reload's log line", || async {
+        let lines = proxy.log.lock().unwrap().clone();
+        lines.iter().any(|l| l.contains("config reloaded")).then_some(lines)
+    })
+    .await;
+    assert!(lines.iter().any(|l| l.contains("config reloaded") && l.contains("file-change")), "reloaded by the watch: {lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("sighup")), "no signal was sent");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

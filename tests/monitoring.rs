@@ -389,7 +389,7 @@ fn check_promql(exprs: &[String], dir: &Path) {
 fn policy(ports: &[u16], dns: SocketAddr) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\ndns_listen: 127.0.0.1:0\ndns:\n  nameservers: [\"{dns}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\ndns:\n  nameservers: [\"{dns}\"]\nallow_ranges: [127.0.0.1/32]\nroles:\n  default:\n    allow:\n      cidrs: [127.0.0.1/32]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
     )
 }
 
@@ -768,4 +768,62 @@ async fn a_real_prometheus_scrapes_the_proxy_and_the_metadata_alert_fires() {
     .await;
     drop(prometheus);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `portcullis_requests_total` series of the exposition, as written.
+fn request_series(metrics: &str) -> Vec<&str> {
+    metrics.lines().filter(|l| l.starts_with("portcullis_requests_total{")).collect()
+}
+
+/// Every series the dashboard and the alert rules read exists from
+/// start-up, at zero, before any request: per configured role and request
+/// kind served, an allow and every deny reason (and for a report-mode role
+/// the reasons it lets through), both relayed directions per role, every
+/// upstream error code. The set is bounded by the config, and a role that
+/// a reload adds gets its series with the reload. Through the real binary.
+#[tokio::test]
+async fn series_exist_from_start_at_zero_for_the_configured_roles() {
+    const KINDS: [&str; 5] = ["http", "connect", "transparent-http", "transparent-tls", "transparent-tcp"];
+    let dir = temp_dir("start-series");
+    let yaml = "transparent_listen: 127.0.0.1:0\nroles:\n  default: {}\n  ci:\n    mode: report\n";
+    let proxy = BinaryProxy::spawn(&dir.join("portcullis.yaml"), yaml).await;
+    let metrics = proxy.metrics().await;
+
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(monitoring("portcullis-dashboard.json")).unwrap()).unwrap();
+    let mut exported = exported_names(&metrics);
+    exported.insert("up".to_string());
+    for expr in dashboard_exprs(&dashboard).iter().chain(&rule_exprs()) {
+        for name in metric_names(expr) {
+            assert!(exported.contains(&name), "{name} (in {expr}) is not exported before the first request");
+        }
+    }
+    let zero = |series: &str| assert_eq!(metric_value(&metrics, series), 0.0, "{series}");
+    for role in ["default", "ci"] {
+        for kind in KINDS {
+            zero(&format!("portcullis_requests_total{{decision=\"allow\",kind=\"{kind}\",reason=\"none\",role=\"{role}\"}}"));
+            for reason in ["denied-range:metadata", "denied-name:metadata", "sni-mismatch", "not-tls", "not-allowlisted", "auth-failed"] {
+                zero(&format!("portcullis_requests_total{{decision=\"deny\",kind=\"{kind}\",reason=\"{reason}\",role=\"{role}\"}}"));
+            }
+        }
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            zero(&format!("portcullis_role_relayed_bytes_total{{direction=\"{direction}\",role=\"{role}\"}}"));
+        }
+    }
+    zero("portcullis_requests_total{decision=\"would_deny\",kind=\"connect\",reason=\"not-allowlisted\",role=\"ci\"}");
+    assert!(!metrics.contains("decision=\"would_deny\",kind=\"connect\",reason=\"not-allowlisted\",role=\"default\""), "enforce mode lets nothing through");
+    for code in ["resolve-failed", "upstream-refused", "upstream-connect-timeout", "parent-unreachable"] {
+        zero(&format!("portcullis_upstream_errors_total{{kind=\"{code}\"}}"));
+    }
+    // 28 deny reasons + 1 allow per role and kind, 2 report-mode reasons per kind for `ci`.
+    assert_eq!(request_series(&metrics).len(), 2 * 5 * 29 + 5 * 2, "bounded by roles and kinds");
+    assert_eq!(metrics.lines().filter(|l| l.starts_with("portcullis_upstream_errors_total{")).count(), 11);
+
+    proxy.rewrite(&format!("{yaml}  added: {{}}\n"));
+    let reloaded = wait_until("the added role's series", || async {
+        let m = proxy.metrics().await;
+        m.contains("role=\"added\"").then_some(m)
+    })
+    .await;
+    assert_eq!(request_series(&reloaded).len(), 3 * 5 * 29 + 5 * 2);
+    assert_eq!(metric_value(&reloaded, "portcullis_requests_total{decision=\"allow\",kind=\"http\",reason=\"none\",role=\"added\"}"), 0.0);
 }

@@ -391,3 +391,33 @@ async fn responses_never_carry_the_rule() {
         }
     }
 }
+
+/// The red team's N11: `suggest` never proposes a public suffix itself
+/// (from the PSL's ICANN or private section, or a multi-tenant host the
+/// PSL does not list, such as `storage.googleapis.com`), nor a wildcard
+/// over another tenant's names; those requests are listed apart. A name
+/// under no known suffix (an internal one) is still proposed.
+#[test]
+fn suggest_never_proposes_a_public_suffix_or_a_wildcard_over_tenants() {
+    let config = temp_file("suggest-psl.yaml", "roles:\n  default: {}\n  ci:\n    mode: report\n");
+    let suffixes = ["com", "co.uk", "github.io", "storage.googleapis.com", "s3.amazonaws.com"];
+    let tenants = ["a.storage.googleapis.com", "b.storage.googleapis.com", "x.s3.amazonaws.com", "y.s3.amazonaws.com"];
+    let log: Vec<String> = suffixes
+        .iter()
+        .chain(&tenants)
+        .chain(&["a.example.com", "b.example.com", "intranet"])
+        .map(|host| log_line("would_deny", "not-allowlisted", "connect", host, 443, "ci"))
+        .collect();
+    let log_path = temp_file("suggest-psl.jsonl", &(log.join("\n") + "\n"));
+    let (code, suggestion, stderr) = portcullis(&["suggest", "--config", path(&config), "--log", path(&log_path), "--role", "ci"]);
+    assert_eq!(code, 0, "{stderr}");
+    let parsed: Value = serde_yaml_ng::from_str(&suggestion).unwrap();
+    let domains: BTreeSet<&str> =
+        parsed["roles"]["ci"]["allow"]["domains"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let want: BTreeSet<&str> = tenants.iter().copied().chain(["*.example.com", "intranet"]).collect();
+    assert_eq!(domains, want, "{suggestion}");
+    let apart: Vec<&str> = suggestion.lines().skip_while(|l| !l.starts_with("# Not suggested: public suffixes")).collect();
+    for suffix in suffixes {
+        assert!(apart.iter().any(|l| l.contains(&format!("role ci: {suffix}:443"))), "{suffix} listed apart: {suggestion}");
+    }
+}

@@ -493,3 +493,43 @@ fn limits_that_cannot_fit_the_descriptor_limit_are_refused() {
     assert!(stderr.contains("limits need up to 1128 file descriptors") && stderr.contains("open-file limit is 256"), "{stderr}");
     assert!(stderr.contains("lower limits.max_connections to 64"), "{stderr}");
 }
+
+/// The red team's N7: a reload is held to the descriptor budget start-up
+/// is held to. Under `prlimit --nofile=256`, a reload that raises
+/// `max_connections` past what 256 descriptors can serve is refused with
+/// the numbers, counted, and the old policy keeps serving; a reload within
+/// the budget is then taken.
+#[tokio::test]
+async fn a_reload_past_the_descriptor_limit_is_refused_and_the_old_policy_stays() {
+    let origin = start_http_origin().await;
+    let yaml = |max_connections: u32, mode: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nallow_ranges: [127.0.0.0/8]\n\
+             limits:\n  max_connections: {max_connections}\n  max_idle_upstream: 16\n\
+             roles:\n  default:\n    mode: {mode}\n    allow: {{http_ports: [{}]}}\n",
+            origin.port()
+        )
+    };
+    let path = temp_file("reload-nofile", "portcullis.yaml", &yaml(64, "open"));
+    let running = Running::start_with_nofile(&path, 256);
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    assert_eq!(get(running.addr, &url).await.status, 200, "allowed by the first policy");
+    let replace = |text: String| {
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+    };
+
+    replace(yaml(500, "enforce"));
+    let refused = running.wait_for("config reload refused");
+    assert!(refused.contains("limits need up to 1080 file descriptors") && refused.contains("open-file limit is 256"), "{refused}");
+    assert_eq!(get(running.addr, &url).await.status, 200, "the old policy still serves");
+    let metrics = send_raw(running.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").await.text();
+    assert_eq!(metric_value(&metrics, "portcullis_config_reloads_total{result=\"failure\"}"), 1.0);
+    assert_eq!(metric_value(&metrics, "portcullis_policy_generation"), 1.0);
+
+    replace(yaml(64, "enforce"));
+    running.wait_for("config reloaded");
+    let denied = get(running.addr, &url).await;
+    assert_eq!((denied.status, denied.header("x-portcullis-deny")), (403, Some("not-allowlisted")), "the policy within the budget is in force");
+}

@@ -18,6 +18,8 @@
 
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "router/manifest.rs"]
+mod manifest;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use manifest::manifest_env;
 use netns::{in_own_netns, run, set_mode, sh, Netns};
 
 const TRANSPARENT_PORT: u16 = 15001;
@@ -44,7 +47,8 @@ const PROXY_UID: &str = "65532";
 /// One workload namespace and its link to the node.
 struct PodNet {
     name: &'static str,
-    /// The node's end of the veth pair; `PORTCULLIS_FROM` names `vpod+`.
+    /// The node's end of the veth pair, named as Calico names them: the
+    /// node manifest's `PORTCULLIS_FROM` (`cali+ ...`) must cover it.
     iface: &'static str,
     node: (&'static str, &'static str),
     pod: (&'static str, &'static str),
@@ -55,7 +59,7 @@ struct PodNet {
 const PODS: [PodNet; 2] = [
     PodNet {
         name: "a",
-        iface: "vpod-a",
+        iface: "cali-a",
         node: ("10.1.0.1", "fd01::1"),
         pod: ("10.1.0.2", "fd01::2"),
         cidr: ("10.1.0.0/24", "fd01::/64"),
@@ -63,7 +67,7 @@ const PODS: [PodNet; 2] = [
     },
     PodNet {
         name: "b",
-        iface: "vpod-b",
+        iface: "cali-b",
         node: ("10.2.0.1", "fd02::1"),
         pod: ("10.2.0.2", "fd02::2"),
         cidr: ("10.2.0.0/24", "fd02::/64"),
@@ -71,14 +75,36 @@ const PODS: [PodNet; 2] = [
     },
 ];
 
+/// Where redirected connections are sent.
+#[derive(Clone, Copy, PartialEq)]
+enum To {
+    /// REDIRECT: the ingress interface's own address (pods behind
+    /// addressed veths or a bridge: Flannel, kindnet, docker0).
+    IngressAddress,
+    /// DNAT to `PORTCULLIS_ROUTER_ADDRS`, the node's addresses; pod "b" is
+    /// wired as Calico wires pods: no address on the node's end, proxy ARP,
+    /// routes via 169.254.1.1 and a link-local gateway.
+    RouterAddrs,
+}
+
 #[test]
 fn router_mode_contains_root_workloads_iptables() {
-    in_own_netns("router_mode_contains_root_workloads_iptables", || scenario("iptables"));
+    in_own_netns("router_mode_contains_root_workloads_iptables", || scenario("iptables", To::IngressAddress));
 }
 
 #[test]
 fn router_mode_contains_root_workloads_nft() {
-    in_own_netns("router_mode_contains_root_workloads_nft", || scenario("nft"));
+    in_own_netns("router_mode_contains_root_workloads_nft", || scenario("nft", To::IngressAddress));
+}
+
+#[test]
+fn router_mode_with_addressless_pod_interfaces_iptables() {
+    in_own_netns("router_mode_with_addressless_pod_interfaces_iptables", || scenario("iptables", To::RouterAddrs));
+}
+
+#[test]
+fn router_mode_with_addressless_pod_interfaces_nft() {
+    in_own_netns("router_mode_with_addressless_pod_interfaces_nft", || scenario("nft", To::RouterAddrs));
 }
 
 /// Where a helper process runs.
@@ -95,6 +121,7 @@ struct Lab {
     pods: Vec<Netns>,
     dir: PathBuf,
     hosts: PathBuf,
+    to: To,
     children: Vec<Child>,
     proxy: Option<Child>,
 }
@@ -110,14 +137,14 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    fn build() -> Lab {
+    fn build(to: To) -> Lab {
         let dir = std::env::temp_dir().join(format!("portcullis-router-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         set_mode(&dir, 0o755);
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ORIGIN} allowed.test\n")).unwrap();
         set_mode(&hosts, 0o644);
-        let lab = Lab { node: Netns::start(), pods: vec![Netns::start(), Netns::start()], dir, hosts, children: vec![], proxy: None };
+        let lab = Lab { node: Netns::start(), pods: vec![Netns::start(), Netns::start()], dir, hosts, to, children: vec![], proxy: None };
         lab.wire();
         lab
     }
@@ -134,13 +161,18 @@ impl Lab {
         address(Some(&self.node), "n-world", NODE_LINK.0, NODE_LINK.1);
         self.node.sh(&["ip", "route", "add", "default", "via", WORLD_LINK.0]);
         self.node.sh(&["ip", "-6", "route", "add", "default", "via", WORLD_LINK.1]);
-        self.node.sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+        set_sysctl(&self.node, "net/ipv4/ip_forward");
+        set_sysctl(&self.node, "net/ipv6/conf/all/forwarding");
         for (net, pod) in PODS.iter().zip(&self.pods) {
             sh(&["ip", "link", "add", net.iface, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &pod.pid()]);
-            address(Some(&self.node), net.iface, net.node.0, net.node.1);
-            address(Some(pod), "eth0", net.pod.0, net.pod.1);
-            pod.sh(&["ip", "route", "add", "default", "via", net.node.0]);
-            pod.sh(&["ip", "-6", "route", "add", "default", "via", net.node.1]);
+            if self.to == To::RouterAddrs && net.name == "b" {
+                calico_style(&self.node, pod, net);
+            } else {
+                address(Some(&self.node), net.iface, net.node.0, net.node.1);
+                address(Some(pod), "eth0", net.pod.0, net.pod.1);
+                pod.sh(&["ip", "route", "add", "default", "via", net.node.0]);
+                pod.sh(&["ip", "-6", "route", "add", "default", "via", net.node.1]);
+            }
             sh(&["ip", "route", "add", net.cidr.0, "via", NODE_LINK.0]);
             sh(&["ip", "-6", "route", "add", net.cidr.1, "via", NODE_LINK.1]);
         }
@@ -221,19 +253,23 @@ impl Lab {
         proxy.wait().unwrap();
     }
 
-    /// redirect.sh on the node, router mode, with `args` (`--check`, ...).
+    /// redirect.sh on the node, router mode, with `args` (`--check`, ...),
+    /// the interfaces named as the node manifest names them.
     fn redirect(&self, backend: &str, args: &[&str]) -> Output {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/transparent/redirect.sh");
-        run(self
-            .node
-            .cmd("sh")
-            .arg(script)
+        let mut cmd = self.node.cmd("sh");
+        cmd.arg(script)
             .args(args)
             .env("PORTCULLIS_MODE", "router")
-            .env("PORTCULLIS_FROM", "vpod+ not-here0")
+            .env("PORTCULLIS_FROM", manifest_env("PORTCULLIS_FROM"))
             .env("PORTCULLIS_TRANSPARENT_PORT", TRANSPARENT_PORT.to_string())
             .env("PORTCULLIS_DNS_PORT", DNS_PORT.to_string())
-            .env("PORTCULLIS_BACKEND", backend))
+            .env("PORTCULLIS_BACKEND", backend);
+        if self.to == To::RouterAddrs {
+            // As the downward API's status.hostIPs spells them.
+            cmd.env("PORTCULLIS_ROUTER_ADDRS", format!("{},{}", NODE_LINK.0, NODE_LINK.1));
+        }
+        run(&mut cmd)
     }
 
     /// A command in a pod, as root, no proxy variables, the test's hosts file.
@@ -254,6 +290,29 @@ fn address(ns: Option<&Netns>, dev: &str, v4: &str, v6: &str) {
             None => sh(cmd),
         };
     }
+}
+
+/// Sets a network sysctl of `ns` to 1 (/proc/sys/net is per namespace;
+/// no procps needed).
+fn set_sysctl(ns: &Netns, key: &str) {
+    ns.sh(&["sh", "-c", &format!("echo 1 > /proc/sys/{key}")]);
+}
+
+/// Pod "b" as Calico wires a pod: a /32 and a /128, default routes via
+/// 169.254.1.1 (answered by proxy ARP) and the node's link-local address;
+/// the node's end of the pair has no address but that link-local one.
+fn calico_style(node: &Netns, pod: &Netns, net: &PodNet) {
+    set_sysctl(node, &format!("net/ipv4/conf/{}/proxy_arp", net.iface));
+    node.sh(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", net.iface, "nodad"]);
+    node.sh(&["ip", "link", "set", net.iface, "up"]);
+    node.sh(&["ip", "route", "add", &format!("{}/32", net.pod.0), "dev", net.iface]);
+    node.sh(&["ip", "-6", "route", "add", &format!("{}/128", net.pod.1), "dev", net.iface]);
+    pod.sh(&["ip", "addr", "add", &format!("{}/32", net.pod.0), "dev", "eth0"]);
+    pod.sh(&["ip", "-6", "addr", "add", &format!("{}/128", net.pod.1), "dev", "eth0", "nodad"]);
+    pod.sh(&["ip", "link", "set", "eth0", "up"]);
+    pod.sh(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+    pod.sh(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    pod.sh(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
@@ -320,7 +379,12 @@ fn assert_nothing_left_a_pod(world_log: &Path) {
 /// The pod's own netfilter flushed, its routes changed (a fwmark table, a
 /// host route to the metadata address) and every packet marked: none of it
 /// may matter.
-fn subvert(pod: &Netns, net: &PodNet) {
+fn subvert(pod: &Netns) {
+    let gateway = |family: &str| {
+        let route = pod.sh(&["ip", family, "route", "show", "default"]);
+        route.split_whitespace().skip_while(|w| *w != "via").nth(1).expect("a default route").to_string()
+    };
+    let (gw4, gw6) = (gateway("-4"), gateway("-6"));
     for cmd in [
         &["nft", "flush", "ruleset"][..],
         &["iptables", "-F"],
@@ -328,9 +392,9 @@ fn subvert(pod: &Netns, net: &PodNet) {
         &["ip6tables", "-F"],
         &["iptables", "-t", "mangle", "-A", "OUTPUT", "-j", "MARK", "--set-mark", "0x1"],
         &["ip", "rule", "add", "fwmark", "0x1", "lookup", "100"],
-        &["ip", "route", "add", "default", "via", net.node.0, "table", "100"],
-        &["ip", "route", "add", "169.254.169.254/32", "via", net.node.0, "dev", "eth0", "onlink"],
-        &["ip", "-6", "route", "replace", "default", "via", net.node.1, "metric", "1"],
+        &["ip", "route", "add", "default", "via", &gw4, "dev", "eth0", "onlink", "table", "100"],
+        &["ip", "route", "add", "169.254.169.254/32", "via", &gw4, "dev", "eth0", "onlink"],
+        &["ip", "-6", "route", "replace", "default", "via", &gw6, "dev", "eth0", "metric", "1"],
     ] {
         pod.sh(cmd);
     }
@@ -379,13 +443,13 @@ for a in sys.argv[1:]:
     s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET)
     s.settimeout(10)
     try:
-        s.connect((a, 80)); s.sendall(b'GET / HTTP/1.0\r\n\r\n'); print(a, 'connected', s.recv(100))
+        s.connect((a, 80)); s.sendall(b'GET / HTTP/1.0\r\n\r\n'); print(a, 'connected', s.recv(100).split(b'\r\n')[0])
     except ConnectionRefusedError: print(a, 'refused')
     except OSError as e: print(a, type(e).__name__)
 ";
 
-fn scenario(backend: &str) {
-    let mut lab = Lab::build();
+fn scenario(backend: &str, to: To) {
+    let mut lab = Lab::build(to);
     watch_world();
     let (cert, key) = origin_cert(&lab);
     let world_log = lab.start_world_py(Place::World, "world", &["world", cert.to_str().unwrap(), key.to_str().unwrap()]);
@@ -437,21 +501,39 @@ fn scenario(backend: &str) {
     let (_, text) = curl(&lab, "a", &format!("http://[{}]:{KUBELET_PORT}/", pod_a.node.1));
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
 
-    // IPv6 destinations REDIRECT cannot translate: refused at once, not hung.
+    // Portcullis's own listener as a destination: a loop, refused and logged.
+    let (code, text) = curl(&lab, "a", &format!("http://{}:{TRANSPARENT_PORT}/", pod_a.node.0));
+    assert!(code != 0 || !text.starts_with("HTTP/1.1 200"), "the transparent port itself: {text}");
+
+    // IPv6 destinations REDIRECT cannot translate: refused at once, not
+    // hung; DNAT to the node's address has no such limit, and Portcullis
+    // decides them.
     let out = lab.client("a", &["python3", "-c", CONNECT_PY, "::10.0.0.1", "fec0::1"]);
-    assert_eq!(stdout(&out), "::10.0.0.1 refused\nfec0::1 refused\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let seen = stdout(&out);
+    let lines: Vec<&str> = seen.lines().collect();
+    match to {
+        To::IngressAddress => assert_eq!(lines, ["::10.0.0.1 refused", "fec0::1 refused"], "{}", String::from_utf8_lossy(&out.stderr)),
+        To::RouterAddrs => {
+            let denied = [("::10.0.0.1", "denied-range:private"), ("fec0::1", "denied-range:special")];
+            assert_eq!(lines.len(), denied.len(), "{seen}");
+            for (line, (addr, reason)) in lines.iter().zip(denied) {
+                let ok = line.starts_with(&format!("{addr} connected b'HTTP/1.")) && line.contains(" 403 ") && line.contains(reason);
+                assert!(ok, "{addr}: {line}");
+            }
+        }
+    }
 
     // Root in the pod undoes what it can in its own namespace, then tries
     // every way out, as several uids.
-    for (net, pod) in PODS.iter().zip(&lab.pods) {
-        subvert(pod, net);
+    for pod in &lab.pods {
+        subvert(pod);
     }
     for net in &PODS {
         attack(&lab, net.name);
     }
     // DNS to the world's resolver went to the node's DNS port instead.
-    let asked: Vec<Value> = events(&node_dns_log).into_iter().filter(|e| e["name"] == "udp-exfil.example").collect();
-    assert!(asked.len() >= PODS.len(), "each pod's UDP DNS query lands on PORTCULLIS_DNS_PORT: {asked:?}");
+    let asked = || events(&node_dns_log).into_iter().filter(|e| e["name"] == "udp-exfil.example").count();
+    wait_for("each pod's UDP DNS query lands on PORTCULLIS_DNS_PORT", || asked() >= PODS.len());
 
     // Each pod's decisions carry its own role.
     let decisions: Vec<Value> = events(&proxy_log).into_iter().filter(|v| v["target"] == "portcullis::access").collect();
@@ -464,8 +546,17 @@ fn scenario(backend: &str) {
             })
             .collect();
         assert!(mine.len() >= 4, "decisions for pod {}: {decisions:?}", net.name);
-        for v in mine {
+        // A loop is refused before the client is identified.
+        for v in mine.into_iter().filter(|v| v["reason"] != "loop-detected") {
             assert_eq!(v["role"], net.role, "pod {}: {v}", net.name);
+        }
+    }
+    let looped = format!("{}:{TRANSPARENT_PORT}", pod_a.node.0);
+    let refused = decisions.iter().find(|v| v["original_dst"] == looped.as_str());
+    assert_eq!(refused.map(|v| v["reason"].clone()), Some(Value::from("loop-detected")), "{looped}: {decisions:?}");
+    if to == To::RouterAddrs {
+        for dst in ["[::a00:1]:80", "[fec0::1]:80"] {
+            assert!(decisions.iter().any(|v| v["original_dst"] == dst && v["decision"] == "deny"), "no deny line for {dst}: {decisions:?}");
         }
     }
     let canary = decisions.iter().find(|v| v["original_dst"] == format!("{}:{KUBELET_PORT}", NODE_LINK.0));

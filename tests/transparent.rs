@@ -62,6 +62,60 @@ fn clients_without_proxy_settings_are_intercepted_nft() {
     in_own_netns("clients_without_proxy_settings_are_intercepted_nft", || scenario("nft", false));
 }
 
+/// `PORTCULLIS_DNS_PORT` in sidecar mode, both backends in turn: UDP DNS to
+/// any resolver lands on that port in the pod, not at the resolver; TCP DNS
+/// is redirected there too; `--check` and `--remove` see and take exactly
+/// what was installed.
+#[test]
+fn sidecar_dns_goes_to_the_dns_port() {
+    in_own_netns("sidecar_dns_goes_to_the_dns_port", || {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        let pod = Pod::start();
+        wire(&pod);
+        let resolver = std::net::UdpSocket::bind(sock(NET_V4, 53)).unwrap();
+        resolver.set_nonblocking(true).unwrap();
+        let files = Files::new();
+        let log = files.dir.join("dns-port.log");
+        let world_py = format!("{}/tests/router/world.py", env!("CARGO_MANIFEST_DIR"));
+        let mut stand_in = pod.cmd("python3").args([&world_py, "dns", "5353"]).stdout(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("ready") {
+            assert!(Instant::now() < deadline, "DNS stand-in not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/transparent/redirect.sh");
+        let redirect = |backend: &str, args: &[&str]| {
+            run(pod.cmd("sh").arg(&script).args(args).env("PORTCULLIS_DNS_PORT", "5353").env("PORTCULLIS_BACKEND", backend))
+        };
+        let query = "import socket, sys\n\
+                     q = bytes.fromhex('123401000001000000000000') + bytes([len(sys.argv[1])]) + sys.argv[1].encode() + bytes.fromhex('0000010001')\n\
+                     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(q, (sys.argv[2], 53))\n\
+                     s = socket.create_connection((sys.argv[2], 53), timeout=5)\n\
+                     s.sendall(len(q).to_bytes(2, 'big') + q)\n";
+        for backend in ["iptables", "nft"] {
+            let out = redirect(backend, &[]);
+            assert!(out.status.success(), "{backend}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(redirect(backend, &["--check"]).status.success(), "{backend}: --check");
+            let name = format!("via{backend}");
+            let out = run(pod.cmd("python3").args(["-c", query, &name, NET_V4]));
+            // TCP 53 is redirected to 5353, where only UDP listens: refused.
+            assert!(String::from_utf8_lossy(&out.stderr).contains("ConnectionRefusedError"), "{backend}: {out:?}");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&log).unwrap().contains(&name) {
+                assert!(Instant::now() < deadline, "{backend}: the UDP query did not reach PORTCULLIS_DNS_PORT");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(resolver.recv_from(&mut [0u8; 512]).is_err(), "{backend}: a query reached the resolver itself");
+            assert!(redirect(backend, &["--remove"]).status.success(), "{backend}: --remove");
+            assert!(!redirect(backend, &["--check"]).status.success(), "{backend}: --check after --remove");
+            let left = format!("{}{}{}", pod.sh(&["iptables-save"]), pod.sh(&["ip6tables-save"]), pod.sh(&["nft", "list", "ruleset"]));
+            assert!(!left.contains("PORTCULLIS") && !left.contains("portcullis") && !left.contains("tcp-reset"), "{backend} left:\n{left}");
+        }
+        let _ = stand_in.kill();
+        let _ = stand_in.wait();
+    });
+}
+
 /// The pod: a network namespace of its own, and the proxy running in it.
 struct Pod {
     ns: Netns,
@@ -227,6 +281,15 @@ fn wire(pod: &Pod) {
     pod.sh(&["ip", "link", "set", "tp-pod", "up"]);
     pod.sh(&["ip", "route", "add", "default", "via", NET_V4]);
     pod.sh(&["ip", "-6", "route", "add", "default", "via", NET_V6]);
+    // The pod's own link-local address is tentative until duplicate address
+    // detection ends (about a second, longer on a loaded machine); a
+    // connection to fe80::/10 made before then has no source address to
+    // receive the REJECT's reset on, and waits out the client's timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pod.sh(&["ip", "-6", "addr", "show", "dev", "tp-pod", "tentative"]).contains("inet6") {
+        assert!(Instant::now() < deadline, "tp-pod's IPv6 addresses stayed tentative");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 struct Files {

@@ -31,6 +31,14 @@
 #   PORTCULLIS_UID               sidecar: uid Portcullis runs as; its own
 #                                connections are not redirected (default
 #                                62211, see below). Refused in router mode.
+#   PORTCULLIS_MARK              sidecar: exempt Portcullis by packet mark
+#                                instead of uid: the `upstream.mark` it sets on
+#                                its upstream sockets (decimal or 0x hex; needs
+#                                CAP_NET_ADMIN in Portcullis's container).
+#                                Workloads must then hold neither NET_ADMIN nor
+#                                NET_RAW (either sets a mark). Not with
+#                                PORTCULLIS_UID or PORTCULLIS_DNS_PORT (its DNS
+#                                queries carry no mark). Refused in router mode.
 #   PORTCULLIS_FROM              router: interfaces the workloads' traffic
 #                                arrives on, names or `+` wildcards
 #                                (e.g. "veth+ cali+ docker0"). Required.
@@ -115,6 +123,13 @@ case "$MODE" in
     sidecar)
         PROXY_UID="${PORTCULLIS_UID:-62211}"
         case "$PROXY_UID" in '' | *[!0-9]*) fail "PORTCULLIS_UID must be a numeric uid, not '$PROXY_UID'" ;; esac
+        EXEMPT_IPT="-m owner --uid-owner $PROXY_UID" EXEMPT_NFT="meta skuid $PROXY_UID" EXEMPT="uid $PROXY_UID"
+        if [ -n "${PORTCULLIS_MARK:-}" ]; then
+            case "$PORTCULLIS_MARK" in 0x*[!0-9a-fA-F]* | 0x | [!0-9]* | [1-9]*[!0-9]* | 0[!x]*) fail "PORTCULLIS_MARK must be a number (decimal or 0x hex), not '$PORTCULLIS_MARK'" ;; esac
+            [ -z "${PORTCULLIS_UID:-}" ] || fail "PORTCULLIS_MARK and PORTCULLIS_UID: exempt by one, not both"
+            [ -z "$DNS_PORT" ] || fail "PORTCULLIS_MARK with PORTCULLIS_DNS_PORT: Portcullis's own DNS queries carry no mark; use PORTCULLIS_DNS_RESOLVERS"
+            EXEMPT_IPT="-m mark --mark $PORTCULLIS_MARK" EXEMPT_NFT="meta mark $PORTCULLIS_MARK" EXEMPT="mark $PORTCULLIS_MARK"
+        fi
         [ -z "$FROM" ] || fail "PORTCULLIS_FROM is for router mode (PORTCULLIS_MODE=router)"
         [ -z "$ROUTER_ADDRS" ] || fail "PORTCULLIS_ROUTER_ADDRS is for router mode (PORTCULLIS_MODE=router)"
         ;;
@@ -122,6 +137,7 @@ case "$MODE" in
         # Nothing in the workload may be exempt; a uid here means a sidecar
         # recipe was pointed at a router by mistake.
         [ -z "${PORTCULLIS_UID:-}" ] || fail "router mode has no exempt uid; unset PORTCULLIS_UID"
+        [ -z "${PORTCULLIS_MARK:-}" ] || fail "router mode has no exempt mark; unset PORTCULLIS_MARK"
         if [ "$ACTION" = apply ]; then
             [ -n "$FROM" ] || fail "router mode needs PORTCULLIS_FROM, the workload interfaces (e.g. 'veth+ cali+')"
         fi
@@ -184,7 +200,7 @@ sidecar_iptables_family() {
         done
     fi
 
-    $ipt -w -t nat -A PORTCULLIS_OUTPUT -m owner --uid-owner "$PROXY_UID" -j RETURN
+    $ipt -w -t nat -A PORTCULLIS_OUTPUT $EXEMPT_IPT -j RETURN
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$loopback" -j RETURN
     $ipt -w -t filter -A PORTCULLIS_UDP -d "$loopback" -j RETURN
     if [ -n "$DNS_PORT" ]; then
@@ -192,9 +208,9 @@ sidecar_iptables_family() {
         $ipt -w -t nat -N PORTCULLIS_DNS 2>/dev/null || $ipt -w -t nat -F PORTCULLIS_DNS
         $ipt -w -t nat -C OUTPUT -p udp -j PORTCULLIS_DNS 2>/dev/null ||
             $ipt -w -t nat -A OUTPUT -p udp -j PORTCULLIS_DNS
-        $ipt -w -t nat -A PORTCULLIS_DNS -m owner --uid-owner "$PROXY_UID" -j RETURN
+        $ipt -w -t nat -A PORTCULLIS_DNS $EXEMPT_IPT -j RETURN
         $ipt -w -t nat -A PORTCULLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports "$DNS_PORT"
-        $ipt -w -t filter -A PORTCULLIS_UDP -m owner --uid-owner "$PROXY_UID" -p udp --dport 53 -j RETURN
+        $ipt -w -t filter -A PORTCULLIS_UDP $EXEMPT_IPT -p udp --dport 53 -j RETURN
     fi
     for dst in $(of_family "$fam" $EXCLUDE); do
         $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -j RETURN
@@ -266,7 +282,7 @@ sidecar_nft() {
         echo "table inet portcullis {"
         echo "  chain output_nat {"
         echo "    type nat hook output priority -100; policy accept;"
-        echo "    meta skuid $PROXY_UID return"
+        echo "    $EXEMPT_NFT return"
         echo "    ip daddr 127.0.0.0/8 return"
         echo "    ip6 daddr ::1 return"
         if [ -n "$DNS_PORT" ]; then
@@ -290,7 +306,7 @@ sidecar_nft() {
         echo "    meta l4proto != udp accept"
         echo "    ip daddr 127.0.0.0/8 accept"
         echo "    ip6 daddr ::1 accept"
-        [ -n "$DNS_PORT" ] && echo "    meta skuid $PROXY_UID udp dport 53 accept"
+        [ -n "$DNS_PORT" ] && echo "    $EXEMPT_NFT udp dport 53 accept"
         [ -n "$res4" ] && echo "    ip daddr { $res4 } udp dport 53 accept"
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } udp dport 53 accept"
         echo "    drop"
@@ -568,7 +584,7 @@ esac
 
 if [ -n "$DNS_PORT" ]; then DNS="to :$DNS_PORT"; else DNS="resolvers ${RESOLVERS:-none}"; fi
 if [ "$MODE" = sidecar ]; then
-    echo "redirect.sh: sidecar: TCP egress -> :$PORT via $BACKEND (exempt uid $PROXY_UID; exclude: ${EXCLUDE:-none}; DNS: $DNS)"
+    echo "redirect.sh: sidecar: TCP egress -> :$PORT via $BACKEND (exempt $EXEMPT; exclude: ${EXCLUDE:-none}; DNS: $DNS)"
 else
     echo "redirect.sh: router: TCP from $FROM -> ${ROUTER_ADDRS:-the ingress address}:$PORT via $BACKEND; all else dropped (exclude: ${EXCLUDE:-none}; DNS: $DNS)"
 fi

@@ -4,12 +4,13 @@
 //! config that names a file (`tls.cert`, `tls.key`, `tls.client_ca`,
 //! `identity.credentials[].token_file`) or an environment variable
 //! (`identity.credentials[].token_env`) is dropped before the validating
-//! parse, which would read them (`/dev/zero` would never end, `/dev/stdin`
-//! would block).
+//! parse and the compile, which would read them (`/dev/zero` would never
+//! end, `/dev/stdin` would block).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::config::Config;
+use portcullis::snapshot::Snapshot;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -17,10 +18,11 @@ fuzz_target!(|data: &[u8]| {
     if names_a_file_or_variable(&raw) {
         return;
     }
-    // `from_yaml_str` parses again and runs every check the proxy runs at
-    // start, `compile()` included.
-    if let Ok(config) = Config::from_yaml_str(text, "fuzz.yaml") {
-        let policy = config.compile().expect("a config that passed its checks compiles");
+    // `from_yaml_str` parses again and checks each value; `compile` runs
+    // every check the proxy runs at start, and builds what it serves.
+    let Ok(config) = Config::from_yaml_str(text, "fuzz.yaml") else { return };
+    if let Ok(snapshot) = Snapshot::compile(&config, 1) {
+        let policy = &snapshot.policy;
         assert!(policy.role_id(portcullis::config::DEFAULT_ROLE).is_some(), "a valid config has the default role");
     }
 });

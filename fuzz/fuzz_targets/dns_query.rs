@@ -31,7 +31,7 @@ fn compiled() -> &'static (Policy, DnsRules) {
     static COMPILED: OnceLock<(Policy, DnsRules)> = OnceLock::new();
     COMPILED.get_or_init(|| {
         let config = Config::from_yaml_str(CONFIG, "fuzz.yaml").expect("the fuzz config is valid");
-        (config.compile().expect("compiles"), DnsRules::compile(&config).expect("compiles"))
+        (portcullis::snapshot::compile_policy(&config).expect("compiles"), DnsRules::compile(&config).expect("compiles"))
     })
 }
 

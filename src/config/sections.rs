@@ -9,10 +9,30 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::Mode;
+use crate::policy::kind::Mode;
 use crate::target::Target;
 
-use super::values::{ConfigDuration, DomainRule, RuleCidr};
+use super::values::{Cidr, ConfigDuration, DomainRule, RuleCidr};
+
+/// `upstream`: how the proxy's own upstream sockets are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSockets {
+    /// `SO_MARK` set on every upstream socket (origins and the parent), so
+    /// sidecar-mode netfilter rules exempt the proxy by packet mark
+    /// (`PORTCULLIS_MARK` in deploy/transparent/redirect.sh) instead of by
+    /// uid. Setting it needs CAP_NET_ADMIN in the proxy's container. 0 or
+    /// absent: no mark.
+    #[serde(default)]
+    pub mark: Option<u32>,
+}
+
+impl UpstreamSockets {
+    /// The mark to set, if any (0 is the kernel's "no mark").
+    pub fn mark(&self) -> Option<u32> {
+        self.mark.filter(|m| *m != 0)
+    }
+}
 
 /// `upstream_proxy`: allowed requests of `roles` (every role when empty)
 /// leave through a parent proxy, except those to `except` destinations.
@@ -416,4 +436,71 @@ impl Default for AllowConfig {
             connect_ports: vec![NonZeroU16::new(443).expect("443 is not zero")],
         }
     }
+}
+
+/// How clients are mapped to roles.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Refuse (407) clients that present neither a mapped certificate nor credentials.
+    pub require_credentials: bool,
+    /// Answer 407 with `Proxy-Authenticate` instead of 403 when a client
+    /// that presented no identity (the `default` role) is denied, so clients
+    /// that send credentials only when challenged (the JDK, .NET, browsers)
+    /// retry with them. Needs `credentials`.
+    pub challenge_unauthenticated: bool,
+    /// TLS client certificate → role, first match wins.
+    pub certificates: Vec<CertificateRule>,
+    /// `Proxy-Authorization` credentials → role.
+    pub credentials: Vec<CredentialRule>,
+    /// Source address ranges → role (longest prefix wins).
+    pub sources: Vec<SourceRule>,
+}
+
+/// Maps a certificate name to a role. Exactly one of `uri`, `dns`, `cn`;
+/// a value ending in `*` matches by prefix (e.g. a SPIFFE trust domain path).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRule {
+    pub uri: Option<String>,
+    pub dns: Option<String>,
+    pub cn: Option<String>,
+    pub role: String,
+}
+
+/// One credential. Basic: `user` with `password_sha256`. Bearer: one of
+/// `token_sha256`, `token_file`, `token_env`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRule {
+    pub user: Option<String>,
+    pub password_sha256: Option<String>,
+    pub token_sha256: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
+    pub role: String,
+}
+
+/// Maps a source range to a role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRule {
+    pub cidr: Cidr,
+    pub role: String,
+}
+
+/// `tls:` in config: serve the proxy port over TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the proxy.
+    pub cert: PathBuf,
+    /// PEM private key of the proxy.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; no client
+    /// certificates are requested when absent.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
 }

@@ -162,7 +162,7 @@ impl CarveOut {
     }
 
     /// The roles the carve-out names (empty: every role).
-    pub(super) fn roles(&self) -> &[String] {
+    pub fn roles(&self) -> &[String] {
         match self {
             CarveOut::All(_) => &[],
             CarveOut::Roles { roles, .. } | CarveOut::Named { roles, .. } => roles,

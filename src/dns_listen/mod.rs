@@ -103,13 +103,9 @@ impl DnsListener {
     pub async fn bind(addr: SocketAddr, snapshot: SnapshotHandle, metrics: &Metrics) -> io::Result<Self> {
         let (udp, tcp) = bind_both(addr).await?;
         let limits = snapshot.load().dns.limits.clone();
-        let metrics = DnsMetrics::register(metrics).map_err(io::Error::other)?;
-        // The series the refusal alert watches exists from the start, at zero.
-        let policy = &snapshot.load().policy;
-        metrics.queries.with_label_values(&[policy.role(policy.default_role()).name(), "deny", "not-allowlisted", "A"]);
         let shared = Arc::new(Shared {
             snapshot,
-            metrics,
+            metrics: metrics.dns.clone(),
             limits: limits::ClientLimits::new(limits.max_in_flight),
             tcp_connections: Arc::new(Semaphore::new(limits.max_tcp_connections)),
         });

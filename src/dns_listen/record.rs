@@ -8,11 +8,11 @@ use std::time::Instant;
 use hickory_proto::rr::RecordType;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 
-use crate::metrics::Metrics;
-
 use super::decide::{AdmittedBy, DnsReason};
 
-/// The DNS listener's metrics, registered beside the proxy's.
+/// The DNS listener's metrics, registered beside the proxy's (and present
+/// whether or not the listener is on, so the alert's series exist).
+#[derive(Clone)]
 pub struct DnsMetrics {
     /// `portcullis_dns_queries_total{role, decision, reason, qtype}`.
     pub queries: IntCounterVec,
@@ -24,8 +24,8 @@ pub struct DnsMetrics {
 }
 
 impl DnsMetrics {
-    /// Creates the metrics and registers them in `metrics`' registry.
-    pub fn register(metrics: &Metrics) -> prometheus::Result<Self> {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
         let queries = IntCounterVec::new(
             Opts::new("portcullis_dns_queries_total", "DNS listener queries by role, decision, reason code and query type."),
             &["role", "decision", "reason", "qtype"],
@@ -38,7 +38,6 @@ impl DnsMetrics {
             Opts::new("portcullis_dns_dropped_total", "DNS listener queries dropped without an answer, by reason."),
             &["reason"],
         )?;
-        let registry = metrics.registry();
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(upstream.clone()))?;
         registry.register(Box::new(dropped.clone()))?;

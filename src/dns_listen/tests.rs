@@ -22,7 +22,7 @@ roles:\n  default:\n    allow:\n      domains: [allowed.test, \"*.allowed.test\"
 
 fn compiled() -> (Policy, DnsRules) {
     let config = Config::from_yaml_str(CONFIG, "dns.yaml").unwrap();
-    (config.compile().unwrap(), DnsRules::compile(&config).unwrap())
+    (crate::snapshot::compile_policy(&config).unwrap(), DnsRules::compile(&config).unwrap())
 }
 
 fn question(name: &str, qtype: RecordType) -> Question {
@@ -186,7 +186,10 @@ fn bad_dns_listener_config_is_refused_with_its_line() {
         assert!(err.to_string().contains(reason), "want {reason:?} in {err}");
         assert_eq!(err.line(), Some(line), "{err}");
     }
-    let compile = |text: &str| Config::from_yaml_str(text, "c.yaml").map(|_| ()).unwrap_err().to_string();
+    let compile = |text: &str| {
+        let config = Config::from_yaml_str(text, "c.yaml").unwrap();
+        crate::snapshot::Snapshot::compile(&config, 1).map(|_| ()).unwrap_err().to_string()
+    };
     let roles = "roles:\n  default: {}\n";
     assert!(compile(&format!("dns:\n  listener:\n    max_message_bytes: 100\n{roles}")).contains("dns.listener.max_message_bytes: 100 is below"));
     assert!(compile(&format!("dns:\n  listener:\n    max_tcp_pipeline: 0\n{roles}")).contains("dns.listener.max_tcp_pipeline: must be at least 1"));

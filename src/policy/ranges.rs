@@ -6,41 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::registry::{self, Treatment};
-
-/// What kind of special-purpose range an address or name falls in. Appears
-/// in deny reasons, log lines and metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RangeKind {
-    /// Cloud instance metadata and control-plane endpoints.
-    Metadata,
-    /// Link-local (169.254/16, fe80::/10).
-    LinkLocal,
-    /// Loopback (127/8, ::1).
-    Loopback,
-    /// Private and shared address space (RFC 1918, CGNAT, ULA).
-    Private,
-    /// Every other special-purpose range (documentation, multicast, reserved...).
-    Special,
-    /// A range the operator declared internal (`internal_ranges`).
-    Internal,
-    /// An address of the proxy host itself, or one of its listeners.
-    SelfAddr,
-}
-
-impl RangeKind {
-    /// The reason-code fragment for this kind.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            RangeKind::Metadata => "metadata",
-            RangeKind::LinkLocal => "link-local",
-            RangeKind::Loopback => "loopback",
-            RangeKind::Private => "private",
-            RangeKind::Special => "special",
-            RangeKind::Internal => "internal",
-            RangeKind::SelfAddr => "self",
-        }
-    }
-}
+pub use super::registry::{RangeKind, Transition};
 
 /// Names denied before any resolution: they reach metadata services or the
 /// proxy host itself however the resolver answers.
@@ -81,24 +47,6 @@ pub fn reachable_exceptions() -> impl Iterator<Item = IpNet> {
         Treatment::Allow(_) if denied_ranges().any(|(d, _)| d != row.net() && d.contains(&row.net())) => Some(row.net()),
         _ => None,
     })
-}
-
-/// An IPv6 transition mechanism whose addresses carry an IPv4 address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    /// `::ffff:0:0/96`, RFC 4291.
-    Mapped,
-    /// `::ffff:0:0:0/96`, SIIT (RFC 6145).
-    Translated,
-    /// `::/96`, deprecated IPv4-compatible, RFC 4291.
-    Compatible,
-    /// `64:ff9b::/96` (RFC 6052), or a network-specific prefix declared in
-    /// `nat64_prefixes`.
-    Nat64,
-    /// `2002::/16`, RFC 3056.
-    SixToFour,
-    /// `2001::/32`, RFC 4380: the client address, XOR-ed with all ones.
-    Teredo,
 }
 
 /// A NAT64 prefix (RFC 6052 §2.2): the IPv4 address starts right after the

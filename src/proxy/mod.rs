@@ -1,24 +1,29 @@
-//! The proxy listener and the request path: read the head, parse the target,
-//! resolve, decide, then forward (plain HTTP) or tunnel (CONNECT).
+//! The proxy, by role: `entrance/` (the proxy port and the transparent
+//! listener) parses each request into an `Ask`; `admit` identifies,
+//! decides, charges and dials; `egress/` opens upstream connections;
+//! `relay/` moves bytes under one set of lifetimes; `respond` maps every
+//! error to its answer once. Here: the snapshot a request reads, the state
+//! shared by every connection, and the listener machinery.
 
 pub mod admit;
 pub mod body;
-pub mod connect;
 pub mod egress;
+pub mod entrance;
 pub mod error;
-pub mod forward;
-pub mod framing;
 pub mod loops;
-pub mod parent;
-pub mod pool;
+pub mod relay;
 pub mod repeats;
+pub mod respond;
 pub mod revoke;
 pub mod slots;
-pub mod tunnel_http;
+
+// The rooms' modules under their old names, so paths such as
+// `proxy::forward::rewrite_request` (the fuzz target) stay valid.
+pub use egress::{forward, parent, pool, upstream};
+pub use entrance::{framing, transparent};
+pub use relay::tunnel_http;
 #[cfg(target_os = "linux")]
-mod splice;
-pub mod transparent;
-pub mod upstream;
+use relay::splice;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,63 +40,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access_log::{AccessRecord, Outcome};
-use crate::config::{Config, Limits, Timeouts};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::dns::Resolver;
-use crate::identity::{CertNames, Identities};
-use crate::policy::{DenyReason, Policy, RequestKind};
-use tokio_rustls::TlsAcceptor;
-use crate::target::Target;
-use admit::{Ask, Evidence};
 use body::ProxyBody;
-use error::{ClientError, ProxyError};
 use framing::{WatchedIo, Wire};
 
-/// Everything a request needs that can change on reload, published as one
-/// snapshot so a request never mixes two configurations.
-pub struct Snapshot {
-    pub policy: Policy,
-    pub identities: Identities,
-    /// Present when the proxy port speaks TLS.
-    pub tls: Option<TlsAcceptor>,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    pub resolver: Resolver,
-    /// The parent proxy, when one is configured.
-    pub parent: Option<parent::Parent>,
-    /// The operator's lines for deny bodies.
-    pub deny_messages: error::DenyMessages,
-    /// 1 for the config loaded at start, +1 per successful reload.
-    pub generation: u64,
-    /// The DNS listener's rules (`dns_listen`).
-    pub dns: crate::dns_listen::DnsRules,
-}
-
-impl Snapshot {
-    /// Compiles a snapshot from a validated config.
-    pub fn from_config(config: &Config, generation: u64) -> Result<Self, String> {
-        let policy = config.compile()?;
-        let tls = match &config.tls {
-            Some(tls) => Some(TlsAcceptor::from(crate::tls::server_config(tls)?)),
-            None => None,
-        };
-        Ok(Snapshot {
-            identities: Identities::compile(&config.identity, &policy)?,
-            tls,
-            policy,
-            timeouts: config.timeouts.clone(),
-            limits: config.limits.clone(),
-            resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
-            parent: config.upstream_proxy.as_ref().map(parent::Parent::compile).transpose()?,
-            deny_messages: error::DenyMessages::from_config(config),
-            generation,
-            dns: crate::dns_listen::DnsRules::compile(config)?,
-        })
-    }
-}
-
-/// The shared, swappable snapshot. Reads are lock-free.
-pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
+pub use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// State shared by every connection of one proxy.
 pub struct Shared {
@@ -117,7 +71,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` with its own metrics registry.
     pub async fn bind(config: &Config) -> io::Result<Self> {
-        let snapshot = Snapshot::from_config(config, 1).map_err(io::Error::other)?;
+        let snapshot = Snapshot::compile(config, 1).map_err(io::Error::other)?;
         Self::bind_with(config.listen, snapshot, Arc::new(Metrics::new())).await
     }
 
@@ -197,7 +151,7 @@ impl Server {
     /// Applies the connection limits, then serves the connection.
     fn admit(&self, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
         match admit_slot(&self.shared, client.ip()) {
-            Some(guard) => tokio::spawn(serve_connection(guard, stream, client, stop)),
+            Some(guard) => tokio::spawn(entrance::explicit::serve_connection(guard, stream, client, stop)),
             None => tokio::spawn(refuse_over_limit(stream)),
         };
     }
@@ -248,7 +202,7 @@ struct ConnectionGuard {
 
 /// Answers 503 without reading the request, then closes.
 async fn refuse_over_limit(mut stream: TcpStream) {
-    let response = error::raw_answer(
+    let response = respond::raw_answer(
         http::StatusCode::SERVICE_UNAVAILABLE,
         error::ERROR_HEADER,
         "over-limit",
@@ -278,50 +232,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Completes the TLS handshake when the proxy port speaks TLS, then serves HTTP.
-async fn serve_connection(guard: ConnectionGuard, stream: TcpStream, client: SocketAddr, stop: watch::Receiver<bool>) {
-    let _ = stream.set_nodelay(true);
-    let snapshot = guard.shared.snapshot.load_full();
-    let Some(acceptor) = &snapshot.tls else {
-        return serve_http(guard, stream, client, None, stop).await;
-    };
-    let handshake = tokio::time::timeout(snapshot.timeouts.request_header.0, acceptor.accept(stream)).await;
-    let tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            guard.shared.metrics.refused("tls_handshake").inc();
-            tracing::info!(%client, error = %e, "TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            guard.shared.metrics.refused("tls_handshake").inc();
-            return;
-        }
-    };
-    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::cert_names(c));
-    serve_http(guard, tls, client, cert.map(Arc::new), stop).await
-}
-
-async fn serve_http<I>(
-    guard: ConnectionGuard,
-    io: I,
-    client: SocketAddr,
-    cert: Option<Arc<CertNames>>,
-    stop: watch::Receiver<bool>,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let shared = guard.shared.clone();
-    let slot = guard.slot.clone();
-    let service = move |wire: Arc<Wire>| {
-        hyper::service::service_fn(move |req| {
-            let conflicting = wire.next_request_conflicting();
-            handle(shared.clone(), client, cert.clone(), slot.clone(), conflicting, req)
-        })
-    };
-    serve_with(guard, io, client, service, stop).await
 }
 
 /// Serves HTTP/1 on a client connection with the service `make_service`
@@ -372,182 +282,4 @@ async fn serve_with<I, S>(
         }
     }
     drop(guard);
-}
-
-/// Serves one request; every outcome is a response and one log line.
-async fn handle(
-    shared: Arc<Shared>,
-    client: SocketAddr,
-    cert: Option<Arc<CertNames>>,
-    slot: Arc<slots::ConnectionSlot>,
-    conflicting_framing: bool,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let snapshot = shared.snapshot.load_full();
-    let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
-    let json = error::accepts_json(req.headers().get(http::header::ACCEPT));
-    let kind = request_kind(req.method());
-    record.kind = Some(kind);
-    // The edge comes first: a malformed request is refused whoever sends it.
-    if let Err(refusal) = framing::check_head(&req, conflicting_framing, framing::Entrance::Proxy) {
-        return Ok(refuse(&shared, &snapshot, record, ClientError::Refused(refusal).into(), json));
-    }
-    let credentials = req.headers().get(http::header::PROXY_AUTHORIZATION).cloned();
-    let who = Evidence::Proxy { source: client.ip(), cert, credentials };
-    let routed = route(&shared, &snapshot, who, kind, &mut record, slot, req).await;
-    Ok(respond(&shared, &snapshot, record, routed, json))
-}
-
-/// The response for a routed request: the upstream's, or the error's, in
-/// which case the request's log line is written here.
-fn respond(
-    shared: &Shared,
-    snapshot: &Snapshot,
-    record: AccessRecord,
-    routed: Result<Response<ProxyBody>, ProxyError>,
-    json: bool,
-) -> Response<ProxyBody> {
-    match routed {
-        Ok(response) => response,
-        Err(err) => refuse(shared, snapshot, record, err, json),
-    }
-}
-
-/// Records why a request failed in its log record, and counts an upstream
-/// failure; shared by every entrance.
-fn record_failure(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    record.outcome = err.outcome();
-    if let ProxyError::Upstream(e) = err {
-        shared.metrics.upstream_errors.with_label_values(&[e.code()]).inc();
-    }
-}
-
-/// The answer for a request that failed, with its log line and count.
-fn refuse(shared: &Shared, snapshot: &Snapshot, mut record: AccessRecord, err: ProxyError, json: bool) -> Response<ProxyBody> {
-    record_failure(shared, &mut record, &err);
-    let failure = match err {
-        ProxyError::Denied(DenyReason::AuthFailed) => {
-            shared.auth_failures.record(record.client.ip(), std::time::Instant::now())
-        }
-        _ => repeats::Failure::First,
-    };
-    let role = (!record.role.is_empty()).then_some(record.role.as_str());
-    let answer = error::Answer {
-        // A parsed target always has a port (CONNECT requires one, an
-        // absolute URI gets its scheme's); an unparsed one is not echoed.
-        target: (record.port != 0).then_some((record.host.as_str(), record.port)),
-        role,
-        deny_message: snapshot.deny_messages.for_role(role),
-        denied_addr: record.denied_addr,
-        json,
-        close: matches!(failure, repeats::Failure::Repeat { .. }),
-    };
-    let response = err.to_response(&answer);
-    record.status = response.status().as_u16();
-    log_refusal(shared, &record, failure);
-    response
-}
-
-/// Logs and counts a refusal; a repeated credential failure is counted,
-/// and logged only when its client is due a line.
-fn log_refusal(shared: &Shared, record: &AccessRecord, failure: repeats::Failure) {
-    match failure {
-        repeats::Failure::First => record.emit(),
-        repeats::Failure::Repeat { log } => {
-            shared.metrics.auth_failures_repeated.inc();
-            if log {
-                record.emit();
-            } else {
-                record.count();
-            }
-        }
-    }
-}
-
-fn request_kind(method: &Method) -> RequestKind {
-    if method == Method::CONNECT {
-        RequestKind::Connect
-    } else {
-        RequestKind::Http
-    }
-}
-
-/// Parses the request into an [`Ask`], takes it through the door, and
-/// forwards it or opens its tunnel; the caller turns an error into a response.
-async fn route(
-    shared: &Arc<Shared>,
-    snapshot: &Arc<Snapshot>,
-    who: Evidence,
-    kind: RequestKind,
-    record: &mut AccessRecord,
-    slot: Arc<slots::ConnectionSlot>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let target = match parse_target(kind, &req, record) {
-        Ok(target) => target,
-        Err(e) => return Err(admit::unparsed(snapshot, &who, record, e)),
-    };
-    if loops::has_looped(req.headers()) {
-        return Err(ProxyError::LoopDetected);
-    }
-    let ask = Ask { who, kind, target, original: None };
-    if kind == RequestKind::Connect {
-        let opened = admit::admit_tunnel(shared, snapshot, &ask, record).await?;
-        return connect::tunnel(shared, snapshot, opened, &ask.target, req, record.clone(), slot).await;
-    }
-    let admitted = admit::admit(shared, snapshot, &ask, record).await?;
-    forward::forward(shared, snapshot, admitted, &ask.target, req, record.clone()).await
-}
-
-fn parse_target(kind: RequestKind, req: &Request<Incoming>, record: &mut AccessRecord) -> Result<Target, ProxyError> {
-    match parse_request_target(kind, req) {
-        Ok(target) => {
-            record.host = target.host.to_text();
-            record.port = target.port;
-            Ok(target)
-        }
-        Err(e) => {
-            // Only the authority is logged for a refused target: a path or
-            // query string may carry secrets, and so may userinfo (F5).
-            record.host = req.uri().authority().map(|a| without_userinfo(a.as_str()).to_string()).unwrap_or_default();
-            Err(e)
-        }
-    }
-}
-
-/// `authority` with any `userinfo@` removed: everything up to the last '@'
-/// (a password may itself contain an unescaped '@').
-fn without_userinfo(authority: &str) -> &str {
-    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
-}
-
-fn parse_request_target(kind: RequestKind, req: &Request<Incoming>) -> Result<Target, ProxyError> {
-    let parsed = match kind {
-        RequestKind::Connect => {
-            let authority = req.uri().authority().ok_or(ClientError::ConnectWithoutAuthority)?;
-            Target::parse_authority(authority.as_str())
-        }
-        RequestKind::Http if req.uri().authority().is_none() => return Err(ClientError::OriginForm.into()),
-        _ => Target::parse_absolute(req.uri()),
-    };
-    Ok(parsed.map_err(ClientError::InvalidTarget)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_userinfo;
-
-    #[test]
-    fn userinfo_is_cut_through_the_last_at() {
-        for (authority, logged) in [
-            ("allowed.test", "allowed.test"),
-            ("allowed.test:443", "allowed.test:443"),
-            ("alice:pw@allowed.test", "allowed.test"),
-            ("bob:p@ss@allowed.test:443", "allowed.test:443"),
-            ("@allowed.test", "allowed.test"),
-            ("user@", ""),
-        ] {
-            assert_eq!(without_userinfo(authority), logged, "{authority}");
-        }
-    }
 }

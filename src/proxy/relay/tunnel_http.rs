@@ -19,50 +19,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::ProxyBody;
-use super::connect::{Activity, RelayEnd};
-use super::error::{Answer, ClientError, ProxyError, UpstreamError};
-use super::framing::{check_head, Entrance, WatchedIo, Wire};
+use crate::proxy::body::ProxyBody;
+use super::copy::{Activity, RelayEnd};
+use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
+use crate::proxy::respond::Answer;
+use crate::proxy::framing::{check_head, Entrance, WatchedIo, Wire};
 use crate::access_log::Outcome;
 use crate::policy::DenyReason;
 use crate::target::Target;
-
-/// What the first bytes of a tunnel are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// Not enough bytes yet to tell.
-    Incomplete,
-    /// A TLS record (handshake content type).
-    Tls,
-    /// The start of an HTTP/1 request: a standard method and a space.
-    Http,
-    /// Neither.
-    Other,
-}
-
-/// The request methods that mark a tunnel as plain HTTP (RFC 9110 9.3 and
-/// PATCH). Only these are waited for: another protocol whose first bytes
-/// merely look like a token (`round 0`) is told apart at once instead of
-/// after the head timeout.
-const METHODS: [&[u8]; 9] =
-    [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ", b"PATCH "];
-
-/// Classifies the bytes a tunnel's client has sent so far. The request
-/// itself is parsed and checked when it is served.
-pub fn classify(buf: &[u8]) -> Start {
-    match buf.first() {
-        None => return Start::Incomplete,
-        Some(22) => return Start::Tls,
-        Some(_) => {}
-    }
-    if METHODS.iter().any(|m| buf.starts_with(m)) {
-        Start::Http
-    } else if METHODS.iter().any(|m| buf.len() < m.len() && m.starts_with(buf)) {
-        Start::Incomplete
-    } else {
-        Start::Other
-    }
-}
 
 /// Exactly one `Host`, naming the CONNECT host and port (the port defaults
 /// to the CONNECT port, which is what a client that tunnels to it means);
@@ -176,7 +140,7 @@ async fn relay_upgraded<U: RelayEnd + 'static>((client, upstream): Upgrade, idle
     let Ok(parts) = upstream.downcast::<TokioIo<U>>() else { return };
     let mut client = TokioIo::new(client);
     if client.write_all(&parts.read_buf).await.is_ok() {
-        super::connect::relay(client, parts.io.into_inner(), idle).await;
+        super::copy::relay(client, parts.io.into_inner(), idle).await;
     }
 }
 
@@ -196,7 +160,7 @@ async fn exchange(
         role: Some(&ends.role),
         deny_message: ends.deny_message.as_deref(),
         denied_addr: None,
-        json: super::error::accepts_json(req.headers().get(http::header::ACCEPT)),
+        json: crate::proxy::respond::accepts_json(req.headers().get(http::header::ACCEPT)),
         close: true,
     };
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Tunnel) {
@@ -310,25 +274,6 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_bytes_are_classified() {
-        for (bytes, expected) in [
-            (&b""[..], Start::Incomplete),
-            (b"\x16\x03\x01\x02\x00", Start::Tls),
-            (b"GE", Start::Incomplete),
-            (b"GET ", Start::Http),
-            (b"POST /x HTTP/1.0\r\n", Start::Http),
-            (b"OPTIONS * HTTP/1.1\r\n", Start::Http),
-            (b"round 0", Start::Other),
-            (b"get / HTTP/1.1\r\n", Start::Other),
-            (b"PROPFIND / HTTP/1.1\r\n", Start::Other),
-            (b"SSH-2.0-OpenSSH_9.6\r\n", Start::Other),
-            (b"\x00\x01binary", Start::Other),
-        ] {
-            assert_eq!(classify(bytes), expected, "{:?}", String::from_utf8_lossy(bytes));
-        }
-    }
 
     #[test]
     fn proxy_headers_are_stripped_and_upgrades_kept() {

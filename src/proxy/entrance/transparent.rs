@@ -22,21 +22,24 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::body::ProxyBody;
-use super::error::{ClientError, ProxyError};
-use super::framing::{check_head, Entrance, Wire};
-use super::loops::{self, Loop};
-use super::admit::{self, Ask, Evidence, Opened};
-use super::upstream::Upstream;
-use super::{accept_until, admit_slot, connect, forward, respond, Server, Shared, Snapshot};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::{ClientError, ProxyError};
+use crate::proxy::framing::{check_head, Entrance, Wire};
+use crate::proxy::loops::{self, Loop};
+use crate::proxy::admit::{self, Ask, Evidence, Opened};
+use crate::proxy::upstream::Upstream;
+use crate::proxy::relay::{copy, tunnel};
+use crate::proxy::respond::respond;
+use crate::proxy::{accept_until, admit_slot, forward, Server, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::orig_dst;
-use crate::policy::{DenyReason, RequestKind};
-use crate::sni::{self, SniError};
+use crate::policy::RequestKind;
+use crate::proxy::relay::first_bytes::{self, FirstBytes};
+use crate::sni::SniError;
 use crate::target::{Host, Target};
 
 /// Why a redirected connection was closed before anything was decided.
@@ -58,18 +61,6 @@ impl Refusal {
             Refusal::NoOriginalDst => "transparent_no_original_dst",
         }
     }
-}
-
-/// What the first bytes of a redirected connection are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum FirstBytes {
-    /// A TLS ClientHello, with its server name when it carries one, and
-    /// whether it offers Encrypted ClientHello.
-    Tls(Option<String>, bool),
-    /// An HTTP/1.x request line.
-    Http,
-    /// Anything else, or nothing within the time limit.
-    Other,
 }
 
 /// The transparent listener, sharing its proxy's snapshot, connection
@@ -120,7 +111,7 @@ impl TransparentServer {
 }
 
 async fn serve(
-    guard: super::ConnectionGuard,
+    guard: crate::proxy::ConnectionGuard,
     mut stream: TcpStream,
     client: SocketAddr,
     own: Arc<[SocketAddr]>,
@@ -150,14 +141,14 @@ async fn serve(
     // socket of this process that was redirected back here is registered.
     if let Some(kind) = looped() {
         let carried = match first_bytes {
-            FirstBytes::Http => RequestKind::TransparentHttp,
-            FirstBytes::Tls(..) => RequestKind::TransparentTls,
-            FirstBytes::Other => RequestKind::TransparentTcp,
+            Seen::Http => RequestKind::TransparentHttp,
+            Seen::Tls(_) => RequestKind::TransparentTls,
+            Seen::Other => RequestKind::TransparentTcp,
         };
         return refuse_loop(&guard.shared, client, original, kind, carried);
     }
     match first_bytes {
-        FirstBytes::Http => {
+        Seen::Http => {
             let shared = guard.shared.clone();
             let service = move |wire: Arc<Wire>| {
                 hyper::service::service_fn(move |req| {
@@ -165,12 +156,10 @@ async fn serve(
                     handle(shared.clone(), client, original, conflicting, req)
                 })
             };
-            super::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
+            crate::proxy::serve_with(guard, Prefixed::new(first, stream), client, service, stop).await
         }
-        FirstBytes::Tls(name, ech) => {
-            relay(guard, stream, client, original, (RequestKind::TransparentTls, ech), name, first).await
-        }
-        FirstBytes::Other => relay(guard, stream, client, original, (RequestKind::TransparentTcp, false), None, first).await,
+        Seen::Tls(name) => relay(guard, stream, client, original, RequestKind::TransparentTls, name, first).await,
+        Seen::Other => relay(guard, stream, client, original, RequestKind::TransparentTcp, None, first).await,
     }
 }
 
@@ -188,64 +177,34 @@ fn refuse_loop(shared: &Shared, client: SocketAddr, original: SocketAddr, kind: 
     refuse(shared, &mut record, &ProxyError::LoopDetected);
 }
 
-/// Reads the first bytes, at most `limit` long and about `max_line` bytes
-/// for a request line (a ClientHello gets up to [`sni::MAX_PEEK`]), and
-/// says what they are. The bytes read are returned to be replayed.
-async fn classify<S>(stream: &mut S, limit: Duration, max_line: usize) -> (FirstBytes, Vec<u8>)
+/// What a redirected connection's first bytes say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// A TLS ClientHello, with its server name when it carries one.
+    Tls(Option<String>),
+    /// An HTTP/1.x request line.
+    Http,
+    /// Anything else (a broken ClientHello included), or nothing within
+    /// the time limit: decided on the original destination alone.
+    Other,
+}
+
+/// Reads the first bytes with the one classifier ([`first_bytes`]), within
+/// `limit` and about `max_line` bytes for a request line, and says what
+/// they are. The bytes read are returned to be replayed.
+async fn classify<S>(stream: &mut S, limit: Duration, max_line: usize) -> (Seen, Vec<u8>)
 where
     S: AsyncRead + Unpin,
 {
     let mut buf = Vec::with_capacity(4096);
-    let mut verdict = FirstBytes::Other;
-    let _ = tokio::time::timeout(limit, async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(decided) = judge(&buf, max_line) {
-                verdict = decided;
-                return;
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    (verdict, buf)
-}
-
-/// What `buf` is, or `None` when more bytes are needed to tell.
-fn judge(buf: &[u8], max_line: usize) -> Option<FirstBytes> {
-    let first = *buf.first()?;
-    if first == 0x16 {
-        return match sni::read_hello(buf) {
-            Err(SniError::Incomplete) if buf.len() < sni::MAX_PEEK => None,
-            Ok(hello) => Some(FirstBytes::Tls(hello.name, hello.ech)),
-            Err(_) => Some(FirstBytes::Other),
-        };
-    }
-    if !first.is_ascii_uppercase() {
-        return Some(FirstBytes::Other);
-    }
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(end) if is_http1_request_line(&buf[..end]) => Some(FirstBytes::Http),
-        Some(_) => Some(FirstBytes::Other),
-        None if buf.len() >= max_line => Some(FirstBytes::Other),
-        None => None,
-    }
-}
-
-/// `METHOD SP request-target SP HTTP/1.x` (RFC 9112 section 3).
-fn is_http1_request_line(line: &[u8]) -> bool {
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
+    let read = tokio::time::timeout(limit, first_bytes::read(stream, &mut buf, max_line)).await;
+    let seen = match read.ok().flatten() {
+        Some(FirstBytes::Http) => Seen::Http,
+        Some(FirstBytes::Tls(Ok(name))) => Seen::Tls(Some(name)),
+        Some(FirstBytes::Tls(Err(SniError::Missing))) => Seen::Tls(None),
+        Some(FirstBytes::Tls(Err(_)) | FirstBytes::Other) | None => Seen::Other,
     };
-    !method.is_empty()
-        && method.iter().all(|b| b.is_ascii_uppercase() || *b == b'-')
-        && !target.is_empty()
-        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
+    (seen, buf)
 }
 
 /// Serves one HTTP request of a redirected connection, named by its Host.
@@ -260,7 +219,7 @@ async fn handle(
     let mut record = AccessRecord::new(client, req.method().clone(), shared.metrics.clone());
     record.kind = Some(RequestKind::TransparentHttp);
     record.original_dst = Some(original);
-    let json = super::error::accepts_json(req.headers().get(http::header::ACCEPT));
+    let json = crate::proxy::respond::accepts_json(req.headers().get(http::header::ACCEPT));
     // The same edge as the proxy port's; a CONNECT has nothing to connect.
     if let Err(refusal) = check_head(&req, conflicting_framing, Entrance::Redirected) {
         return Ok(respond(&shared, &snapshot, record, Err(ClientError::Refused(refusal).into()), json));
@@ -325,11 +284,11 @@ fn invalid_host() -> ProxyError {
 /// revokes it or it reaches `tunnel_max_lifetime`; a refusal closes it
 /// (TLS clients get an `access_denied` alert). One log line either way.
 async fn relay(
-    guard: super::ConnectionGuard,
+    guard: crate::proxy::ConnectionGuard,
     mut stream: TcpStream,
     client: SocketAddr,
     original: SocketAddr,
-    (kind, ech): (RequestKind, bool),
+    kind: RequestKind,
     name: Option<String>,
     first: Vec<u8>,
 ) {
@@ -339,13 +298,14 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
+    let ech = kind == RequestKind::TransparentTls && crate::sni::offers_ech(&first);
     let opened = match open(&shared, &snapshot, client, original, (kind, ech), name, &mut record).await {
         Ok(opened) => opened,
         Err(err) => {
             refuse(&shared, &mut record, &err);
             if kind == RequestKind::TransparentTls {
                 // A fatal access_denied alert (RFC 8446 6.2).
-                let _ = stream.write_all(&[21, 3, 3, 0, 2, 2, 49]).await;
+                let _ = stream.write_all(&crate::sni::ACCESS_DENIED_ALERT).await;
             }
             let _ = stream.shutdown().await;
             return;
@@ -354,16 +314,16 @@ async fn relay(
     let Opened { upstream, outbound, slot, registration, .. } = opened;
     let idle = snapshot.timeouts.tunnel_idle.0;
     let lifetime = snapshot.timeouts.tunnel_max_lifetime.map(|d| d.0);
-    let counts = connect::RelayCounts::default();
+    let counts = copy::RelayCounts::default();
     let relayed = async {
         match upstream {
-            Upstream::Tcp(upstream) => connect::relay_after(stream, upstream, first, idle, &counts).await,
-            Upstream::Tls(upstream) => Box::pin(connect::relay_after(stream, upstream, first, idle, &counts)).await,
+            Upstream::Tcp(upstream) => copy::relay_after(stream, upstream, first, idle, &counts).await,
+            Upstream::Tls(upstream) => Box::pin(copy::relay_after(stream, upstream, first, idle, &counts)).await,
         }
     };
     tokio::select! {
         () = relayed => {}
-        cut = connect::cut_short(&registration, lifetime) => record.outcome = cut,
+        cut = tunnel::cut_short(&registration, lifetime) => record.outcome = cut,
     }
     (record.bytes_in, record.bytes_out) = counts.get();
     drop((slot, registration, outbound));
@@ -394,7 +354,7 @@ async fn open(
         // The SNI of an ECH offer is the outer, public name: not what decides.
         let (role, _) = admit::identify(snapshot, &ask.who, record).map_err(ProxyError::Denied)?;
         if !snapshot.policy.role(role).allows_ech() {
-            return Err(ProxyError::Denied(DenyReason::EchRefused));
+            return Err(ProxyError::Denied(crate::policy::DenyReason::EchRefused));
         }
     }
     admit::admit_tunnel(shared, snapshot, &ask, record).await
@@ -402,7 +362,7 @@ async fn open(
 
 /// Logs and counts a redirected connection that is closed undecided or denied.
 fn refuse(shared: &Shared, record: &mut AccessRecord, err: &ProxyError) {
-    super::record_failure(shared, record, err);
+    crate::proxy::respond::record_failure(shared, record, err);
     record.emit();
 }
 
@@ -467,28 +427,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
-    #[test]
-    fn first_bytes_are_classified() {
+    #[tokio::test]
+    async fn a_broken_or_nameless_clienthello_is_told_apart() {
         let hello = crate::sni::testing::hello_for("allowed.test");
-        let cases: Vec<(Vec<u8>, Option<FirstBytes>)> = vec![
-            (hello.clone(), Some(FirstBytes::Tls(Some("allowed.test".into()), false))),
-            (hello[..hello.len() - 3].to_vec(), None),
-            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), Some(FirstBytes::Http)),
-            (b"POST /x?y=1 HTTP/1.0\r\n".to_vec(), Some(FirstBytes::Http)),
-            (b"M-SEARCH * HTTP/1.1\r\n".to_vec(), Some(FirstBytes::Http)),
-            (b"GET / HTTP/1.1".to_vec(), None),
-            (b"GET / HTTP/2.0\r\n".to_vec(), Some(FirstBytes::Other)),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), Some(FirstBytes::Other)),
-            (b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), Some(FirstBytes::Other)),
-            (b"GET  / HTTP/1.1\r\n".to_vec(), Some(FirstBytes::Other)),
-            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f".to_vec(), Some(FirstBytes::Other)),
-            (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00".to_vec(), Some(FirstBytes::Other)),
-            (vec![b'G'; 100], Some(FirstBytes::Other)),
-            (Vec::new(), None),
-        ];
-        for (bytes, want) in cases {
-            assert_eq!(judge(&bytes, 64), want, "{:?}", String::from_utf8_lossy(&bytes));
+        for (bytes, want) in [
+            (hello, Seen::Tls(Some("allowed.test".into()))),
+            (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00".to_vec(), Seen::Other),
+            (b"GET / HTTP/1.1\r\n".to_vec(), Seen::Http),
+        ] {
+            let (mut client, mut proxy_side) = tokio::io::duplex(64 * 1024);
+            client.write_all(&bytes).await.unwrap();
+            assert_eq!(classify(&mut proxy_side, Duration::from_secs(5), 1024).await.0, want);
         }
     }
 
@@ -496,7 +447,7 @@ mod tests {
     async fn silence_is_other_after_the_limit() {
         let (mut proxy_side, _client) = tokio::io::duplex(64);
         let (kind, bytes) = classify(&mut proxy_side, Duration::from_millis(50), 1024).await;
-        assert_eq!((kind, bytes), (FirstBytes::Other, Vec::new()));
+        assert_eq!((kind, bytes), (Seen::Other, Vec::new()));
     }
 
     #[tokio::test]
@@ -506,7 +457,7 @@ mod tests {
         client.write_all(sent).await.unwrap();
         drop(client);
         let (kind, first) = classify(&mut proxy_side, Duration::from_secs(5), 1024).await;
-        assert_eq!(kind, FirstBytes::Http);
+        assert_eq!(kind, Seen::Http);
         let mut replayed = Vec::new();
         Prefixed::new(first, proxy_side).read_to_end(&mut replayed).await.unwrap();
         assert_eq!(replayed, sent);

@@ -1,13 +1,20 @@
 //! Leaving: one way to open an upstream connection for an admitted tunnel,
-//! directly to a checked address or through the parent proxy.
+//! directly to a checked address or through the parent proxy; plain HTTP
+//! forwarding with its pool; the parent proxy and its connection type.
+
+pub mod dial;
+pub mod forward;
+pub mod parent;
+pub mod pool;
+pub mod upstream;
 
 use std::net::SocketAddr;
 
-use super::admit::{Admitted, Ask};
-use super::connect::dial;
-use super::error::UpstreamError;
-use super::upstream::Upstream;
-use super::Snapshot;
+use crate::proxy::admit::{Admitted, Ask};
+use dial::dial;
+use crate::proxy::error::UpstreamError;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::Snapshot;
 use crate::metrics::Metrics;
 use crate::policy::RequestKind;
 
@@ -23,6 +30,6 @@ pub async fn open(snapshot: &Snapshot, metrics: &Metrics, ask: &Ask, admitted: &
         Some(parent) if carried && parent.applies(snapshot.policy.role(admitted.role).name(), &ask.target, permit) => {
             parent.tunnel(permit, &ask.target, snapshot.timeouts.upstream_connect.0).await
         }
-        _ => dial(permit, &snapshot.timeouts, metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
+        _ => dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), metrics).await.map(|(stream, addr)| (Upstream::Tcp(stream), addr)),
     }
 }

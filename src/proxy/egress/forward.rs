@@ -16,15 +16,15 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::admit::Admitted;
-use super::body::{CountedBody, ProxyBody, Upload};
-use super::connect::dial;
-use super::error::{ClientError, ProxyError, UpstreamError};
-use super::framing::Refusal;
-use super::loops::{self, OutboundGuard};
-use super::parent::Parent;
-use super::pool::{PoolKey, PoolLimits, Sender};
-use super::{Shared, Snapshot};
+use crate::proxy::admit::Admitted;
+use crate::proxy::body::{CountedBody, ProxyBody, Upload};
+use super::dial::dial;
+use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
+use crate::proxy::framing::Refusal;
+use crate::proxy::loops::{self, OutboundGuard};
+use crate::proxy::parent::Parent;
+use crate::proxy::pool::{PoolKey, PoolLimits, Sender};
+use crate::proxy::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::policy::Permit;
 use crate::target::Target;
@@ -141,7 +141,7 @@ async fn connect(
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
         None => {
-            let (stream, addr) = dial(permit, &snapshot.timeouts, &shared.metrics).await?;
+            let (stream, addr) = dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), &shared.metrics).await?;
             let outbound = stream.local_addr().ok().map(|local| shared.outbound.register(local));
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }

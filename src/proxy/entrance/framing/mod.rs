@@ -1,0 +1,205 @@
+//! Strict framing at the edge: the requests the proxy refuses as malformed
+//! before any decision, and a watch on the client's bytes for what hyper's
+//! parsed request no longer shows.
+//!
+//! hyper already answers 400/414/431 itself for a request line or header it
+//! cannot parse, differing or signed Content-Length values, a
+//! Transfer-Encoding that does not end in `chunked`, Transfer-Encoding on
+//! HTTP/1.0 and obs-fold. It accepts, and this module refuses:
+//! Content-Length together with Transfer-Encoding (hyper drops the
+//! Content-Length, so only the wire still shows both: RFC 9112 6.3 lets a
+//! server reject it, and a security boundary should), an HTTP/1.1 request
+//! without Host or with an invalid Host (RFC 9112 3.2), and CONNECT with
+//! content (RFC 9110 9.3.6), and more than one Host line (RFC 9112 3.2:
+//! a server MUST answer 400; the next hop might read the other one).
+//!
+//! Every entrance runs the same [`check_head`]: the proxy port (absolute
+//! form and CONNECT), redirected HTTP, and plain HTTP inside a tunnel.
+
+mod wire;
+
+use http::{header, HeaderMap, Method, Request, Version};
+
+pub use wire::{WatchedIo, Wire};
+
+/// Why a request was refused at the edge. `as_str` is the reason code of
+/// the `X-Portcullis-Error` header, the decision line and the
+/// `portcullis_requests_total` label alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Content-Length and Transfer-Encoding in one request (RFC 9112 6.3).
+    ConflictingFraming,
+    /// An HTTP/1.1 request without Host (RFC 9112 3.2).
+    MissingHost,
+    /// A Host value that is not a valid `host[:port]`.
+    InvalidHost,
+    /// More than one Host line (RFC 9112 3.2).
+    DuplicateHost,
+    /// A CONNECT request on a redirected connection: its client did not
+    /// choose a proxy, so there is nothing to connect it to.
+    ConnectRedirected,
+    /// A CONNECT request that declares content.
+    ConnectWithBody,
+    /// The request body broke its own framing while it was forwarded (bad
+    /// chunk size, overflow, a bare LF).
+    MalformedBody,
+    /// hyper could not parse the request head and answered 400 itself (or
+    /// closed, for an HTTP/2 preface).
+    MalformedRequest,
+    /// The request head outgrew `limits.max_request_head_bytes` (hyper: 431).
+    HeadTooLarge,
+    /// The request target is longer than hyper accepts (hyper: 414).
+    UriTooLong,
+    /// A request head was begun but not finished within
+    /// `timeouts.request_header`; the connection is closed without an answer.
+    HeadTimeout,
+}
+
+impl Refusal {
+    /// The reason code.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ConflictingFraming => "conflicting-framing",
+            Refusal::MissingHost => "missing-host",
+            Refusal::InvalidHost => "invalid-host",
+            Refusal::DuplicateHost => "duplicate-host",
+            Refusal::ConnectRedirected => "connect-redirected",
+            Refusal::ConnectWithBody => "connect-with-body",
+            Refusal::MalformedBody => "malformed-body",
+            Refusal::MalformedRequest => "malformed-request",
+            Refusal::HeadTooLarge => "head-too-large",
+            Refusal::UriTooLong => "uri-too-long",
+            Refusal::HeadTimeout => "head-timeout",
+        }
+    }
+
+    /// One line for the response body.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Refusal::ConflictingFraming => "Content-Length and Transfer-Encoding in one request",
+            Refusal::MissingHost => "HTTP/1.1 request without Host",
+            Refusal::InvalidHost => "Host is not a valid host[:port]",
+            Refusal::DuplicateHost => "more than one Host line",
+            Refusal::ConnectRedirected => "CONNECT on a redirected connection; use the proxy port",
+            Refusal::ConnectWithBody => "CONNECT must not carry a body",
+            Refusal::MalformedBody => "the request body is not validly framed",
+            Refusal::MalformedRequest => "the request head could not be parsed",
+            Refusal::HeadTooLarge => "the request head is too large",
+            Refusal::UriTooLong => "the request target is too long",
+            Refusal::HeadTimeout => "the request head was not completed in time",
+        }
+    }
+}
+
+/// Where a request came in; the one difference between entrances is what
+/// a CONNECT means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entrance {
+    /// The proxy port: CONNECT opens a tunnel.
+    Proxy,
+    /// A redirected connection: a CONNECT is refused.
+    Redirected,
+    /// Plain HTTP inside a tunnel: a CONNECT names no host the tunnel
+    /// allows, and is refused as such by the tunnel's host check.
+    Tunnel,
+}
+
+/// Checks a parsed request head that came in at `entrance`; `conflicting`
+/// says whether the wire showed both Content-Length and Transfer-Encoding
+/// for it (see [`Wire`]).
+pub fn check_head<B>(req: &Request<B>, conflicting: bool, entrance: Entrance) -> Result<(), Refusal> {
+    if conflicting {
+        return Err(Refusal::ConflictingFraming);
+    }
+    check_host(req.version(), req.headers())?;
+    if req.method() == Method::CONNECT {
+        if entrance == Entrance::Redirected {
+            return Err(Refusal::ConnectRedirected);
+        }
+        if declares_content(req.headers()) {
+            return Err(Refusal::ConnectWithBody);
+        }
+    }
+    Ok(())
+}
+
+fn check_host(version: Version, headers: &HeaderMap) -> Result<(), Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return match headers.contains_key(header::HOST) {
+            true => Err(Refusal::DuplicateHost),
+            false => match version {
+                Version::HTTP_09 | Version::HTTP_10 => Ok(()),
+                _ => Err(Refusal::MissingHost),
+            },
+        };
+    };
+    // RFC 9110 7.2: Host = uri-host [ ":" port ], so no userinfo either.
+    match http::uri::Authority::try_from(host.as_bytes()) {
+        Ok(authority) if !authority.as_str().contains('@') && valid_port(&authority) => Ok(()),
+        _ => Err(Refusal::InvalidHost),
+    }
+}
+
+/// The http crate accepts any digits as a port (and then reports none).
+fn valid_port(authority: &http::uri::Authority) -> bool {
+    let port = authority.as_str().rsplit_once(':').map(|(_, port)| port).filter(|port| !port.contains(']'));
+    port.map_or(true, |port| port.is_empty() || authority.port_u16().is_some())
+}
+
+/// hyper has validated Content-Length by now (one value, digits only) and
+/// removed it when Transfer-Encoding is present.
+fn declares_content(headers: &HeaderMap) -> bool {
+    let sized = headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|len| len.as_bytes().iter().any(|&b| b != b'0'));
+    sized || headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri("http://a.test/").version(version);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn heads_are_checked() {
+        const HTTP_10: Version = Version::HTTP_10;
+        const HTTP_11: Version = Version::HTTP_11;
+        type Case = (&'static str, Version, &'static [(&'static str, &'static str)], Result<(), Refusal>);
+        let cases: [Case; 18] = [
+            ("GET", HTTP_11, &[("host", "a.test")], Ok(())),
+            ("GET", HTTP_11, &[("host", "a.test:8080")], Ok(())),
+            ("GET", HTTP_11, &[("host", "[2001:db8::1]:443")], Ok(())),
+            ("GET", HTTP_10, &[], Ok(())),
+            ("GET", HTTP_11, &[], Err(Refusal::MissingHost)),
+            ("GET", HTTP_11, &[("host", "")], Err(Refusal::InvalidHost)),
+            ("GET", HTTP_11, &[("host", "a b")], Err(Refusal::InvalidHost)),
+            ("GET", HTTP_11, &[("host", "a.test/x")], Err(Refusal::InvalidHost)),
+            ("GET", HTTP_11, &[("host", "user:pw@a.test")], Err(Refusal::InvalidHost)),
+            ("GET", HTTP_10, &[("host", "a.test:99999")], Err(Refusal::InvalidHost)),
+            ("GET", HTTP_11, &[("host", "[::1]")], Ok(())),
+            ("GET", HTTP_11, &[("host", "a.test"), ("host", "169.254.169.254")], Err(Refusal::DuplicateHost)),
+            ("GET", HTTP_10, &[("host", "a.test"), ("host", "a.test")], Err(Refusal::DuplicateHost)),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("host", "b.test:443")], Err(Refusal::DuplicateHost)),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "0")], Ok(())),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "00")], Ok(())),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("content-length", "5")], Err(Refusal::ConnectWithBody)),
+            ("CONNECT", HTTP_11, &[("host", "a.test:443"), ("transfer-encoding", "chunked")], Err(Refusal::ConnectWithBody)),
+        ];
+        for (method, version, headers, want) in cases {
+            assert_eq!(check_head(&request(method, version, headers), false, Entrance::Proxy), want, "{method} {version:?} {headers:?}");
+        }
+        let fine = request("POST", Version::HTTP_11, &[("host", "a.test")]);
+        assert_eq!(check_head(&fine, true, Entrance::Proxy), Err(Refusal::ConflictingFraming));
+        let connect = request("CONNECT", Version::HTTP_11, &[("host", "a.test:443")]);
+        assert_eq!(check_head(&connect, false, Entrance::Redirected), Err(Refusal::ConnectRedirected));
+        assert_eq!(check_head(&connect, false, Entrance::Tunnel), Ok(()), "the tunnel's host check refuses it");
+    }
+}
