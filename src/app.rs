@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Health};
 use crate::config::{Config, ConfigError, ReloadConfig};
+use crate::dns_listen::DnsListener;
 use crate::metrics::Metrics;
 use crate::proxy::transparent::TransparentServer;
 use crate::proxy::error::UpstreamError;
@@ -37,6 +38,8 @@ pub struct App {
     server: Server,
     /// Present when `transparent_listen` is set.
     transparent: Option<TransparentServer>,
+    /// Present when `dns_listen` is set.
+    dns: Option<DnsListener>,
     admin: TcpListener,
     reloader: Arc<Reloader>,
     health: Arc<Health>,
@@ -81,6 +84,14 @@ impl App {
             }
             None => None,
         };
+        let dns = match config.dns_listen {
+            Some(addr) => Some(
+                DnsListener::bind(addr, server.snapshot_handle(), &metrics)
+                    .await
+                    .map_err(|source| StartError::Bind { what: "dns", addr, source })?,
+            ),
+            None => None,
+        };
         let reloader = Arc::new(Reloader::new(PathBuf::from(path), &file_config, bound, server.snapshot_handle(), metrics.clone()));
         #[cfg(unix)]
         let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -93,6 +104,7 @@ impl App {
         Ok(App {
             server,
             transparent,
+            dns,
             admin,
             reloader,
             health: Arc::new(Health::default()),
@@ -111,6 +123,11 @@ impl App {
     /// The transparent listener's address, when it is enabled.
     pub fn transparent_addr(&self) -> Option<io::Result<SocketAddr>> {
         self.transparent.as_ref().map(TransparentServer::local_addr)
+    }
+
+    /// The DNS listener's address (UDP and TCP), when it is enabled.
+    pub fn dns_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.dns.as_ref().map(DnsListener::local_addr)
     }
 
     /// The admin listener's address.
@@ -137,6 +154,12 @@ impl App {
         // One shutdown for both entrances: the transparent listener stops
         // accepting with the proxy's, and the proxy's drain waits for both.
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(dns) = self.dns {
+            let mut stop_rx = stop_rx.clone();
+            background.push(tokio::spawn(dns.run_until(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })));
+        }
         if let Some(transparent) = self.transparent {
             background.push(tokio::spawn(transparent.run_until(async move {
                 let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod denials;
 pub mod dns;
+pub mod dns_listen;
 pub mod host;
 pub mod identity;
 pub mod import;

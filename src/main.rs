@@ -38,7 +38,8 @@ enum Command {
         /// Evaluate as this role (default: the `default` role).
         #[arg(long)]
         role: Option<String>,
-        /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT).
+        /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT),
+        /// or `dns:NAME[/TYPE]`: a query to the DNS listener (type A by default).
         url: String,
         /// List every rule consulted, in order, before the decision.
         #[arg(long)]
@@ -174,6 +175,7 @@ async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
         listen = %app.proxy_addr()?,
         admin = %app.admin_addr()?,
         transparent = %app.transparent_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
+        dns = %app.dns_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
         config = %path.display(),
         "portcullis listening"
     );
@@ -236,6 +238,9 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
 async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let snapshot = Snapshot::compile(&config, 1)?;
+    if let Some(query) = url.strip_prefix("dns:") {
+        return check_dns(&snapshot, &path, role, query).await;
+    }
     let (kind, target) = match policytest::parse_request(url) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -292,6 +297,42 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
                 ),
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Decides `NAME[/TYPE]` as the DNS listener would for `role`: refused
+/// questions are never asked; admitted ones are asked upstream and their
+/// answer judged. Exit code 0: answered, 1: refused or failed.
+async fn check_dns(snapshot: &Snapshot, path: &std::path::Path, role: Option<&str>, query: &str) -> anyhow::Result<ExitCode> {
+    use portcullis::dns_listen::decide::Question;
+    let policy = &snapshot.policy;
+    let role = match role {
+        Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
+        None => policy.default_role(),
+    };
+    let role_name = policy.role(role).name();
+    let (name, qtype) = query.split_once('/').unwrap_or((query, "A"));
+    let qtype: hickory_proto::rr::RecordType = qtype.to_ascii_uppercase().parse().map_err(|_| anyhow::anyhow!("{qtype:?} is not a DNS record type"))?;
+    let name = match portcullis::target::DomainName::parse(name) {
+        Ok(name) => name,
+        Err(e) => {
+            println!("deny dns {query} role={role_name} reason=invalid-target ({e})");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let question = Question { name, qtype };
+    let shown = format!("{}/{}", question.name, question.qtype);
+    match portcullis::dns_listen::ask(policy, &snapshot.dns, role, &question, None).await {
+        Ok((by, judged)) => {
+            let answers: Vec<String> = judged.answers.iter().map(|r| r.data().to_string()).collect();
+            let decision = if by == portcullis::dns_listen::decide::AdmittedBy::ReportOnly { "allow (report mode: would deny)" } else { "allow" };
+            println!("{decision} dns {shown} role={role_name} by={} rcode={} answers={}", by.as_str(), portcullis::dns_listen::rcode_name(judged.rcode), answers.join(","));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            println!("deny dns {shown} role={role_name} reason={}", reason.as_str());
+            Ok(ExitCode::from(1))
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub deny_messages: DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
+    /// The DNS listener's rules (`dns_listen`).
+    pub dns: crate::dns_listen::DnsRules,
 }
 
 impl fmt::Debug for Snapshot {
@@ -93,7 +95,8 @@ impl Snapshot {
 /// limit in force, so raising `max_connections` or `max_idle_upstream`
 /// past it is refused and the running policy stays.
 pub fn check_descriptors(config: &Config, nofile: u64) -> Result<(), ConfigError> {
-    config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))
+    config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))?;
+    crate::dns_listen::check_fds(config, nofile).map_err(|message| config.refusal(message, None))
 }
 
 /// Compiles the policy alone, for tools that judge requests without
@@ -120,6 +123,7 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
         upstream: config.upstream,
         deny_messages: DenyMessages::from_config(config),
         generation,
+        dns: crate::dns_listen::DnsRules::compile(config)?,
     })
 }
 

@@ -69,6 +69,10 @@ pub struct Config {
     /// when absent. See `deploy/transparent/redirect.sh`.
     #[serde(default)]
     pub transparent_listen: Option<SocketAddr>,
+    /// Where the DNS listener answers (UDP and TCP); off when absent. See
+    /// docs/DNS.md.
+    #[serde(default)]
+    pub dns_listen: Option<SocketAddr>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
