@@ -52,12 +52,23 @@ for (const path of ["deploy/kubernetes/monitoring/servicemonitor.yaml", "deploy/
     check(`${path} ${doc.kind}`, () => new models[doc.kind](doc));
   }
 }
-for (const path of ["deploy/argo/workflow-controller-configmap.transparent.yaml", "deploy/argo/workflow-controller-configmap.cooperative.yaml"]) {
+const argoConfigMaps = [
+  "deploy/argo/sidecar/workflow-controller-configmap.yaml",
+  "deploy/argo/workflow-controller-configmap.cooperative.yaml",
+  "deploy/argo/node/workflow-controller-configmap.yaml",
+];
+for (const path of argoConfigMaps) {
   const cm = docs(path)[0];
   const defaults = yaml.load(cm.data.workflowDefaults);
   // A Workflow needs an entrypoint and templates; the defaults fill the rest.
   const spec = { ...defaults.spec, entrypoint: "main", templates: [{ name: "main", container: { name: "main", image: "busybox" } }] };
   check(`${path} workflowDefaults`, () => new Workflow({ metadata: { name: "defaults" }, spec }));
+}
+// Example Workflows shipped with the recipes, as written.
+for (const path of ["deploy/argo/node/example-workflow.yaml"]) {
+  for (const doc of docs(path)) {
+    check(`${path} ${doc.kind}`, () => new Workflow(doc));
+  }
 }
 console.log(`${checked} custom resources checked`);
 process.exit(failed ? 1 : 0);

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Validates every Kubernetes object under deploy/kubernetes and deploy/argo
-against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown
+"""Validates every Kubernetes object under deploy/kubernetes, deploy/argo and
+deploy/kestra (YAML documents with apiVersion and kind; Portcullis policies
+and test cases beside them are not Kubernetes objects) against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown
 fields are errors) for the oldest supported and the newest version.
 
 The Argo recipes' pod fragments are validated too: the enforcing variant's
@@ -19,15 +20,21 @@ import yaml
 
 # 1.29: native sidecars (restartPolicy: Always on init containers).
 VERSIONS = ["1.29.0", "1.37.0"]
-CUSTOM = {"ServiceMonitor", "PrometheusRule"}
+# Kinds that exist from a later version than the oldest: validated from there.
+SINCE = {"ValidatingAdmissionPolicy": "1.30.0", "ValidatingAdmissionPolicyBinding": "1.30.0"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "Workflow"}
 
 
 def documents():
-    files = sorted(glob.glob("deploy/kubernetes/**/*.yaml", recursive=True) + glob.glob("deploy/argo/*.yaml"))
+    files = sorted(
+        glob.glob("deploy/kubernetes/**/*.yaml", recursive=True)
+        + glob.glob("deploy/argo/**/*.yaml", recursive=True)
+        + glob.glob("deploy/kestra/**/*.yaml", recursive=True)
+    )
     for path in files:
         with open(path) as f:
             for doc in yaml.safe_load_all(f):
-                if doc:
+                if doc and "apiVersion" in doc and "kind" in doc:
                     yield path, doc
 
 
@@ -45,8 +52,13 @@ def argo_pods(path, doc):
     if "podSpecPatch" in spec:
         patch = yaml.safe_load(spec["podSpecPatch"])
         yield f"{path} podSpecPatch", pod("argo-patched", {**patch, "containers": [main]})
+    pod_fields = {k: spec[k] for k in ("securityContext", "automountServiceAccountToken", "serviceAccountName") if k in spec}
+    executor = yaml.safe_load(doc.get("data", {}).get("executor") or "{}")
     for kind, template in spec.get("templateDefaults", {}).items():
-        yield f"{path} templateDefaults.{kind}", pod("argo-defaults", {"containers": [{**main, **template}]})
+        containers = [{**main, **template}]
+        if executor:
+            containers.append({"name": "wait", **executor})
+        yield f"{path} templateDefaults.{kind}", pod("argo-defaults", {**pod_fields, "containers": containers})
 
 
 def check(label, doc, version):
@@ -77,7 +89,8 @@ def main():
             print(f"skip {path} {doc['kind']}: custom resource, no Kubernetes schema")
             continue
         targets = [(path, doc)] + list(argo_pods(path, doc))
-        for version in VERSIONS:
+        since = SINCE.get(doc.get("kind"))
+        for version in [since] + VERSIONS[1:] if since else VERSIONS:
             for label, target in targets:
                 ok &= check(label, target, version)
                 checked += 1

@@ -226,7 +226,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"rule\":");
         match (&self.rule, self.outcome) {
             // Decided after the allow, by the tunnel's TLS check or a reload.
-            (Some(rule), Outcome::Deny(DenyReason::SniMismatch | DenyReason::SniMissing | DenyReason::NotTls | DenyReason::SniTimeout)) => {
+            (Some(rule), Outcome::Deny(DenyReason::SniMismatch | DenyReason::SniMissing | DenyReason::NotTls | DenyReason::SniTimeout | DenyReason::EchRefused)) => {
                 json_str(out, &format!("sni_check (after the allow by {})", rule.text()))
             }
             (Some(rule), Outcome::Deny(DenyReason::Revoked)) => {

@@ -235,6 +235,11 @@ pub fn fix_hint(reason: DenyReason, host: &str, port: u16, role: &str, addr: Opt
             hint,
             "a CONNECT to an http_ports port must carry plain HTTP; list port {port} in roles.{role}.allow.connect_ports to tunnel TLS or other TCP"
         ),
+        DenyReason::EchRefused => write!(
+            hint,
+            "the TLS ClientHello offered Encrypted ClientHello, which hides the real server name: turn ECH off in the client, \
+             or set roles.{role}.allow_ech: true to decide on the outer name (docs/DNS.md)"
+        ),
     };
     hint
 }

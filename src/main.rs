@@ -38,7 +38,8 @@ enum Command {
         /// Evaluate as this role (default: the `default` role).
         #[arg(long)]
         role: Option<String>,
-        /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT).
+        /// `http://host[:port]/...` (forwarded), `https://host[:port]/...` or `host:port` (CONNECT),
+        /// or `dns:NAME[/TYPE]`: a query to the DNS listener (type A by default).
         url: String,
         /// List every rule consulted, in order, before the decision.
         #[arg(long)]
@@ -90,6 +91,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check workflow files (Argo, Kestra) and any text for destinations the
+    /// policy would deny: every URL, host:port and IP literal, in any
+    /// spelling. Exit code 0: none, 1: some (each printed as file:line), 2: bad input.
+    Scan {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Decide as this role (default: the `default` role).
+        #[arg(long)]
+        role: Option<String>,
+        /// Files or directories (read recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Validate a config file. Exit code 0: valid, 2: refused.
     Validate {
         #[arg(long, short)]
@@ -123,6 +137,7 @@ fn main() -> ExitCode {
         Command::Import { from: ImportFrom::Smokescreen { acl } } => import_smokescreen(acl),
         Command::Validate { config } => validate(config),
         Command::Why { admin, proxy_user, json } => why(admin, proxy_user, json),
+        Command::Scan { config, role, paths } => scan(config, role.as_deref(), &paths),
     };
     match result {
         Ok(code) => code,
@@ -153,38 +168,51 @@ fn init_logging() -> anyhow::Result<portcullis::logging::LogGuard> {
 async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     let _log = init_logging()?;
     let app = App::start(&path).await?;
+    // Listened for before the process says it is listening, so a SIGTERM
+    // sent on that line drains instead of killing.
+    let shutdown = shutdown_signal();
     tracing::info!(
         listen = %app.proxy_addr()?,
         admin = %app.admin_addr()?,
         transparent = %app.transparent_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
+        dns = %app.dns_addr().transpose()?.map_or("off".to_string(), |a| a.to_string()),
         config = %path.display(),
         "portcullis listening"
     );
-    app.run(shutdown_signal()).await;
+    app.run(shutdown).await;
     tracing::info!("portcullis stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+/// Listens for SIGTERM and SIGINT now; the future completes on either.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+                    _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the proxy gracefully");
+            (term, int) => {
+                let e = term.err().or(int.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(error = %e, "cannot listen for SIGTERM or SIGINT; stopping on Ctrl-C only");
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Parses and compiles the config exactly as start-up does (certificate
@@ -210,6 +238,9 @@ fn validate(path: PathBuf) -> anyhow::Result<ExitCode> {
 async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     let snapshot = Snapshot::compile(&config, 1)?;
+    if let Some(query) = url.strip_prefix("dns:") {
+        return check_dns(&snapshot, &path, role, query).await;
+    }
     let (kind, target) = match policytest::parse_request(url) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -270,6 +301,42 @@ async fn check(path: PathBuf, role: Option<&str>, url: &str, explain: bool) -> a
     }
 }
 
+/// Decides `NAME[/TYPE]` as the DNS listener would for `role`: refused
+/// questions are never asked; admitted ones are asked upstream and their
+/// answer judged. Exit code 0: answered, 1: refused or failed.
+async fn check_dns(snapshot: &Snapshot, path: &std::path::Path, role: Option<&str>, query: &str) -> anyhow::Result<ExitCode> {
+    use portcullis::dns_listen::decide::Question;
+    let policy = &snapshot.policy;
+    let role = match role {
+        Some(name) => policy.role_id(name).with_context(|| format!("role {name:?} is not defined in {}", path.display()))?,
+        None => policy.default_role(),
+    };
+    let role_name = policy.role(role).name();
+    let (name, qtype) = query.split_once('/').unwrap_or((query, "A"));
+    let qtype: hickory_proto::rr::RecordType = qtype.to_ascii_uppercase().parse().map_err(|_| anyhow::anyhow!("{qtype:?} is not a DNS record type"))?;
+    let name = match portcullis::target::DomainName::parse(name) {
+        Ok(name) => name,
+        Err(e) => {
+            println!("deny dns {query} role={role_name} reason=invalid-target ({e})");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let question = Question { name, qtype };
+    let shown = format!("{}/{}", question.name, question.qtype);
+    match portcullis::dns_listen::ask(policy, &snapshot.dns, role, &question, None).await {
+        Ok((by, judged)) => {
+            let answers: Vec<String> = judged.answers.iter().map(|r| r.data().to_string()).collect();
+            let decision = if by == portcullis::dns_listen::decide::AdmittedBy::ReportOnly { "allow (report mode: would deny)" } else { "allow" };
+            println!("{decision} dns {shown} role={role_name} by={} rcode={} answers={}", by.as_str(), portcullis::dns_listen::rcode_name(judged.rcode), answers.join(","));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            println!("deny dns {shown} role={role_name} reason={}", reason.as_str());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 /// The config's policy and identity rules, or `None` once the refusal
 /// (file, line, reason) is printed.
 fn policy_under_test(config: &std::path::Path) -> Option<PolicyUnderTest> {
@@ -303,6 +370,44 @@ async fn test(config: PathBuf, junit: Option<PathBuf>, case_paths: &[PathBuf]) -
         std::fs::write(&path, policytest::junit_xml(&results)).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Prints each would-deny as `file:line: ...`; bad input is exit code 2.
+fn scan(config: PathBuf, role: Option<&str>, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let loaded = Config::load(&config).map_err(|e| e.to_string()).and_then(|c| PolicyUnderTest::new(&c).map(|put| (c, put)));
+    let (loaded, put) = match loaded {
+        Ok(both) => both,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let policy = put.policy();
+    let role = match role {
+        Some(name) => match policy.role_id(name) {
+            Some(id) => id,
+            None => {
+                eprintln!("role {name:?} is not defined in {}", config.display());
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => policy.default_role(),
+    };
+    let report = match portcullis::scan::Scanner::new(policy, role, &loaded.dns.pinned).scan_paths(paths) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for d in &report.denied {
+        println!("{}:{}: {}", d.file, d.line, d.verdict);
+    }
+    for skipped in &report.skipped {
+        eprintln!("{skipped}: binary, not scanned");
+    }
+    println!("{} files, {} destinations, {} would be denied", report.files, report.targets, report.denied.len());
+    Ok(if report.denied.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn suggest(config: PathBuf, log: PathBuf, role: Option<&str>) -> anyhow::Result<ExitCode> {

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `portcullis_draining`: 1 while shutting down.
     pub draining: IntGauge,
+    /// The DNS listener's `portcullis_dns_*` metrics.
+    pub dns: crate::dns_listen::record::DnsMetrics,
     /// `portcullis_auth_failures_repeated_total`: wrong proxy credentials
     /// from a client that failed within the last few seconds (answered with
     /// `Connection: close`; their log lines are thinned out).
@@ -211,6 +213,7 @@ impl Metrics {
             descriptors: Descriptors::register(&registry),
             denials: crate::denials::Denials::default(),
             build_info,
+            dns: crate::dns_listen::record::DnsMetrics::register(&registry).expect("metric names are unique"),
             registry,
         };
         // Series that alerts watch exist from the start, at zero.
@@ -243,6 +246,8 @@ impl Metrics {
         for role in policy.roles() {
             let name = role.name();
             self.with_role_directions(name, |_| ());
+            // The series the DNS refusal alert watches.
+            self.dns.queries.with_label_values(&[name, "deny", "not-allowlisted", "A"]);
             for kind in kinds.clone().map(|k| k.as_str()) {
                 self.requests.with_label_values(&[kind, "allow", "none", name]);
                 for reason in DenyReason::ALL {
@@ -313,6 +318,12 @@ impl Metrics {
                 .unwrap_or(Duration::ZERO);
             self.last_reload_success.set(now.as_secs_f64());
         }
+    }
+
+    /// The registry every metric is in, for metrics registered by other
+    /// parts of the process (the DNS listener's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The counter of one refusal reason.

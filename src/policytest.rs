@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
 use crate::policy::{Decision, Policy, RequestKind, RoleId};
-use crate::proxy::admit::{Lookup, Rules};
+use crate::proxy::decide::{Lookup, Rules};
 use crate::proxy::parent::Parent;
 use crate::snapshot::Snapshot;
 use crate::source_lines::SourceLines;

@@ -40,6 +40,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Settings that only take effect at start.
     fixed: Fixed,
+    /// The listeners' addresses as bound at start.
+    bound: Bound,
     generation: AtomicU64,
     /// What the last load read, so an unchanged (or unchanged broken)
     /// config is not reloaded again and again. Held through a reload.
@@ -62,13 +64,14 @@ impl Seen {
 
 impl Reloader {
     /// Creates a reloader for the config `initial` loaded from `path`.
-    pub fn new(path: PathBuf, initial: &Config, handle: SnapshotHandle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(path: PathBuf, initial: &Config, bound: Bound, handle: SnapshotHandle, metrics: Arc<Metrics>) -> Self {
         let seen = Seen { config: file_fingerprint(&path), files: Seen::files_of(initial) };
         Reloader {
             path,
             handle,
             metrics,
             fixed: fixed_settings(initial),
+            bound,
             generation: AtomicU64::new(1),
             last_seen: Mutex::new(seen),
         }
@@ -94,10 +97,11 @@ impl Reloader {
                 crate::snapshot::check_descriptors(&config, nofile)?;
             }
             let generation = self.generation.load(Ordering::SeqCst) + 1;
-            let snapshot = Snapshot::compile(&config, generation)?;
-            Ok((config, snapshot))
+            let fixed = fixed_settings(&config);
+            let snapshot = Snapshot::compile(&self.bound.apply(config), generation)?;
+            Ok((fixed, snapshot))
         });
-        let (config, snapshot) = match compiled {
+        let (fixed, snapshot) = match compiled {
             Ok(ok) => ok,
             Err(e) => {
                 self.metrics.count_reload(false, 0);
@@ -105,7 +109,7 @@ impl Reloader {
                 return Err(e);
             }
         };
-        if fixed_settings(&config) != self.fixed {
+        if fixed != self.fixed {
             tracing::warn!(
                 trigger = trigger.as_str(),
                 "listen, admin_listen, transparent_listen and reload settings changed in the file; they take effect only after a restart"
@@ -154,18 +158,28 @@ impl Reloader {
 
     /// Reloads on every SIGHUP.
     #[cfg(unix)]
-    pub async fn on_sighup(self: Arc<Self>) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reload on signal disabled");
-                return;
-            }
-        };
+    pub async fn on_sighup(self: Arc<Self>, mut hup: tokio::signal::unix::Signal) {
         while hup.recv().await.is_some() {
             self.reload_async(Trigger::Signal).await;
         }
+    }
+}
+
+/// The addresses the listeners were bound to at start. The policy's own
+/// listeners are these, not the file's: a file that says port 0 leaves the
+/// port to the kernel, and the proxy must still refuse requests to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+}
+
+impl Bound {
+    /// `config` with the bound listener addresses in place of the file's.
+    pub fn apply(&self, mut config: Config) -> Config {
+        config.listen = self.listen;
+        config.admin_listen = self.admin_listen;
+        config
     }
 }
 

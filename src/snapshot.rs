@@ -35,10 +35,14 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// The parent proxy, when one is configured.
     pub parent: Option<Parent>,
+    /// How upstream sockets are made (`upstream.mark`).
+    pub upstream: crate::config::UpstreamSockets,
     /// The operator's lines for deny bodies.
     pub deny_messages: DenyMessages,
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
+    /// The DNS listener's rules (`dns_listen`).
+    pub dns: crate::dns_listen::DnsRules,
 }
 
 impl fmt::Debug for Snapshot {
@@ -91,7 +95,8 @@ impl Snapshot {
 /// limit in force, so raising `max_connections` or `max_idle_upstream`
 /// past it is refused and the running policy stays.
 pub fn check_descriptors(config: &Config, nofile: u64) -> Result<(), ConfigError> {
-    config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))
+    config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))?;
+    crate::dns_listen::check_fds(config, nofile).map_err(|message| config.refusal(message, None))
 }
 
 /// Compiles the policy alone, for tools that judge requests without
@@ -105,6 +110,7 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
     let policy = policy::compile(config)?;
     let identities = Identities::compile(&config.identity, &policy)?;
     let parent = config.upstream_proxy.as_ref().map(|parent| compile_parent(config, parent)).transpose()?;
+    let parent = parent.map(|p| p.with_mark(config.upstream.mark()));
     let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?.map(TlsAcceptor::from);
     Ok(Snapshot {
         identities,
@@ -114,8 +120,10 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
         limits: config.limits.clone(),
         resolver: Resolver::new(&config.dns).map_err(|e| format!("dns: {e}"))?,
         parent,
+        upstream: config.upstream,
         deny_messages: DenyMessages::from_config(config),
         generation,
+        dns: crate::dns_listen::DnsRules::compile(config)?,
     })
 }
 

@@ -27,6 +27,9 @@ const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXTENSION_SERVER_NAME: u16 = 0;
+/// `encrypted_client_hello` (RFC 9849, draft-ietf-tls-esni): the real
+/// ClientHello travels encrypted, the SNI seen here is the outer one.
+const EXTENSION_ECH: u16 = 0xfe0d;
 const NAME_TYPE_HOST_NAME: u8 = 0;
 /// The largest TLS plaintext record fragment (RFC 8446 section 5.1).
 const MAX_FRAGMENT: usize = 1 << 14;
@@ -73,9 +76,30 @@ impl fmt::Display for SniError {
 /// without a trailing dot. `Err(Incomplete)` means `buf` is a valid prefix
 /// and more bytes are needed.
 pub fn server_name(buf: &[u8]) -> Result<String, SniError> {
+    read_hello(buf)?.name.ok_or(SniError::Missing)
+}
+
+/// True when the ClientHello at the start of `buf` offers Encrypted
+/// ClientHello (its server name is then only the outer, public one).
+pub fn offers_ech(buf: &[u8]) -> bool {
+    read_hello(buf).is_ok_and(|hello| hello.ech)
+}
+
+/// What a ClientHello says about where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The server name, normalised as by [`server_name`]; `None` without one.
+    pub name: Option<String>,
+    /// It offers Encrypted ClientHello: `name` is the outer, public name.
+    pub ech: bool,
+}
+
+/// The server name and the ECH offer of the ClientHello at the start of
+/// `buf`; errors as for [`server_name`], except that a missing name is `None`.
+pub fn read_hello(buf: &[u8]) -> Result<Hello, SniError> {
     let hello = client_hello(buf)?;
-    let name = find_server_name(hello)?.ok_or(SniError::Missing)?;
-    normalise(name)
+    let (name, ech) = find_server_name(hello)?;
+    Ok(Hello { name: name.map(normalise).transpose()?, ech })
 }
 
 /// Reassembles the ClientHello handshake message body from the handshake
@@ -136,8 +160,9 @@ fn next_record(buf: &[u8]) -> Result<Option<RecordSplit<'_>>, SniError> {
     }
 }
 
-/// The raw `host_name` of a complete ClientHello body, if it has one.
-fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
+/// The raw `host_name` of a complete ClientHello body, if it has one, and
+/// whether it carries the `encrypted_client_hello` extension.
+fn find_server_name(hello: Vec<u8>) -> Result<(Option<Vec<u8>>, bool), SniError> {
     let mut r = Reader(&hello);
     r.take(2).ok_or(SniError::Malformed("legacy_version"))?;
     r.take(32).ok_or(SniError::Malformed("random"))?;
@@ -155,7 +180,7 @@ fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
     }
     if r.0.is_empty() {
         // A ClientHello without extensions (TLS 1.2 allows it): no SNI.
-        return Ok(None);
+        return Ok((None, false));
     }
     let mut extensions = Reader(r.vec16().ok_or(SniError::Malformed("extensions"))?);
     if !r.0.is_empty() {
@@ -163,9 +188,11 @@ fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
     }
     let mut found = None;
     let mut seen = false;
+    let mut ech = false;
     while !extensions.0.is_empty() {
         let kind = extensions.u16().ok_or(SniError::Malformed("extension type"))?;
         let body = extensions.vec16().ok_or(SniError::Malformed("extension length"))?;
+        ech |= kind == EXTENSION_ECH;
         if kind != EXTENSION_SERVER_NAME {
             continue;
         }
@@ -178,7 +205,7 @@ fn find_server_name(hello: Vec<u8>) -> Result<Option<Vec<u8>>, SniError> {
         seen = true;
         found = host_name(body)?;
     }
-    Ok(found.map(<[u8]>::to_vec))
+    Ok((found.map(<[u8]>::to_vec), ech))
 }
 
 /// The `host_name` entry of a server_name extension body.
@@ -414,6 +441,18 @@ mod tests {
             conn.write_tls(&mut out).expect("write to a Vec");
         }
         out
+    }
+
+    /// The `encrypted_client_hello` extension is reported beside the outer name.
+    #[test]
+    fn ech_offer_is_seen() {
+        let mut ext = sni_extension(b"public.example");
+        ext.extend_from_slice(&[0xfe, 0x0d, 0x00, 0x03, 0x00, 0x00, 0x01]);
+        let want = Hello { name: Some("public.example".into()), ech: true };
+        assert_eq!(read_hello(&hello_with(&ext)), Ok(want));
+        assert_eq!(read_hello(&hello_for("a.test")), Ok(Hello { name: Some("a.test".into()), ech: false }));
+        let ech_only = hello_with(&[0xfe, 0x0d, 0x00, 0x00]);
+        assert_eq!(read_hello(&ech_only), Ok(Hello { name: None, ech: true }));
     }
 
     /// Bytes after the ClientHello (early data, a second record) do not matter.

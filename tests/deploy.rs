@@ -543,55 +543,12 @@ const PROXY_NAMESPACE: &str = "egress";
 
 /// The pod spec patch the enforcing Argo recipe adds to every workflow pod.
 fn argo_patch() -> Value {
-    let defaults = workflow_defaults("deploy/argo/workflow-controller-configmap.transparent.yaml");
+    let defaults = workflow_defaults("deploy/argo/sidecar/workflow-controller-configmap.yaml");
     let patch = defaults["spec"]["podSpecPatch"].as_str().expect("a workflow-level podSpecPatch (a string)");
     serde_yaml_ng::from_str(patch).unwrap_or_else(|e| panic!("podSpecPatch: {e}"))
 }
 
-/// Argo, enforcing: the patch adds the redirect step and the Portcullis
-/// native sidecar exactly as the transparent-sidecar manifest runs them:
-/// same exempt uid, port, config mount, probes; the ConfigMap it mounts is
-/// the one the recipe ships, with `transparent_listen` on that port.
-#[test]
-fn argo_transparent_recipe_is_consistent() {
-    let (_, admin) = shipped_ports();
-    let patch = argo_patch();
-    let init = patch["initContainers"].as_sequence().unwrap();
-    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, [REDIRECT_INIT, "portcullis"], "the redirect step first, then the sidecar");
-    let (redirect, proxy) = (&init[0], &init[1]);
-    assert_eq!(proxy["restartPolicy"].as_str(), Some("Always"), "a native sidecar");
-    let args: Vec<&str> = proxy["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(args, ["run", "--config", CONFIG_PATH]);
-    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
-    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
-        assert_eq!(proxy[probe]["httpGet"]["port"].as_u64(), Some(u64::from(admin)), "{probe}");
-    }
-    let mount = &proxy["volumeMounts"][0];
-    assert_eq!(mount["mountPath"].as_str(), Some("/etc/portcullis"));
-    let volume = patch["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("the config volume");
-    let configmap = volume["configMap"]["name"].as_str().unwrap();
-    let rel = "deploy/argo/portcullis-transparent.yaml";
-    let shipped = documents(rel).into_iter().find(|d| kind(d) == "ConfigMap").unwrap();
-    assert_eq!(shipped["metadata"]["name"].as_str(), Some(configmap), "the patch mounts the ConfigMap the recipe ships");
-    let port = transparent_port(shipped["data"]["portcullis.yaml"].as_str().unwrap(), rel);
-    let env = env_vars(&redirect["env"]);
-    assert_eq!(setting(&env, "PORTCULLIS_TRANSPARENT_PORT"), port.to_string());
-    let uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap();
-    assert_eq!(setting(&env, "PORTCULLIS_UID"), uid.to_string(), "the sidecar runs as the exempt uid");
-    assert!(!setting(&env, "PORTCULLIS_EXCLUDE").is_empty(), "the executor needs the API server directly");
-    assert_eq!(redirect["securityContext"]["capabilities"]["add"], Value::from(vec!["NET_ADMIN", "NET_RAW"]));
-    // The same containers as the transparent-sidecar manifest, but for names.
-    let sidecar = documents("deploy/kubernetes/transparent-sidecar/worker.yaml");
-    let spec = &sidecar.iter().find(|d| kind(d) == "Deployment").unwrap()["spec"]["template"]["spec"];
-    for (mine, theirs) in init.iter().zip(spec["initContainers"].as_sequence().unwrap()) {
-        for key in ["image", "restartPolicy", "args", "resources", "readinessProbe", "livenessProbe", "startupProbe"] {
-            assert_eq!(mine.get(key), theirs.get(key), "{:?}: {key}", mine["name"]);
-        }
-        assert_eq!(mine["securityContext"]["runAsUser"], theirs["securityContext"]["runAsUser"]);
-    }
-}
+// Argo, sidecar variant: tests/recipes.rs (sidecar_recipe_is_consistent).
 
 /// Argo, cooperative: `container` and `script` templates and the executor
 /// get the same proxy, the shared Service in the namespace the workers'
@@ -627,66 +584,4 @@ fn argo_cooperative_recipe_is_consistent() {
     assert_eq!(ports, [443, 6443]);
 }
 
-/// Kestra: core HTTP tasks are forced onto the explicit proxy on the
-/// internal network; script tasks run in the transparent Portcullis's
-/// namespace and point at its loopback listener; Kestra itself sits only
-/// on the internal network and sends Basic credentials on CONNECT.
-#[test]
-fn kestra_recipe_is_consistent() {
-    let compose = &documents("deploy/kestra/docker-compose.yml")[0];
-    let services = &compose["services"];
-    let config_of = |svc: &str| {
-        let mounts: Vec<&str> = services[svc]["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        let mounted = mounts.iter().find_map(|m| m.strip_suffix(&format!(":{CONFIG_PATH}:ro"))).expect("a mounted config");
-        let rel = format!("deploy/compose/{}", mounted.trim_start_matches("../compose/"));
-        Config::from_yaml_str(&read(&rel), &rel).unwrap_or_else(|e| panic!("{e}"))
-    };
-    let explicit = config_of("portcullis");
-    let tasks = config_of("portcullis-tasks");
-    assert!(explicit.transparent_listen.is_none());
-    let transparent = tasks.transparent_listen.expect("the task proxy intercepts").port();
-
-    let app = &documents("deploy/kestra/application.yaml")[0];
-    let defaults = app["kestra"]["plugins"]["defaults"].as_sequence().unwrap();
-    let default_for = |ty: &str| defaults.iter().find(|d| d["type"].as_str() == Some(ty)).unwrap_or_else(|| panic!("no default for {ty}"));
-    let http = default_for("io.kestra.plugin.core.http");
-    assert_eq!(http["forced"], Value::Bool(true));
-    let proxy = &http["values"]["options"]["proxy"];
-    assert_eq!(proxy["type"].as_str(), Some("HTTP"));
-    assert_eq!(proxy["address"].as_str(), Some("portcullis"), "the compose service name");
-    assert_eq!(proxy["port"].as_u64(), Some(u64::from(explicit.listen.port())));
-
-    let scripts = default_for("io.kestra.plugin.scripts");
-    assert_eq!(scripts["forced"], Value::Bool(true));
-    let env = env_vars(&scripts["values"]["env"]);
-    let loopback = format!("http://{}", tasks.listen);
-    assert!(tasks.listen.ip().is_loopback());
-    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-        assert_eq!(setting(&env, name), loopback, "{name}");
-    }
-    let runner = &scripts["values"]["taskRunner"];
-    assert_eq!(runner["type"].as_str(), Some("io.kestra.plugin.scripts.runner.docker.Docker"));
-    let container_name = services["portcullis-tasks"]["container_name"].as_str().unwrap();
-    assert_eq!(runner["networkMode"].as_str(), Some(format!("container:{container_name}").as_str()));
-
-    let redirect = &services[REDIRECT_INIT];
-    assert_eq!(redirect["network_mode"].as_str(), Some("service:portcullis-tasks"));
-    let renv = env_vars(&redirect["environment"]);
-    assert_eq!(setting(&renv, "PORTCULLIS_TRANSPARENT_PORT"), transparent.to_string());
-    let uid = services["portcullis-tasks"]["user"].as_str().unwrap().split(':').next().unwrap();
-    assert_eq!(setting(&renv, "PORTCULLIS_UID"), uid);
-
-    let kestra = &services["kestra"];
-    assert_eq!(kestra["networks"].as_sequence().unwrap(), &[Value::from("internal")], "Kestra's only network is internal");
-    assert_eq!(compose["networks"]["internal"]["internal"], Value::Bool(true));
-    let proxy_networks = services["portcullis"]["networks"].as_sequence().unwrap();
-    assert!(proxy_networks.contains(&Value::from("internal")));
-    assert!(services["portcullis-tasks"]["networks"].as_sequence().unwrap().iter().all(|n| n != "internal"));
-    let java = kestra["environment"]["JAVA_OPTS"].as_str().unwrap();
-    assert!(java.split_whitespace().any(|o| o == "-Djdk.http.auth.tunneling.disabledSchemes="), "{java}");
-    assert!(java.contains(&format!("-Dhttps.proxyPort={}", explicit.listen.port())), "{java}");
-    let command: Vec<&str> = kestra["command"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    let config_path = command[command.iter().position(|c| *c == "--config").unwrap() + 1];
-    let mounts: Vec<&str> = kestra["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(mounts.contains(&format!("./application.yaml:{config_path}:ro").as_str()), "{mounts:?}");
-}
+// Kestra: tests/recipes.rs (kestra_recipe_is_consistent).

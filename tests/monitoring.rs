@@ -149,6 +149,7 @@ fn alert_rules_are_valid_and_the_prometheusrule_carries_the_same_groups() {
         "PortcullisDown",
         "PortcullisNotReady",
         "PortcullisDescriptorsNearLimit",
+        "PortcullisDnsRefusedSpike",
     ];
     assert_eq!(names, wanted);
     let runbook = std::fs::read_to_string(root().join("docs/MONITORING.md")).unwrap();
@@ -813,8 +814,8 @@ async fn series_exist_from_start_at_zero_for_the_configured_roles() {
     for code in ["resolve-failed", "upstream-refused", "upstream-connect-timeout", "parent-unreachable"] {
         zero(&format!("portcullis_upstream_errors_total{{kind=\"{code}\"}}"));
     }
-    // 27 deny reasons + 1 allow per role and kind, 2 report-mode reasons per kind for `ci`.
-    assert_eq!(request_series(&metrics).len(), 2 * 5 * 28 + 5 * 2, "bounded by roles and kinds");
+    // 28 deny reasons + 1 allow per role and kind, 2 report-mode reasons per kind for `ci`.
+    assert_eq!(request_series(&metrics).len(), 2 * 5 * 29 + 5 * 2, "bounded by roles and kinds");
     assert_eq!(metrics.lines().filter(|l| l.starts_with("portcullis_upstream_errors_total{")).count(), 11);
 
     proxy.rewrite(&format!("{yaml}  added: {{}}\n"));
@@ -823,6 +824,6 @@ async fn series_exist_from_start_at_zero_for_the_configured_roles() {
         m.contains("role=\"added\"").then_some(m)
     })
     .await;
-    assert_eq!(request_series(&reloaded).len(), 3 * 5 * 28 + 5 * 2);
+    assert_eq!(request_series(&reloaded).len(), 3 * 5 * 29 + 5 * 2);
     assert_eq!(metric_value(&reloaded, "portcullis_requests_total{decision=\"allow\",kind=\"http\",reason=\"none\",role=\"added\"}"), 0.0);
 }

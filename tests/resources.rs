@@ -533,3 +533,31 @@ async fn a_reload_past_the_descriptor_limit_is_refused_and_the_old_policy_stays(
     let denied = get(running.addr, &url).await;
     assert_eq!((denied.status, denied.header("x-portcullis-deny")), (403, Some("not-allowlisted")), "the policy within the budget is in force");
 }
+
+/// A proxy told to listen on port 0 still knows its own ports: the policy
+/// is compiled with the addresses the kernel chose, at start and at every
+/// reload of a file that still says 0, so a request to them is `self`.
+#[tokio::test]
+async fn listeners_on_port_zero_are_still_self() {
+    let yaml = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nreload:\n  interval: 100ms\n\
+                allow_ranges: [127.0.0.0/8]\nroles:\n  default:\n    mode: open\n";
+    let path = temp_file("self-zero", "portcullis.yaml", yaml);
+    let running = Running::start(&path);
+    let check = |phase: &'static str| {
+        let (proxy, admin) = (running.addr, running.admin);
+        async move {
+            for own in [proxy, admin] {
+                let (resp, _) = connect(proxy, &own.to_string()).await;
+                assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")), "{phase}: CONNECT {own}");
+                let resp = get(proxy, &format!("http://{own}/metrics")).await;
+                assert_eq!((resp.status, resp.header("x-portcullis-deny")), (403, Some("denied-range:self")), "{phase}: GET {own}");
+            }
+        }
+    };
+    check("at start").await;
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, format!("{yaml}deny_message: reloaded\n")).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    running.wait_for("config reloaded");
+    check("after a reload").await;
+}

@@ -31,6 +31,14 @@
 #   PORTCULLIS_UID               sidecar: uid Portcullis runs as; its own
 #                                connections are not redirected (default
 #                                62211, see below). Refused in router mode.
+#   PORTCULLIS_MARK              sidecar: exempt Portcullis by packet mark
+#                                instead of uid: the `upstream.mark` it sets on
+#                                its upstream sockets (decimal or 0x hex; needs
+#                                CAP_NET_ADMIN in Portcullis's container).
+#                                Workloads must then hold neither NET_ADMIN nor
+#                                NET_RAW (either sets a mark). Not with
+#                                PORTCULLIS_UID or PORTCULLIS_DNS_PORT (its DNS
+#                                queries carry no mark). Refused in router mode.
 #   PORTCULLIS_FROM              router: interfaces the workloads' traffic
 #                                arrives on, names or `+` wildcards
 #                                (e.g. "veth+ cali+ docker0"). Required.
@@ -98,11 +106,11 @@ BACKEND="${PORTCULLIS_BACKEND:-auto}"
 # site-local fec0::/10. Link-local is on-link and never routed here; mapped,
 # NAT64 and 6to4 destinations translate. Router mode rejects these with a
 # TCP reset unless it DNATs to PORTCULLIS_ROUTER_ADDRS, which has no scope rule.
+# Sidecar mode (REDIRECT in OUTPUT, to ::1) translates those. TCP to a
+# link-local address is bound to its interface and cannot be rerouted to ::1,
+# so it times out there: fail closed. A REJECT does not help, its reset is
+# routed without the interface and never arrives (measured).
 UNTRANSLATABLE6="::/96 fec0::/10"
-# Sidecar mode (REDIRECT in OUTPUT, to ::1) translates those, but TCP to a
-# link-local address is bound to its interface and cannot be rerouted to ::1:
-# it hangs. Portcullis denies link-local anyway, so it is refused at once.
-SIDECAR_REJECT6="fe80::/10"
 
 fail() {
     echo "redirect.sh: $*" >&2
@@ -115,6 +123,13 @@ case "$MODE" in
     sidecar)
         PROXY_UID="${PORTCULLIS_UID:-62211}"
         case "$PROXY_UID" in '' | *[!0-9]*) fail "PORTCULLIS_UID must be a numeric uid, not '$PROXY_UID'" ;; esac
+        EXEMPT_IPT="-m owner --uid-owner $PROXY_UID" EXEMPT_NFT="meta skuid $PROXY_UID" EXEMPT="uid $PROXY_UID"
+        if [ -n "${PORTCULLIS_MARK:-}" ]; then
+            case "$PORTCULLIS_MARK" in 0x*[!0-9a-fA-F]* | 0x | [!0-9]* | [1-9]*[!0-9]* | 0[!x]*) fail "PORTCULLIS_MARK must be a number (decimal or 0x hex), not '$PORTCULLIS_MARK'" ;; esac
+            [ -z "${PORTCULLIS_UID:-}" ] || fail "PORTCULLIS_MARK and PORTCULLIS_UID: exempt by one, not both"
+            [ -z "$DNS_PORT" ] || fail "PORTCULLIS_MARK with PORTCULLIS_DNS_PORT: Portcullis's own DNS queries carry no mark; use PORTCULLIS_DNS_RESOLVERS"
+            EXEMPT_IPT="-m mark --mark $PORTCULLIS_MARK" EXEMPT_NFT="meta mark $PORTCULLIS_MARK" EXEMPT="mark $PORTCULLIS_MARK"
+        fi
         [ -z "$FROM" ] || fail "PORTCULLIS_FROM is for router mode (PORTCULLIS_MODE=router)"
         [ -z "$ROUTER_ADDRS" ] || fail "PORTCULLIS_ROUTER_ADDRS is for router mode (PORTCULLIS_MODE=router)"
         ;;
@@ -122,6 +137,7 @@ case "$MODE" in
         # Nothing in the workload may be exempt; a uid here means a sidecar
         # recipe was pointed at a router by mistake.
         [ -z "${PORTCULLIS_UID:-}" ] || fail "router mode has no exempt uid; unset PORTCULLIS_UID"
+        [ -z "${PORTCULLIS_MARK:-}" ] || fail "router mode has no exempt mark; unset PORTCULLIS_MARK"
         if [ "$ACTION" = apply ]; then
             [ -n "$FROM" ] || fail "router mode needs PORTCULLIS_FROM, the workload interfaces (e.g. 'veth+ cali+')"
         fi
@@ -177,14 +193,8 @@ sidecar_iptables_family() {
     # of window, say) would leave untranslated, to the original address.
     $ipt -w -t filter -C OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP 2>/dev/null ||
         $ipt -w -t filter -A OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP
-    if [ "$fam" = 6 ]; then
-        for dst in $SIDECAR_REJECT6; do
-            $ipt -w -t filter -C OUTPUT -p tcp -d "$dst" -j REJECT --reject-with tcp-reset 2>/dev/null ||
-                $ipt -w -t filter -A OUTPUT -p tcp -d "$dst" -j REJECT --reject-with tcp-reset
-        done
-    fi
 
-    $ipt -w -t nat -A PORTCULLIS_OUTPUT -m owner --uid-owner "$PROXY_UID" -j RETURN
+    $ipt -w -t nat -A PORTCULLIS_OUTPUT $EXEMPT_IPT -j RETURN
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$loopback" -j RETURN
     $ipt -w -t filter -A PORTCULLIS_UDP -d "$loopback" -j RETURN
     if [ -n "$DNS_PORT" ]; then
@@ -192,9 +202,9 @@ sidecar_iptables_family() {
         $ipt -w -t nat -N PORTCULLIS_DNS 2>/dev/null || $ipt -w -t nat -F PORTCULLIS_DNS
         $ipt -w -t nat -C OUTPUT -p udp -j PORTCULLIS_DNS 2>/dev/null ||
             $ipt -w -t nat -A OUTPUT -p udp -j PORTCULLIS_DNS
-        $ipt -w -t nat -A PORTCULLIS_DNS -m owner --uid-owner "$PROXY_UID" -j RETURN
+        $ipt -w -t nat -A PORTCULLIS_DNS $EXEMPT_IPT -j RETURN
         $ipt -w -t nat -A PORTCULLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports "$DNS_PORT"
-        $ipt -w -t filter -A PORTCULLIS_UDP -m owner --uid-owner "$PROXY_UID" -p udp --dport 53 -j RETURN
+        $ipt -w -t filter -A PORTCULLIS_UDP $EXEMPT_IPT -p udp --dport 53 -j RETURN
     fi
     for dst in $(of_family "$fam" $EXCLUDE); do
         $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -j RETURN
@@ -203,11 +213,6 @@ sidecar_iptables_family() {
         $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -p tcp --dport 53 -j RETURN
         $ipt -w -t filter -A PORTCULLIS_UDP -d "$dst" -p udp --dport 53 -j RETURN
     done
-    if [ "$fam" = 6 ]; then
-        for dst in $SIDECAR_REJECT6; do
-            $ipt -w -t nat -A PORTCULLIS_OUTPUT -d "$dst" -j RETURN
-        done
-    fi
     $ipt -w -t nat -A PORTCULLIS_OUTPUT -p tcp -j REDIRECT --to-ports "$PORT"
     $ipt -w -t filter -A PORTCULLIS_UDP -j DROP
 }
@@ -217,7 +222,7 @@ sidecar_iptables_own() {
     ipt="$1"
     $ipt -w -t nat -S OUTPUT 2>/dev/null | grep -E -- '-j PORTCULLIS_(OUTPUT|DNS)$' | sed 's/^/nat /' || true
     $ipt -w -t filter -S OUTPUT 2>/dev/null |
-        grep -E -- '-j PORTCULLIS_UDP$|--ctstate INVALID -j DROP$|--reject-with tcp-reset$' | sed 's/^/filter /' || true
+        grep -E -- '-j PORTCULLIS_UDP$|--ctstate INVALID -j DROP$' | sed 's/^/filter /' || true
 }
 
 sidecar_iptables_remove() {
@@ -257,7 +262,6 @@ sidecar_nft() {
     excl6="$(nft_set 6 $EXCLUDE)"
     res4="$(nft_set 4 $RESOLVERS)"
     res6="$(nft_set 6 $RESOLVERS)"
-    reject6="$(printf '%s' "$SIDECAR_REJECT6" | sed 's/ /, /g')"
     {
         # Declaring the table first makes the delete succeed on a first run;
         # the whole file is one transaction, so there is no moment without rules.
@@ -266,7 +270,7 @@ sidecar_nft() {
         echo "table inet portcullis {"
         echo "  chain output_nat {"
         echo "    type nat hook output priority -100; policy accept;"
-        echo "    meta skuid $PROXY_UID return"
+        echo "    $EXEMPT_NFT return"
         echo "    ip daddr 127.0.0.0/8 return"
         echo "    ip6 daddr ::1 return"
         if [ -n "$DNS_PORT" ]; then
@@ -278,7 +282,6 @@ sidecar_nft() {
         [ -n "$excl6" ] && echo "    ip6 daddr { $excl6 } return"
         [ -n "$res4" ] && echo "    ip daddr { $res4 } tcp dport 53 return"
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } tcp dport 53 return"
-        echo "    ip6 daddr { $reject6 } return"
         echo "    meta l4proto tcp redirect to :$PORT"
         echo "  }"
         echo "  chain output_filter {"
@@ -286,11 +289,10 @@ sidecar_nft() {
         # NAT applies per connection; an INVALID TCP packet (out of window,
         # say) would leave untranslated, to the original address.
         echo "    meta l4proto tcp ct state invalid drop"
-        echo "    ip6 daddr { $reject6 } meta l4proto tcp reject with tcp reset"
         echo "    meta l4proto != udp accept"
         echo "    ip daddr 127.0.0.0/8 accept"
         echo "    ip6 daddr ::1 accept"
-        [ -n "$DNS_PORT" ] && echo "    meta skuid $PROXY_UID udp dport 53 accept"
+        [ -n "$DNS_PORT" ] && echo "    $EXEMPT_NFT udp dport 53 accept"
         [ -n "$res4" ] && echo "    ip daddr { $res4 } udp dport 53 accept"
         [ -n "$res6" ] && echo "    ip6 daddr { $res6 } udp dport 53 accept"
         echo "    drop"
@@ -568,7 +570,7 @@ esac
 
 if [ -n "$DNS_PORT" ]; then DNS="to :$DNS_PORT"; else DNS="resolvers ${RESOLVERS:-none}"; fi
 if [ "$MODE" = sidecar ]; then
-    echo "redirect.sh: sidecar: TCP egress -> :$PORT via $BACKEND (exempt uid $PROXY_UID; exclude: ${EXCLUDE:-none}; DNS: $DNS)"
+    echo "redirect.sh: sidecar: TCP egress -> :$PORT via $BACKEND (exempt $EXEMPT; exclude: ${EXCLUDE:-none}; DNS: $DNS)"
 else
     echo "redirect.sh: router: TCP from $FROM -> ${ROUTER_ADDRS:-the ingress address}:$PORT via $BACKEND; all else dropped (exclude: ${EXCLUDE:-none}; DNS: $DNS)"
 fi

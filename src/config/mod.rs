@@ -69,6 +69,10 @@ pub struct Config {
     /// when absent. See `deploy/transparent/redirect.sh`.
     #[serde(default)]
     pub transparent_listen: Option<SocketAddr>,
+    /// Where the DNS listener answers (UDP and TCP); off when absent. See
+    /// docs/DNS.md.
+    #[serde(default)]
+    pub dns_listen: Option<SocketAddr>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -98,6 +102,9 @@ pub struct Config {
     /// A parent proxy that allowed requests leave through.
     #[serde(default)]
     pub upstream_proxy: Option<UpstreamProxyConfig>,
+    /// How the proxy's own upstream sockets are made (`upstream.mark`).
+    #[serde(default)]
+    pub upstream: UpstreamSockets,
     /// Roles by name; `default` is required.
     pub roles: BTreeMap<String, RoleConfig>,
     /// A line added to the body of every policy deny (e.g. where to request

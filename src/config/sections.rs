@@ -14,6 +14,26 @@ use crate::target::Target;
 
 use super::values::{Cidr, ConfigDuration, DomainRule, RuleCidr};
 
+/// `upstream`: how the proxy's own upstream sockets are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSockets {
+    /// `SO_MARK` set on every upstream socket (origins and the parent), so
+    /// sidecar-mode netfilter rules exempt the proxy by packet mark
+    /// (`PORTCULLIS_MARK` in deploy/transparent/redirect.sh) instead of by
+    /// uid. Setting it needs CAP_NET_ADMIN in the proxy's container. 0 or
+    /// absent: no mark.
+    #[serde(default)]
+    pub mark: Option<u32>,
+}
+
+impl UpstreamSockets {
+    /// The mark to set, if any (0 is the kernel's "no mark").
+    pub fn mark(&self) -> Option<u32> {
+        self.mark.filter(|m| *m != 0)
+    }
+}
+
 /// `upstream_proxy`: allowed requests of `roles` (every role when empty)
 /// leave through a parent proxy, except those to `except` destinations.
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +265,83 @@ pub struct DnsConfig {
     /// DNS. The answers are checked like any other.
     #[serde(rename = "static")]
     pub pinned: BTreeMap<PinnedName, Vec<std::net::IpAddr>>,
+    /// Names the DNS listener (`dns_listen`) answers for every role, on top
+    /// of the role's domain rules (`*.svc.cluster.local`); also the only
+    /// names it answers PTR queries for.
+    pub always_answer: Vec<DomainRule>,
+    /// Query types the DNS listener forwards beyond A, AAAA, CNAME, HTTPS
+    /// and SVCB (`TXT`, `MX`, `SRV`, ...), for names it admits.
+    pub allow_types: Vec<QueryType>,
+    /// Bounds on the DNS listener.
+    pub listener: DnsListenerLimits,
+}
+
+/// A DNS query type named in config (`TXT`, `SRV`, or `TYPE65` style).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryType(pub hickory_proto::rr::RecordType);
+
+impl<'de> Deserialize<'de> for QueryType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use hickory_proto::rr::RecordType;
+        let text = String::deserialize(d)?;
+        let upper = text.to_ascii_uppercase();
+        let parsed = match upper.strip_prefix("TYPE").and_then(|n| n.parse::<u16>().ok()) {
+            Some(code) => Ok(RecordType::from(code)),
+            None => upper.parse::<RecordType>(),
+        };
+        match parsed {
+            Ok(RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT) => Err(serde::de::Error::custom(
+                format!("dns.allow_types: {text:?} is not forwarded by the DNS listener (ANY, AXFR, IXFR, OPT never are)"),
+            )),
+            Ok(t) => Ok(QueryType(t)),
+            Err(_) => Err(serde::de::Error::custom(format!("dns.allow_types: {text:?} is not a DNS record type"))),
+        }
+    }
+}
+
+/// `dns.listener`: bounds on the DNS listener, each per listener process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsListenerLimits {
+    /// Largest DNS message read or written (queries over it are dropped;
+    /// answers over it are refused with SERVFAIL). 512 to 65535.
+    pub max_message_bytes: u16,
+    /// Queries answered at once, in total: each holds one upstream socket,
+    /// so this also bounds the listener's file descriptors.
+    pub max_in_flight: usize,
+    /// Queries answered at once for one client address.
+    pub max_in_flight_per_client: usize,
+    /// Queries accepted per second from one client address (a burst of as
+    /// many is allowed); the rest are dropped.
+    pub max_queries_per_second_per_client: u32,
+    /// Open TCP connections to the listener.
+    pub max_tcp_connections: usize,
+    /// Queries of one TCP connection answered at once (pipelining depth).
+    pub max_tcp_pipeline: usize,
+    /// A TCP connection without a query for this long is closed.
+    pub tcp_idle: ConfigDuration,
+}
+
+impl DnsListenerLimits {
+    /// The descriptors the listener may hold at once: its two sockets, one
+    /// upstream socket per query in flight, one per TCP connection.
+    pub fn fds_needed(&self) -> u64 {
+        2 + self.max_in_flight as u64 + self.max_tcp_connections as u64
+    }
+}
+
+impl Default for DnsListenerLimits {
+    fn default() -> Self {
+        DnsListenerLimits {
+            max_message_bytes: 4096,
+            max_in_flight: 256,
+            max_in_flight_per_client: 32,
+            max_queries_per_second_per_client: 200,
+            max_tcp_connections: 64,
+            max_tcp_pipeline: 16,
+            tcp_idle: ConfigDuration(Duration::from_secs(10)),
+        }
+    }
 }
 
 /// A pinned name, normalised like a request's host.
@@ -267,6 +364,9 @@ impl Default for DnsConfig {
             timeout: ConfigDuration(Duration::from_secs(2)),
             max_ttl: ConfigDuration(Duration::from_secs(300)),
             pinned: BTreeMap::new(),
+            always_answer: Vec::new(),
+            allow_types: Vec::new(),
+            listener: DnsListenerLimits::default(),
         }
     }
 }
@@ -289,6 +389,10 @@ pub struct RoleConfig {
     /// global `deny_message`.
     #[serde(default)]
     pub deny_message: Option<String>,
+    /// Let TLS ClientHellos that offer Encrypted ClientHello through, decided
+    /// on their outer (public) name. Off: they are refused as `ech-refused`.
+    #[serde(default)]
+    pub allow_ech: bool,
 }
 
 /// Destinations a role may never reach, whatever its allow-list or mode.

@@ -46,12 +46,15 @@ pub enum DenyReason {
     /// A tunnel admitted only by `http_ports` did not start with a plain
     /// HTTP/1.x request head.
     NotHttp,
+    /// A TLS ClientHello offers Encrypted ClientHello: its real server name
+    /// is hidden, so the name that decides is not the name it goes to.
+    EchRefused,
 }
 
 impl DenyReason {
     /// Every reason, so that the series counting them can exist before the
     /// first deny (`every_reason_is_listed_once` checks the list).
-    pub const ALL: [DenyReason; 27] = {
+    pub const ALL: [DenyReason; 28] = {
         use RangeKind::*;
         [
             DenyReason::DeniedRange(Metadata),
@@ -81,6 +84,7 @@ impl DenyReason {
             DenyReason::Revoked,
             DenyReason::HostMismatch,
             DenyReason::NotHttp,
+            DenyReason::EchRefused,
         ]
     };
 
@@ -115,6 +119,7 @@ impl DenyReason {
             DenyReason::Revoked => "revoked",
             DenyReason::HostMismatch => "host-mismatch",
             DenyReason::NotHttp => "not-http",
+            DenyReason::EchRefused => "ech-refused",
         }
     }
 
@@ -310,6 +315,7 @@ mod tests {
                 DenyReason::Revoked => 24,
                 DenyReason::HostMismatch => 25,
                 DenyReason::NotHttp => 26,
+                DenyReason::EchRefused => 27,
             }
         };
         for (i, reason) in DenyReason::ALL.iter().enumerate() {

@@ -81,7 +81,7 @@ impl AllowList {
 
     /// True when a name that matches no domain rule could still be admitted
     /// by a CIDR rule once resolved.
-    fn cidrs_admit_names(&self) -> bool {
+    pub(super) fn cidrs_admit_names(&self) -> bool {
         self.resolve_unlisted && !self.cidrs.is_empty()
     }
 
@@ -192,6 +192,8 @@ pub struct Role {
     pub(super) deny: DenyList,
     /// Carve-outs that name this role, on top of the global ones.
     pub(super) carve_outs: Vec<IpNet>,
+    /// TLS ClientHellos offering Encrypted ClientHello are let through.
+    pub(super) allow_ech: bool,
 }
 
 /// Destinations a role may never reach, on top of the always-denied ranges.
@@ -252,13 +254,37 @@ impl DenyList {
 impl Role {
     /// Creates a role.
     pub fn new(name: &str, mode: Mode, sni_check: bool, allow: AllowList) -> Self {
-        Role { name: name.into(), mode, sni_check, allow, deny: DenyList::default(), carve_outs: Vec::new() }
+        Role { name: name.into(), mode, sni_check, allow, deny: DenyList::default(), carve_outs: Vec::new(), allow_ech: false }
     }
 
     /// Adds the role's own deny entries.
     pub fn with_deny(mut self, deny: DenyList) -> Self {
         self.deny = deny;
         self
+    }
+
+    /// Lets ClientHellos that offer Encrypted ClientHello through (decided
+    /// on their outer name).
+    pub fn with_allow_ech(mut self, allow: bool) -> Self {
+        self.allow_ech = allow;
+        self
+    }
+
+    /// True when the role lets ClientHellos offering Encrypted ClientHello through.
+    pub fn allows_ech(&self) -> bool {
+        self.allow_ech
+    }
+
+    /// True when a domain entry of the role's own deny list matches `name`.
+    pub fn denies_name(&self, name: &DomainName) -> bool {
+        self.deny.domains.lookup(name.as_str()).is_some()
+    }
+
+    /// True when a name no domain rule matches may still be admitted by the
+    /// role's CIDR rules once resolved (`allow.resolve_unlisted_names` and
+    /// at least one CIDR rule).
+    pub fn admits_unlisted_names_by_address(&self) -> bool {
+        self.allow.cidrs_admit_names()
     }
 
     /// Adds carve-outs from the always-denied ranges that apply to this role only.

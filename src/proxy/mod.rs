@@ -7,6 +7,7 @@
 
 pub mod admit;
 pub mod body;
+pub mod decide;
 pub mod egress;
 pub mod entrance;
 pub mod error;
@@ -77,7 +78,12 @@ impl Server {
 
     /// Binds `listen`, serving `snapshot` and recording into `metrics`.
     pub async fn bind_with(listen: SocketAddr, snapshot: Snapshot, metrics: Arc<Metrics>) -> io::Result<Self> {
-        let listener = TcpListener::bind(listen).await?;
+        Ok(Self::on_listener(TcpListener::bind(listen).await?, snapshot, metrics))
+    }
+
+    /// Serves `snapshot` on a listener already bound (the snapshot must know
+    /// the listener's address, so that requests to it are refused as `self`).
+    pub fn on_listener(listener: TcpListener, snapshot: Snapshot, metrics: Arc<Metrics>) -> Self {
         let idle = snapshot.timeouts.upstream_idle.0;
         metrics.policy_generation.set(snapshot.generation as i64);
         #[cfg(target_os = "linux")]
@@ -91,7 +97,7 @@ impl Server {
             outbound: Arc::default(),
             metrics,
         });
-        Ok(Server { listener, shared })
+        Server { listener, shared }
     }
 
     /// The address actually bound (useful with port 0).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use super::admit::Ask;
+use super::decide::Ask;
 use super::Shared;
 use crate::policy::{Decision, Policy, RequestKind};
 

@@ -111,5 +111,5 @@ fn compile_role(transitions: &Transitions, name: &str, role: &RoleConfig) -> Res
     )
     .resolve_unlisted(allow.resolve_unlisted_names);
     let deny = DenyList::new(role.deny.domains.iter().map(|d| d.0.clone()), cidrs("deny.cidrs", &role.deny.cidrs)?);
-    Ok(Role::new(name, role.mode, role.sni_check, allow_list).with_deny(deny))
+    Ok(Role::new(name, role.mode, role.sni_check, allow_list).with_deny(deny).with_allow_ech(role.allow_ech))
 }

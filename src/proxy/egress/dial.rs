@@ -19,9 +19,10 @@ use crate::proxy::error::UpstreamError;
 /// `connect_stagger` or as soon as one fails, the first to connect kept.
 /// The permit is the only way to name an address here: nothing unchecked
 /// can be dialed.
-pub async fn dial(permit: &Permit, timeouts: &Timeouts, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+/// `mark` is `upstream.mark`, set on each socket before it connects.
+pub async fn dial(permit: &Permit, timeouts: &Timeouts, mark: Option<u32>, metrics: &Metrics) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let started = Instant::now();
-    let dialed = dial_any(permit, timeouts.upstream_connect.0, timeouts.connect_stagger.0).await;
+    let dialed = dial_any(permit, timeouts.upstream_connect.0, timeouts.connect_stagger.0, mark).await;
     metrics.upstream_connect.observe(started.elapsed().as_secs_f64());
     dialed
 }
@@ -41,7 +42,7 @@ fn interleaved(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     }
 }
 
-async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration, mark: Option<u32>) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut waiting = interleaved(permit.addrs()).into_iter();
     let Some(first) = waiting.next() else { return Err(UpstreamError::ConnectTimeout) };
@@ -51,7 +52,7 @@ async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Resu
     };
     if waiting.len() == 0 {
         // One address: nothing to race, so no task and no timer but the deadline.
-        return match tokio::time::timeout_at(deadline, TcpStream::connect(first)).await {
+        return match tokio::time::timeout_at(deadline, connect_marked(first, mark)).await {
             Ok(Ok(stream)) => connected(stream, first),
             Ok(Err(e)) => Err(dial_failure(e)),
             Err(_) => Err(UpstreamError::ConnectTimeout),
@@ -62,7 +63,7 @@ async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Resu
     // next millisecond tick), the next one after `stagger` or as soon as
     // an attempt fails.
     let mut attempts = tokio::task::JoinSet::new();
-    let attempt = |addr: SocketAddr| async move { (addr, TcpStream::connect(addr).await) };
+    let attempt = |addr: SocketAddr| async move { (addr, connect_marked(addr, mark).await) };
     attempts.spawn(attempt(first));
     let next_attempt = tokio::time::sleep(stagger);
     let expired = tokio::time::sleep_until(deadline);
@@ -94,6 +95,20 @@ async fn dial_any(permit: &Permit, timeout: Duration, stagger: Duration) -> Resu
             () = &mut expired => return Err(UpstreamError::ConnectTimeout),
         }
     }
+}
+
+/// Connects to `addr`, first setting `SO_MARK` to `mark` when one is given
+/// (sidecar mode exempts the proxy's packets by this mark).
+pub async fn connect_marked(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else { return TcpStream::connect(addr).await };
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark).map_err(|e| {
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("upstream.mark: cannot set SO_MARK {mark:#x} ({e}); it needs CAP_NET_ADMIN"))
+    })?;
+    #[cfg(not(target_os = "linux"))]
+    return Err(io::Error::new(io::ErrorKind::Unsupported, format!("upstream.mark {mark:#x}: SO_MARK is Linux only")));
+    socket.connect(addr).await
 }
 
 /// A failed connect as the error a response reports.

@@ -9,21 +9,21 @@ use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::proxy::admit::Admitted;
-use crate::proxy::body::{CountedBody, ProxyBody, Upload};
+use super::upload::{CountedBody, Upload};
+use crate::proxy::body::ProxyBody;
 use super::dial::dial;
 use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
 use crate::proxy::framing::Refusal;
 use crate::proxy::loops::{self, OutboundGuard};
 use crate::proxy::parent::Parent;
 use crate::proxy::pool::{PoolKey, PoolLimits, Sender};
+use super::response::{PoolReturn, UpstreamBody};
 use crate::proxy::{Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::policy::Permit;
@@ -141,7 +141,7 @@ async fn connect(
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
         None => {
-            let (stream, addr) = dial(permit, &snapshot.timeouts, &shared.metrics).await?;
+            let (stream, addr) = dial(permit, &snapshot.timeouts, snapshot.upstream.mark(), &shared.metrics).await?;
             let outbound = stream.local_addr().ok().map(|local| shared.outbound.register(local));
             (handshake(IdleStream::new(stream, idle, outbound), max_head).await?, addr)
         }
@@ -340,76 +340,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ];
     for name in &FIXED {
         headers.remove(name);
-    }
-}
-
-/// Where a finished upstream connection goes back to.
-struct PoolReturn {
-    shared: Arc<Shared>,
-    key: PoolKey,
-    target: Target,
-    sender: Sender,
-    limits: PoolLimits,
-}
-
-/// An upstream response body on its way to the client. When it ends, the
-/// upstream connection goes back to the pool; when it is dropped (ended or
-/// abandoned), the request's log line is written.
-pub struct UpstreamBody {
-    inner: Incoming,
-    return_to: Option<PoolReturn>,
-    upload: Arc<Upload>,
-    received: u64,
-    record: AccessRecord,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.received += data.len() as u64;
-            }
-        }
-        // hyper stops polling once `is_end_stream` is true (a body with a
-        // known length), so the end is detected here, not only at `None`.
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.release();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl UpstreamBody {
-    /// Returns the upstream connection to the pool; called once the whole
-    /// response has been read, so the connection is ready for another request.
-    fn release(&mut self) {
-        if let Some(r) = self.return_to.take() {
-            r.shared.pool.checkin(r.key, r.target, r.sender, r.limits);
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // An empty body (204, 304, HEAD) may never be polled at all.
-        if self.inner.is_end_stream() {
-            self.release();
-        }
-        self.record.bytes_in = self.upload.bytes();
-        self.record.bytes_out = self.received;
-        self.record.emit();
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::proxy::error::UpstreamError;
 use crate::proxy::upstream::Upstream;
@@ -38,6 +37,8 @@ pub struct Parent {
     roles: Vec<String>,
     except_domains: DomainMatcher<()>,
     except_cidrs: CidrTable<()>,
+    /// `upstream.mark`, set on the socket to the parent too.
+    mark: Option<u32>,
 }
 
 impl Parent {
@@ -73,7 +74,13 @@ impl Parent {
             roles: config.roles.clone(),
             except_domains: DomainMatcher::new(config.except.domains.iter().map(|d| (d.0.clone(), ()))),
             except_cidrs: CidrTable::new(config.except.cidrs.iter().map(|c| (c.0, ()))),
+            mark: None,
         })
+    }
+
+    /// The same parent, dialed with `SO_MARK` `mark`.
+    pub fn with_mark(self, mark: Option<u32>) -> Parent {
+        Parent { mark, ..self }
     }
 
     /// What decisions need of a parent (which roles and names it carries,
@@ -89,6 +96,7 @@ impl Parent {
             roles: config.roles.clone(),
             except_domains: DomainMatcher::new(config.except.domains.iter().map(|d| (d.0.clone(), ()))),
             except_cidrs: CidrTable::new(config.except.cidrs.iter().map(|c| (c.0, ()))),
+            mark: None,
         }
     }
 
@@ -139,7 +147,7 @@ impl Parent {
         let connected = tokio::time::timeout_at(deadline, async {
             let mut last = None;
             for addr in tokio::net::lookup_host(&self.authority).await? {
-                match TcpStream::connect(addr).await {
+                match super::dial::connect_marked(addr, self.mark).await {
                     Ok(stream) => return Ok((stream, addr)),
                     Err(e) => last = Some(e),
                 }

@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use hyper::client::conn::http1::SendRequest;
 use prometheus::IntGauge;
 
-use crate::proxy::body::CountedBody;
+use super::upload::CountedBody;
 use crate::target::Target;
 
 /// The sending half of an upstream HTTP/1 connection.

@@ -298,7 +298,8 @@ async fn relay(
     let mut record = AccessRecord::new(client, Method::CONNECT, shared.metrics.clone());
     record.kind = Some(kind);
     record.original_dst = Some(original);
-    let opened = match open(&shared, &snapshot, client, original, kind, name, &mut record).await {
+    let ech = kind == RequestKind::TransparentTls && crate::sni::offers_ech(&first);
+    let opened = match open(&shared, &snapshot, client, original, (kind, ech), name, &mut record).await {
         Ok(opened) => opened,
         Err(err) => {
             refuse(&shared, &mut record, &err);
@@ -337,7 +338,7 @@ async fn open(
     snapshot: &Snapshot,
     client: SocketAddr,
     original: SocketAddr,
-    kind: RequestKind,
+    (kind, ech): (RequestKind, bool),
     name: Option<String>,
     record: &mut AccessRecord,
 ) -> Result<Opened, ProxyError> {
@@ -349,6 +350,13 @@ async fn open(
     record.host = target.host.to_text();
     record.port = target.port;
     let ask = Ask { who: Evidence::Redirected { source: client.ip() }, kind, target, original: Some(original) };
+    if ech {
+        // The SNI of an ECH offer is the outer, public name: not what decides.
+        let (role, _) = admit::identify(snapshot, &ask.who, record).map_err(ProxyError::Denied)?;
+        if !snapshot.policy.role(role).allows_ech() {
+            return Err(ProxyError::Denied(crate::policy::DenyReason::EchRefused));
+        }
+    }
     admit::admit_tunnel(shared, snapshot, &ask, record).await
 }
 

@@ -24,6 +24,8 @@ pub(super) struct StartCheck {
     pub(super) limit: Duration,
     pub(super) max_head: usize,
     sni: bool,
+    /// The role lets a ClientHello offering ECH through (on its outer name).
+    allow_ech: bool,
     start: TunnelStart,
 }
 
@@ -34,6 +36,7 @@ impl StartCheck {
         (permit.sni_check() || start != TunnelStart::Any).then(|| StartCheck {
             target: target.clone(),
             deny_message: snapshot.deny_messages.for_role(Some(&role)).map(str::to_string),
+            allow_ech: snapshot.policy.role_id(&role).is_some_and(|r| snapshot.policy.role(r).allows_ech()),
             role,
             limit: snapshot.timeouts.request_header.0,
             max_head: snapshot.limits.max_request_head_bytes,
@@ -50,7 +53,7 @@ impl StartCheck {
     {
         let host = self.target.host.to_string();
         if self.start == TunnelStart::Any {
-            return check_sni(client, early, &host, self.limit).await.map(Started::Relay);
+            return check_sni(client, early, &host, self.allow_ech, self.limit).await.map(Started::Relay);
         }
         let mut buf = early;
         let read = tokio::time::timeout(self.limit, first_bytes::read(client, &mut buf, self.max_head)).await;
@@ -61,7 +64,7 @@ impl StartCheck {
                 let _ = client.shutdown().await;
                 Err(DenyReason::NotHttp)
             }
-            _ if self.sni => check_sni(client, buf, &host, self.limit).await.map(Started::Relay),
+            _ if self.sni => check_sni(client, buf, &host, self.allow_ech, self.limit).await.map(Started::Relay),
             _ => Ok(Started::Relay(buf)),
         }
     }
@@ -76,9 +79,10 @@ pub(super) enum Started {
 }
 
 /// Reads the client's ClientHello (at most [`sni::MAX_PEEK`] bytes within
-/// `limit`) and returns the bytes read when its server name is `host`;
-/// otherwise the reason code, after telling a TLS client why.
-async fn check_sni<C>(client: &mut C, early: Vec<u8>, host: &str, limit: Duration) -> Result<Vec<u8>, DenyReason>
+/// `limit`) and returns the bytes read when its server name is `host` (and
+/// it offers no Encrypted ClientHello, unless `allow_ech`); otherwise the
+/// reason code, after telling a TLS client why.
+async fn check_sni<C>(client: &mut C, early: Vec<u8>, host: &str, allow_ech: bool, limit: Duration) -> Result<Vec<u8>, DenyReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -86,6 +90,10 @@ where
     // Only a ClientHello is waited for: other bytes are told apart at once.
     let read = tokio::time::timeout(limit, first_bytes::read(client, &mut buf, 0)).await;
     let refusal = match read {
+        Ok(Some(FirstBytes::Tls(Ok(_)))) if !allow_ech && crate::sni::offers_ech(&buf) => {
+            tracing::debug!(connect = %host, "ClientHello offers Encrypted ClientHello");
+            DenyReason::EchRefused
+        }
         Ok(Some(FirstBytes::Tls(Ok(name)))) if name == host => return Ok(buf),
         Ok(Some(FirstBytes::Tls(Ok(name)))) => {
             tracing::debug!(sni = %name, connect = %host, "SNI does not name the CONNECT host");

@@ -1,0 +1,234 @@
+//! The DNS listener (`dns_listen`): answers a workload's DNS queries only
+//! for names its role may reach, so DNS stops being the channel left open
+//! once TCP goes through the policy (docs/DNS.md).
+//!
+//! A query is parsed strictly ([`message`]), its client's role found by
+//! source address as on the transparent listener, and decided before
+//! anything leaves ([`decide`]): names denied before resolution, names the
+//! role's rules do not admit, and types not answered are refused (REFUSED)
+//! without a query upstream. An admitted question is asked upstream by
+//! [`upstream`], built from the checked question alone; the answer is judged
+//! like a dial decision ([`answer`]) before the client sees it. Every query
+//! gets one decision line and is counted ([`record`]).
+
+pub mod answer;
+pub mod decide;
+mod limits;
+pub mod message;
+pub mod record;
+pub mod rules;
+mod serve;
+mod upstream;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, RoleId};
+use crate::proxy::SnapshotHandle;
+use answer::Judged;
+use decide::{AdmittedBy, DnsReason, Question, Verdict};
+use message::BadQuery;
+use record::{DnsMetrics, DnsOutcome, DnsRecord};
+pub use rules::DnsRules;
+
+/// Decides `question` for `role`, and when it is admitted asks upstream and
+/// judges the answer: what the listener would answer a client of `role`.
+pub async fn ask(
+    policy: &Policy,
+    rules: &DnsRules,
+    role: RoleId,
+    question: &Question,
+    metrics: Option<&DnsMetrics>,
+) -> Result<(AdmittedBy, Judged), DnsReason> {
+    let admission = match decide::decide(policy, rules, role, question) {
+        Verdict::Forward(admission) => admission,
+        Verdict::Refuse(reason) => return Err(reason),
+    };
+    let started = Instant::now();
+    let upstream = upstream::forward(&admission, rules).await;
+    if let Some(metrics) = metrics {
+        metrics.upstream.observe(started.elapsed().as_secs_f64());
+    }
+    let judged = answer::judge(policy, &admission, &upstream?, rules.max_ttl)?;
+    Ok((admission.by(), judged))
+}
+
+/// Refuses a config whose limits and DNS listener together need more than
+/// `nofile` descriptors.
+pub fn check_fds(config: &Config, nofile: u64) -> Result<(), String> {
+    if config.dns_listen.is_none() {
+        return Ok(());
+    }
+    let dns = config.dns.listener.fds_needed();
+    let need = config.limits.fds_needed() + dns;
+    if need <= nofile {
+        return Ok(());
+    }
+    Err(format!(
+        "limits and dns_listen need up to {need} file descriptors ({} for the proxy's limits, {dns} for \
+         dns.listener's max_in_flight + max_tcp_connections + 2), but the open-file limit is {nofile}: \
+         lower them or raise the limit",
+        config.limits.fds_needed()
+    ))
+}
+
+/// State shared by both sockets of the listener.
+struct Shared {
+    snapshot: SnapshotHandle,
+    metrics: DnsMetrics,
+    limits: Arc<limits::ClientLimits>,
+    tcp_connections: Arc<Semaphore>,
+}
+
+/// The bound DNS listener: a UDP socket and a TCP listener on one address.
+pub struct DnsListener {
+    udp: UdpSocket,
+    tcp: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl DnsListener {
+    /// Binds UDP and TCP on `addr` (the same port for both when `addr`'s
+    /// port is 0), deciding with the proxy's current snapshot and counting
+    /// into its metrics. The bounds are read once, here.
+    pub async fn bind(addr: SocketAddr, snapshot: SnapshotHandle, metrics: &Metrics) -> io::Result<Self> {
+        let (udp, tcp) = bind_both(addr).await?;
+        let limits = snapshot.load().dns.limits.clone();
+        let shared = Arc::new(Shared {
+            snapshot,
+            metrics: metrics.dns.clone(),
+            limits: limits::ClientLimits::new(limits.max_in_flight),
+            tcp_connections: Arc::new(Semaphore::new(limits.max_tcp_connections)),
+        });
+        Ok(DnsListener { udp, tcp, shared })
+    }
+
+    /// The address bound (UDP and TCP alike).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    /// Answers queries until `shutdown` completes.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let udp = Arc::new(self.udp);
+        tokio::select! {
+            () = serve::udp(udp, self.shared.clone()) => {}
+            () = serve::tcp(self.tcp, self.shared.clone()) => {}
+            () = shutdown => {}
+        }
+    }
+}
+
+async fn bind_both(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    let tcp_on = |at: SocketAddr| -> io::Result<TcpListener> {
+        let socket = if at.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(at)?;
+        socket.listen(1024)
+    };
+    if addr.port() != 0 {
+        return Ok((UdpSocket::bind(addr).await?, tcp_on(addr)?));
+    }
+    // An ephemeral port free for both protocols.
+    let mut last = None;
+    for _ in 0..50 {
+        let udp = UdpSocket::bind(addr).await?;
+        match tcp_on(udp.local_addr()?) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no port free for both UDP and TCP")))
+}
+
+/// Answers one query from `client`; `None` drops it (not even a header).
+async fn handle(shared: &Shared, client: SocketAddr, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    let snapshot = shared.snapshot.load_full();
+    let max = snapshot.dns.limits.max_message_bytes;
+    let mut record = DnsRecord::new(client, tcp);
+    let query = match message::parse_query(bytes) {
+        Ok(query) => query,
+        Err(BadQuery::Unanswerable) => {
+            shared.metrics.dropped.with_label_values(&["unanswerable"]).inc();
+            return None;
+        }
+        Err(BadQuery::Answerable { id, reason, parsed }) => {
+            record.outcome = DnsOutcome::Deny(reason);
+            let reply = match parsed.as_deref() {
+                Some(query) => {
+                    record.name = query.queries().first().map(|q| q.name().to_ascii()).unwrap_or_default();
+                    record.qtype = query.queries().first().map(|q| q.query_type());
+                    message::response(query, message::rcode_of(reason), Vec::new(), Vec::new(), max)
+                }
+                None => message::bare_response(id, message::rcode_of(reason)),
+            };
+            return Some(finish(shared, record, &reply, parsed.as_deref(), max));
+        }
+    };
+    record.name = query.question.name.to_string();
+    record.qtype = Some(query.question.qtype);
+    let asked = match snapshot.identities.identify_source(&snapshot.policy, client.ip()) {
+        Ok((role, source)) => {
+            record.role = snapshot.policy.role(role).name().to_string();
+            record.identity = source.as_str();
+            ask(&snapshot.policy, &snapshot.dns, role, &query.question, Some(&shared.metrics)).await
+        }
+        Err(reason) => Err(DnsReason::Policy(reason)),
+    };
+    let reply = match asked {
+        Ok((by, judged)) => {
+            record.outcome = DnsOutcome::Allow(by);
+            record.answers = judged.answers.len();
+            message::response(&query.message, judged.rcode, judged.answers, judged.authority, max)
+        }
+        Err(reason) => {
+            record.outcome = DnsOutcome::Deny(reason);
+            message::response(&query.message, message::rcode_of(reason), Vec::new(), Vec::new(), max)
+        }
+    };
+    Some(finish(shared, record, &reply, Some(&query.message), max))
+}
+
+/// Encodes `reply` within the client's size limit (SERVFAIL when it cannot
+/// fit over TCP), then logs and counts the query.
+fn finish(shared: &Shared, mut record: DnsRecord, reply: &Message, query: Option<&Message>, max: u16) -> Vec<u8> {
+    let udp = !record.tcp;
+    let limit = message::size_limit(query, udp, max);
+    let mut rcode = reply.response_code();
+    let bytes = message::encode(reply, limit, udp).unwrap_or_else(|| {
+        record.outcome = DnsOutcome::Deny(DnsReason::AnswerTooLarge);
+        record.answers = 0;
+        rcode = ResponseCode::ServFail;
+        let failed = message::bare_response(reply.id(), rcode);
+        // A header alone always fits (512 is the least any limit is).
+        failed.to_vec().unwrap_or_default()
+    });
+    record.rcode = rcode_name(rcode);
+    record.emit(Some(&shared.metrics));
+    bytes
+}
+
+/// The response code as dig and the decision line spell it.
+pub fn rcode_name(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NotImp => "NOTIMP",
+        _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+//! The listener's two transports. UDP: one datagram, one query, one task.
+//! TCP (RFC 7766): length-prefixed messages, answered as they finish (out
+//! of order), at most `max_tcp_pipeline` at a time per connection; a bad
+//! frame closes the connection, a bad message gets its FORMERR.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{handle, Shared};
+
+/// Serves datagrams until the socket fails for good.
+pub(super) async fn udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    // One byte more than the largest message, to tell an oversize datagram.
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, client) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; keep serving.
+                tracing::debug!(error = %e, "DNS listener: UDP receive failed");
+                continue;
+            }
+        };
+        let limits = shared.snapshot.load().dns.limits.clone();
+        if n > usize::from(limits.max_message_bytes) {
+            shared.metrics.dropped.with_label_values(&["too-large"]).inc();
+            continue;
+        }
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+        let Some(slot) = shared.limits.admit(client.ip(), &limits, Instant::now()) else {
+            shared.metrics.dropped.with_label_values(&["over-limit"]).inc();
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let (socket, shared) = (socket.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = handle(&shared, client, &query, false).await {
+                let _ = socket.send_to(&reply, client).await;
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Accepts TCP connections within `max_tcp_connections`.
+pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "DNS listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the limit the connection is closed at once.
+        let Ok(permit) = shared.tcp_connections.clone().try_acquire_owned() else {
+            shared.metrics.dropped.with_label_values(&["over-limit"]).inc();
+            continue;
+        };
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection(stream, client, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one TCP connection: reads frames until EOF, a bad frame or the
+/// idle limit, answering each within the pipelining depth.
+async fn connection(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
+    let (mut reader, mut writer) = stream.into_split();
+    let limits = shared.snapshot.load().dns.limits.clone();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_tcp_pipeline);
+    let write = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&reply);
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let pipeline = Arc::new(Semaphore::new(limits.max_tcp_pipeline));
+    loop {
+        let frame = tokio::time::timeout(limits.tcp_idle.0, read_frame(&mut reader, limits.max_message_bytes)).await;
+        let Ok(Some(query)) = frame else { break };
+        // Back-pressure: the next frame is read only when a slot is free.
+        let Ok(in_pipeline) = pipeline.clone().acquire_owned().await else { break };
+        let Some(slot) = shared.limits.admit(client.ip(), &limits, Instant::now()) else {
+            shared.metrics.dropped.with_label_values(&["over-limit"]).inc();
+            continue;
+        };
+        let (tx, shared) = (tx.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = handle(&shared, client, &query, true).await {
+                let _ = tx.send(reply).await;
+            }
+            drop((slot, in_pipeline));
+        });
+    }
+    drop(tx);
+    let _ = write.await;
+}
+
+/// One length-prefixed message, or `None` at EOF, on an error, or for a
+/// frame that is empty or longer than `max` (the connection is then closed:
+/// its framing can no longer be trusted).
+async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin), max: u16) -> Option<Vec<u8>> {
+    let len = reader.read_u16().await.ok()?;
+    if len == 0 || len > max {
+        return None;
+    }
+    let mut buf = vec![0u8; usize::from(len)];
+    reader.read_exact(&mut buf).await.ok()?;
+    Some(buf)
+}

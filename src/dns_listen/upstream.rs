@@ -1,0 +1,132 @@
+//! The forwarder: asks the configured resolvers an admitted question, over
+//! UDP with a fresh socket and id per query, and over TCP when the answer
+//! comes back truncated.
+//!
+//! It takes an [`Admission`] and builds the query from the checked question
+//! alone: no byte of the client's message is sent, so nothing the policy did
+//! not admit can leave this way.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::rr::Name;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::decide::{Admission, DnsReason};
+use super::rules::DnsRules;
+
+/// The EDNS size advertised upstream (the DNS flag day 2020 default, which
+/// avoids IP fragmentation).
+const UPSTREAM_PAYLOAD: u16 = 1232;
+
+/// Asks the upstreams in order, each within `rules.timeout`, until one
+/// answers the question; the answer's id, flags and question are checked.
+pub async fn forward(admission: &Admission, rules: &DnsRules) -> Result<Message, DnsReason> {
+    let query = build_query(admission)?;
+    let mut last = DnsReason::UpstreamFailed;
+    for server in rules.upstreams.iter() {
+        let max = usize::from(rules.limits.max_message_bytes);
+        match tokio::time::timeout(rules.timeout, exchange(*server, &query, max)).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => {
+                tracing::debug!(%server, error = %e, "upstream DNS exchange failed");
+                last = DnsReason::UpstreamFailed;
+            }
+            Err(_) => last = DnsReason::UpstreamTimeout,
+        }
+    }
+    Err(last)
+}
+
+/// The query for an admitted question: a fresh random id, recursion
+/// desired, EDNS without the DO bit (answers are rewritten, so signatures
+/// could not be passed on anyway).
+fn build_query(admission: &Admission) -> Result<Message, DnsReason> {
+    let question = admission.question();
+    let name = Name::from_ascii(format!("{}.", question.name)).map_err(|_| DnsReason::UpstreamFailed)?;
+    let mut message = Message::new();
+    message
+        .set_id(random_id())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    message.add_query(Query::query(name, question.qtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(UPSTREAM_PAYLOAD);
+    message.set_edns(edns);
+    Ok(message)
+}
+
+/// A query id no one off-path can predict: SipHash under the process's
+/// random keys, over a counter.
+fn random_id() -> u16 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    hasher.finish() as u16
+}
+
+/// Why one exchange with one server failed.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("answer over {0} bytes")]
+    TooLarge(usize),
+    #[error("answer does not parse")]
+    Malformed,
+}
+
+/// One exchange with `server`: UDP, then TCP if the answer is truncated.
+async fn exchange(server: SocketAddr, query: &Message, max: usize) -> Result<Message, ExchangeError> {
+    let bytes = query.to_vec().map_err(|_| ExchangeError::Malformed)?;
+    let local: IpAddr = if server.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let socket = UdpSocket::bind(SocketAddr::new(local, 0)).await?;
+    // Connected: datagrams from anywhere but the server are never read.
+    socket.connect(server).await?;
+    socket.send(&bytes).await?;
+    let mut buf = vec![0u8; max.max(usize::from(UPSTREAM_PAYLOAD))];
+    let answer = loop {
+        let n = socket.recv(&mut buf).await?;
+        // Anything that is not the answer to this query is ignored (a late
+        // answer to an earlier query cannot reach a fresh socket; a forged one
+        // must also guess the id).
+        if let Some(answer) = Message::from_vec(&buf[..n]).ok().filter(|a| answers(query, a)) {
+            break answer;
+        }
+    };
+    drop(socket);
+    if !answer.truncated() {
+        return Ok(answer);
+    }
+    exchange_tcp(server, &bytes, query, max).await
+}
+
+async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: usize) -> Result<Message, ExchangeError> {
+    let mut stream = TcpStream::connect(server).await?;
+    let mut framed = Vec::with_capacity(bytes.len() + 2);
+    framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    framed.extend_from_slice(bytes);
+    stream.write_all(&framed).await?;
+    let len = usize::from(stream.read_u16().await?);
+    if len > max {
+        return Err(ExchangeError::TooLarge(max));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Message::from_vec(&buf).ok().filter(|a| answers(query, a)).ok_or(ExchangeError::Malformed)
+}
+
+/// True when `answer` is a response to `query`: same id, QR set, opcode
+/// QUERY, and the same single question.
+fn answers(query: &Message, answer: &Message) -> bool {
+    answer.id() == query.id()
+        && answer.message_type() == MessageType::Response
+        && answer.op_code() == OpCode::Query
+        && answer.queries().len() == 1
+        && answer.queries().first().zip(query.queries().first()).is_some_and(|(a, q)| {
+            a.name() == q.name() && a.query_type() == q.query_type() && a.query_class() == q.query_class()
+        })
+}
