@@ -96,8 +96,28 @@ impl Snapshot {
 /// past it is refused and the running policy stays.
 pub fn check_descriptors(config: &Config, nofile: u64) -> Result<(), ConfigError> {
     config.limits.check_fds(nofile).map_err(|message| config.refusal(format!("limits: {message}"), None))?;
-    crate::dns_listen::check_fds(config, nofile).map_err(|message| config.refusal(message, None))
+    check_dns_listener_fds(config, nofile).map_err(|message| config.refusal(message, None))
 }
+
+/// Refuses a config whose limits and DNS listener together need more than
+/// `nofile` descriptors.
+fn check_dns_listener_fds(config: &Config, nofile: u64) -> Result<(), String> {
+    if config.dns_listen.is_none() {
+        return Ok(());
+    }
+    let dns = config.dns.listener.fds_needed();
+    let need = config.limits.fds_needed() + dns;
+    if need <= nofile {
+        return Ok(());
+    }
+    Err(format!(
+        "limits and dns_listen need up to {need} file descriptors ({} for the proxy's limits, {dns} for \
+         dns.listener's max_in_flight + max_tcp_connections + 2), but the open-file limit is {nofile}: \
+         lower them or raise the limit",
+        config.limits.fds_needed()
+    ))
+}
+
 
 /// Compiles the policy alone, for tools that judge requests without
 /// serving them (fuzzing, the policy tests of other modules).

@@ -30,7 +30,6 @@ use hickory_proto::op::{Message, ResponseCode};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, RoleId};
 use crate::proxy::SnapshotHandle;
@@ -60,25 +59,6 @@ pub async fn ask(
     }
     let judged = answer::judge(policy, &admission, &upstream?, rules.max_ttl)?;
     Ok((admission.by(), judged))
-}
-
-/// Refuses a config whose limits and DNS listener together need more than
-/// `nofile` descriptors.
-pub fn check_fds(config: &Config, nofile: u64) -> Result<(), String> {
-    if config.dns_listen.is_none() {
-        return Ok(());
-    }
-    let dns = config.dns.listener.fds_needed();
-    let need = config.limits.fds_needed() + dns;
-    if need <= nofile {
-        return Ok(());
-    }
-    Err(format!(
-        "limits and dns_listen need up to {need} file descriptors ({} for the proxy's limits, {dns} for \
-         dns.listener's max_in_flight + max_tcp_connections + 2), but the open-file limit is {nofile}: \
-         lower them or raise the limit",
-        config.limits.fds_needed()
-    ))
 }
 
 /// State shared by both sockets of the listener.
