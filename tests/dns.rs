@@ -278,8 +278,14 @@ async fn ech_client_hello_is_refused_on_connect_unless_the_role_allows_it() {
         }
         let mut back = Vec::new();
         let _ = tokio::time::timeout(STEP, tunnel.read_to_end(&mut back)).await.expect("the tunnel ends");
-        let metrics = running.metrics().await;
         let refused = "portcullis_requests_total{decision=\"deny\",kind=\"connect\",reason=\"ech-refused\",role=\"default\"} 1";
+        // The tunnel's line is counted once it is torn down, after the alert.
+        let deadline = std::time::Instant::now() + STEP;
+        let mut metrics = running.metrics().await;
+        while !relayed && !metrics.contains(refused) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            metrics = running.metrics().await;
+        }
         if relayed {
             let deadline = std::time::Instant::now() + STEP;
             while !received.lock().unwrap().iter().any(|g| *g == hello) {
