@@ -19,7 +19,7 @@ use super::upload::{CountedBody, Upload};
 use crate::proxy::body::ProxyBody;
 use super::dial::dial;
 use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
-use crate::proxy::framing::Refusal;
+use crate::refusal::Refusal;
 use crate::proxy::loops::{self, OutboundGuard};
 use crate::proxy::parent::Parent;
 use crate::proxy::pool::{PoolKey, PoolLimits, Sender};
