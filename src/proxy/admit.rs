@@ -18,7 +18,7 @@ use super::error::{ProxyError, UpstreamError};
 use super::loops::OutboundGuard;
 use super::revoke::{Registration, Tunnels};
 use super::slots::TunnelSlot;
-use super::upstream::Upstream;
+use super::egress::upstream::Upstream;
 use super::{Shared, Snapshot};
 use crate::access_log::{AccessRecord, Outcome};
 use crate::dns::{ResolveError, Resolver};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use super::parent::Parent;
+use super::egress::parent::Parent;
 use super::Snapshot;
 use crate::dns::{ResolveError, Resolver};
 use crate::identity::{CertNames, Identities, IdentitySource};

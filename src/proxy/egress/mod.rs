@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use dial::dial;
 use crate::proxy::error::UpstreamError;
-use crate::proxy::upstream::Upstream;
+use crate::proxy::egress::upstream::Upstream;
 use crate::proxy::Snapshot;
 use crate::metrics::Metrics;
 use crate::policy::{Permit, RequestKind, RoleId};

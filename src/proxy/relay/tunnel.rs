@@ -20,10 +20,10 @@ use crate::policy::DenyReason;
 use crate::proxy::admit::Opened;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
-use crate::proxy::framing::WatchedIo;
+use crate::proxy::entrance::framing::WatchedIo;
 use crate::proxy::revoke::Registration;
 use crate::proxy::slots::ConnectionSlot;
-use crate::proxy::upstream::Upstream;
+use crate::proxy::egress::upstream::Upstream;
 use crate::proxy::{Shared, Snapshot};
 use crate::target::Target;
 
