@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use super::egress::parent::Parent;
-use super::Snapshot;
+use crate::snapshot::Snapshot;
 use crate::dns::{ResolveError, Resolver};
 use crate::identity::{CertNames, Identities, IdentitySource};
 use crate::policy::{Decision, DenyReason, Policy, PreResolution, RequestKind, RoleId};

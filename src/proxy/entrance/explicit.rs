@@ -21,7 +21,8 @@ use crate::proxy::error::{ClientError, ProxyError};
 use crate::proxy::entrance::framing::{self, Wire};
 use crate::proxy::respond::{refuse, respond};
 use crate::proxy::egress::forward;
-use crate::proxy::{loops, relay, serve_with, slots, ConnectionGuard, Shared, Snapshot};
+use crate::proxy::{loops, relay, serve_with, slots, ConnectionGuard, Shared};
+use crate::snapshot::Snapshot;
 use crate::target::Target;
 
 /// Completes the TLS handshake when the proxy port speaks TLS, then serves HTTP.

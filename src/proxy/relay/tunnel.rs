@@ -24,7 +24,8 @@ use crate::proxy::entrance::framing::WatchedIo;
 use crate::proxy::revoke::Registration;
 use crate::proxy::slots::ConnectionSlot;
 use crate::proxy::egress::upstream::Upstream;
-use crate::proxy::{Shared, Snapshot};
+use crate::proxy::Shared;
+use crate::snapshot::Snapshot;
 use crate::target::Target;
 
 /// Dials the permitted destination, answers 200 only once the upstream
