@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::metrics::Metrics;
 use crate::policy::provenance::RuleRef;
 use crate::policy::{DenyReason, Mode, RequestKind};
-use crate::proxy::framing::Refusal;
+use crate::refusal::Refusal;
 
 /// How a request ended, as far as policy is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

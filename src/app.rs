@@ -13,7 +13,7 @@ use crate::admin::{self, Health};
 use crate::config::{Config, ConfigError, ReloadConfig};
 use crate::dns_listen::DnsListener;
 use crate::metrics::Metrics;
-use crate::proxy::transparent::TransparentServer;
+use crate::proxy::entrance::transparent::TransparentServer;
 use crate::proxy::error::UpstreamError;
 use crate::proxy::Server;
 use crate::snapshot::Snapshot;

@@ -24,6 +24,7 @@ pub mod orig_dst;
 pub mod policy;
 pub mod policytest;
 pub mod proxy;
+pub mod refusal;
 pub mod reload;
 pub mod scan;
 pub mod snapshot;

@@ -18,7 +18,7 @@ use crate::dns::ResolveError;
 use crate::identity::{CertNames, Identities};
 use crate::policy::{Decision, Policy, RequestKind, RoleId};
 use crate::proxy::decide::{Lookup, Rules};
-use crate::proxy::parent::Parent;
+use crate::proxy::egress::parent::Parent;
 use crate::snapshot::Snapshot;
 use crate::source_lines::SourceLines;
 use crate::target::{DomainName, Host, Target};

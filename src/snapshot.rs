@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError, Limits, Timeouts, UpstreamProxyConfig};
 use crate::dns::Resolver;
 use crate::identity::Identities;
 use crate::policy::Policy;
-use crate::proxy::parent::Parent;
+use crate::proxy::egress::parent::Parent;
 
 /// Everything a request needs that can change on reload, published as one
 /// snapshot so a request never mixes two configurations.
@@ -42,7 +42,7 @@ pub struct Snapshot {
     /// 1 for the config loaded at start, +1 per successful reload.
     pub generation: u64,
     /// The DNS listener's rules (`dns_listen`).
-    pub dns: crate::dns_listen::DnsRules,
+    pub dns: crate::dns_listen::rules::DnsRules,
 }
 
 impl fmt::Debug for Snapshot {
@@ -143,7 +143,7 @@ fn compile(config: &Config, generation: u64) -> Result<Snapshot, Refused> {
         upstream: config.upstream,
         deny_messages: DenyMessages::from_config(config),
         generation,
-        dns: crate::dns_listen::DnsRules::compile(config)?,
+        dns: crate::dns_listen::rules::DnsRules::compile(config)?,
     })
 }
 

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::policy::{Policy, RoleId};
-use crate::proxy::SnapshotHandle;
+use crate::snapshot::SnapshotHandle;
 use answer::Judged;
 use decide::{AdmittedBy, DnsReason, Question, Verdict};
 use message::BadQuery;

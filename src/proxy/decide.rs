@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use super::parent::Parent;
-use super::Snapshot;
+use super::egress::parent::Parent;
+use crate::snapshot::Snapshot;
 use crate::dns::{ResolveError, Resolver};
 use crate::identity::{CertNames, Identities, IdentitySource};
 use crate::policy::{Decision, DenyReason, Policy, PreResolution, RequestKind, RoleId};

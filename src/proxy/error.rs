@@ -5,7 +5,7 @@
 use http::StatusCode;
 
 use super::slots::LimitKind;
-use super::framing::Refusal;
+use crate::refusal::Refusal;
 use crate::access_log::Outcome;
 use crate::dns::ResolveError;
 use crate::policy::DenyReason;

@@ -11,7 +11,8 @@ use hyper::ext::ReasonPhrase;
 
 use super::body::ProxyBody;
 use super::error::{ClientError, ProxyError, DENY_HEADER, ERROR_HEADER};
-use super::{repeats, Shared, Snapshot};
+use super::{repeats, Shared};
+use crate::snapshot::Snapshot;
 pub use crate::snapshot::DenyMessages;
 use crate::access_log::AccessRecord;
 use crate::policy::DenyReason;

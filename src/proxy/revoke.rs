@@ -112,7 +112,7 @@ pub async fn on_reload(shared: Arc<Shared>) {
             seen = generation;
             // The limits may have changed: pipes keep out of what they promise.
             #[cfg(target_os = "linux")]
-            super::splice::promise(shared.snapshot.load().limits.fds_needed());
+            super::relay::splice::promise(shared.snapshot.load().limits.fds_needed());
             revoke_denied(&shared);
         }
     }

@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 
 use dial::dial;
 use crate::proxy::error::UpstreamError;
-use crate::proxy::upstream::Upstream;
-use crate::proxy::Snapshot;
+use crate::proxy::egress::upstream::Upstream;
+use crate::snapshot::Snapshot;
 use crate::metrics::Metrics;
 use crate::policy::{Permit, RequestKind, RoleId};
 use crate::target::Target;

@@ -13,7 +13,7 @@ use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::proxy::error::UpstreamError;
-use crate::proxy::upstream::Upstream;
+use crate::proxy::egress::upstream::Upstream;
 use crate::config::{ParentResolve, UpstreamProxyConfig};
 use crate::policy::cidr::CidrTable;
 use crate::policy::domain::DomainMatcher;

@@ -18,9 +18,11 @@ use crate::policy::RequestKind;
 use crate::proxy::admit::{self, Ask, Evidence};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::{ClientError, ProxyError};
-use crate::proxy::framing::{self, Wire};
+use crate::proxy::entrance::framing::{self, Wire};
 use crate::proxy::respond::{refuse, respond};
-use crate::proxy::{forward, loops, relay, serve_with, slots, ConnectionGuard, Shared, Snapshot};
+use crate::proxy::egress::forward;
+use crate::proxy::{loops, relay, serve_with, slots, ConnectionGuard, Shared};
+use crate::snapshot::Snapshot;
 use crate::target::Target;
 
 /// Completes the TLS handshake when the proxy port speaks TLS, then serves HTTP.

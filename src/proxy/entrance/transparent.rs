@@ -28,13 +28,15 @@ use tokio::sync::watch;
 
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::{ClientError, ProxyError};
-use crate::proxy::framing::{check_head, Entrance, Wire};
+use crate::proxy::entrance::framing::{check_head, Entrance, Wire};
 use crate::proxy::loops::{self, Loop};
 use crate::proxy::admit::{self, Ask, Evidence, Opened};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::egress::upstream::Upstream;
 use crate::proxy::relay::{copy, tunnel};
 use crate::proxy::respond::respond;
-use crate::proxy::{accept_until, admit_slot, forward, Server, Shared, Snapshot};
+use crate::proxy::egress::forward;
+use crate::proxy::{accept_until, admit_slot, Server, Shared};
+use crate::snapshot::Snapshot;
 use crate::access_log::AccessRecord;
 use crate::orig_dst;
 use crate::policy::RequestKind;

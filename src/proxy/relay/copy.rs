@@ -255,10 +255,10 @@ async fn splice_rest(
     activity: &Activity,
 ) -> Option<bool> {
     let (from, to) = sockets?;
-    let pipe = crate::proxy::splice::Pipe::new().ok()?;
+    let pipe = crate::proxy::relay::splice::Pipe::new().ok()?;
     *buf = Vec::new();
     loop {
-        match crate::proxy::splice::move_chunk(from, to, &pipe).await {
+        match crate::proxy::relay::splice::move_chunk(from, to, &pipe).await {
             Ok(0) => return Some(true),
             Ok(n) => {
                 activity.touch();

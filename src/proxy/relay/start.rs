@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::first_bytes::{self, FirstBytes};
 use crate::policy::{DenyReason, Permit, TunnelStart};
-use crate::proxy::Snapshot;
+use crate::snapshot::Snapshot;
 use crate::sni::SniError;
 use crate::target::Target;
 

@@ -20,11 +20,12 @@ use crate::policy::DenyReason;
 use crate::proxy::admit::Opened;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::error::ProxyError;
-use crate::proxy::framing::WatchedIo;
+use crate::proxy::entrance::framing::WatchedIo;
 use crate::proxy::revoke::Registration;
 use crate::proxy::slots::ConnectionSlot;
-use crate::proxy::upstream::Upstream;
-use crate::proxy::{Shared, Snapshot};
+use crate::proxy::egress::upstream::Upstream;
+use crate::proxy::Shared;
+use crate::snapshot::Snapshot;
 use crate::target::Target;
 
 /// Dials the permitted destination, answers 200 only once the upstream

@@ -23,7 +23,7 @@ use crate::proxy::body::ProxyBody;
 use super::copy::{Activity, RelayEnd};
 use crate::proxy::error::{ClientError, ProxyError, UpstreamError};
 use crate::proxy::respond::Answer;
-use crate::proxy::framing::{check_head, Entrance, WatchedIo, Wire};
+use crate::proxy::entrance::framing::{check_head, Entrance, WatchedIo, Wire};
 use crate::access_log::Outcome;
 use crate::policy::DenyReason;
 use crate::target::Target;

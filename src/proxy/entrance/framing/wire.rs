@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::Refusal;
+use crate::refusal::Refusal;
 
 /// hyper's longest accepted request target (`MAX_URI_LEN` in hyper's h1 role).
 const HYPER_MAX_URI_LEN: usize = u16::MAX as usize - 1;
