@@ -251,31 +251,8 @@ fn missing_default_role_is_an_error() {
 #[test]
 fn reason_codes_are_distinct() {
     use std::collections::HashSet;
-    let kinds = [
-        RangeKind::Metadata,
-        RangeKind::LinkLocal,
-        RangeKind::Loopback,
-        RangeKind::Private,
-        RangeKind::Special,
-        RangeKind::Internal,
-        RangeKind::SelfAddr,
-    ];
-    let mut all: Vec<DenyReason> = kinds.iter().flat_map(|k| [DenyReason::DeniedRange(*k), DenyReason::DeniedName(*k)]).collect();
-    all.extend([
-        DenyReason::NotAllowListed,
-        DenyReason::PortNotAllowed,
-        DenyReason::InvalidTarget,
-        DenyReason::DeniedByRole,
-        DenyReason::AuthRequired,
-        DenyReason::AuthFailed,
-        DenyReason::SniMismatch,
-        DenyReason::SniMissing,
-        DenyReason::NotTls,
-        DenyReason::SniTimeout,
-        DenyReason::Revoked,
-    ]);
-    let codes: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
-    assert_eq!(codes.len(), all.len());
+    let codes: HashSet<&str> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(codes.len(), DenyReason::ALL.len());
 }
 
 // The always-denied table against an independent oracle.
