@@ -154,11 +154,14 @@ where
             Ok(())
         }
         Ok(Started::PlainHttp(first)) => {
-            let limits = tunnel_http::Limits { header: check.limit, idle, max_head: check.max_head };
+            let limits = tunnel_http::Limits {
+                header: check.limit,
+                idle,
+                max_head: check.max_head,
+                max_response_head: check.max_response_head,
+            };
             let ends = tunnel_http::Ends { target: check.target, role: check.role, deny_message: check.deny_message };
-            let (up, down) = tunnel_http::serve(client, first, upstream, ends, limits).await?;
-            counts.add(up, down);
-            Ok(())
+            tunnel_http::serve(client, first, upstream, ends, limits, counts).await
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;
