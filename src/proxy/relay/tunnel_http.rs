@@ -88,6 +88,9 @@ where
     }
 }
 
+/// The code of an upstream that answered a request with no usable response.
+const UPSTREAM_ERROR: &str = "upstream-error";
+
 /// What the response side waits for next, in request order.
 enum Awaited {
     /// The response to a request sent upstream.
@@ -362,31 +365,29 @@ where
             }
             return Ended::Refused(outcome);
         }
-        if responses.buffered().is_empty() {
+        if responses.buffered().is_empty() && front.is_none() {
             tokio::select! {
                 read = responses.fill(limits.max_response_head) => match read {
                     Ok(0) | Err(_) => return Ended::Closed,
                     Ok(_) => activity.touch(),
                 },
-                _ = exchange.queued.notified(), if front.is_none() => continue,
+                _ = exchange.queued.notified() => continue,
             }
         }
         // A response nothing asked for (an origin's 408 before it closes)
         // is framed as an answer to a GET.
         let (_, head_method, upgrade) = front.unwrap_or_default();
-        let head = loop {
-            match parse_response(responses.buffered(), head_method) {
-                Ok(Some(head)) => break head,
-                Ok(None) if responses.buffered().len() < limits.max_response_head => {}
-                _ => {
-                    tracing::debug!("plain-HTTP tunnel: the upstream sent no usable response head");
-                    return Ended::Closed;
-                }
+        let Some(head) = read_response_head(responses, head_method, limits, activity).await else {
+            // As on the proxy port: a request the upstream did not answer
+            // with HTTP gets a 502.
+            if front.is_none() {
+                return Ended::Closed;
             }
-            match responses.fill(limits.max_response_head).await {
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(_) => activity.touch(),
+            let answer = raw_answer(http::StatusCode::BAD_GATEWAY, ERROR_HEADER, UPSTREAM_ERROR, "the destination sent no usable response");
+            if client.write_all(answer.as_bytes()).await.is_ok() {
+                counts.received.fetch_add(answer.len() as u64, Ordering::Relaxed);
             }
+            return Ended::Refused(Outcome::Error(UPSTREAM_ERROR));
         };
         let interim = (100..200).contains(&head.status) && head.status != 101;
         if !interim && front.is_some() {
@@ -414,6 +415,28 @@ where
             return Ended::Closed;
         }
         responses.settle();
+    }
+}
+
+/// Reads the next response head; `None` when the upstream closes before
+/// one is complete, or sends what is not one.
+async fn read_response_head<R>(responses: &mut Feed<R>, head_method: bool, limits: &Limits, activity: &Activity) -> Option<ResponseHead>
+where
+    R: AsyncRead + Unpin + Half,
+{
+    loop {
+        match parse_response(responses.buffered(), head_method) {
+            Ok(Some(head)) => return Some(head),
+            Ok(None) if responses.buffered().len() < limits.max_response_head => {}
+            _ => {
+                tracing::debug!("plain-HTTP tunnel: the upstream sent no usable response head");
+                return None;
+            }
+        }
+        match responses.fill(limits.max_response_head).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => activity.touch(),
+        }
     }
 }
 
