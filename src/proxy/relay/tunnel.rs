@@ -161,7 +161,9 @@ where
                 max_response_head: check.max_response_head,
             };
             let ends = tunnel_http::Ends { target: check.target, role: check.role, deny_message: check.deny_message };
-            tunnel_http::serve(client, first, upstream, ends, limits, counts).await
+            // Boxed: its future is larger than the opaque relay's, and every
+            // tunnel's task would otherwise be sized for it.
+            Box::pin(tunnel_http::serve(client, first, upstream, ends, limits, counts)).await
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;

@@ -202,7 +202,9 @@ async fn forward_requests<R, W>(
         counts.sent.fetch_add(head.len as u64, Ordering::Relaxed);
         exchange.push(Awaited::Response { head_method: head.head_method, upgrade: head.upgrade });
         let Ok(body) = send_head(requests, upstream, &head, counts).await else { break };
-        match pass_body(requests, upstream, body, limits.max_head, &counts.sent, activity).await {
+        // Boxed, like every body move here: only a tunnel moving a body holds
+        // the relay's futures, an idle one waits for a head in a small one.
+        match Box::pin(pass_body(requests, upstream, body, limits.max_head, &counts.sent, activity)).await {
             Ok(()) => {}
             Err(BodyError::Malformed) => return exchange.abort_with(Outcome::Refused(Refusal::MalformedBody)),
             Err(BodyError::Io) => break,
@@ -211,7 +213,7 @@ async fn forward_requests<R, W>(
             break;
         }
         if head.upgrade && exchange.upgrade_answered().await {
-            requests.pass_to_end(upstream, &counts.sent, activity).await;
+            Box::pin(requests.pass_to_end(upstream, &counts.sent, activity)).await;
             return;
         }
         requests.settle();
@@ -400,14 +402,15 @@ where
         let Ok(body) = send_response_head(responses, client, &head, counts).await else { return Ended::Closed };
         if head.status == 101 {
             exchange.answer_upgrade(true);
-            responses.pass_to_end(client, &counts.received, activity).await;
+            Box::pin(responses.pass_to_end(client, &counts.received, activity)).await;
             return Ended::Switched;
         }
         if upgrade && !interim {
             exchange.answer_upgrade(false);
         }
         if let Some(body) = body {
-            if pass_body(responses, client, body, limits.max_response_head, &counts.received, activity).await.is_err() || body == Body::ToClose {
+            let passed = Box::pin(pass_body(responses, client, body, limits.max_response_head, &counts.received, activity)).await;
+            if passed.is_err() || body == Body::ToClose {
                 return Ended::Closed;
             }
         }
