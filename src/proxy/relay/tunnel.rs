@@ -121,9 +121,12 @@ where
         // The plain listener: relay between the two sockets
         // directly, without a lock around the client stream.
         Ok(parts) => {
-            let early = parts.read_buf.to_vec();
-            let client = parts.io.into_inner().into_inner();
-            serve_tunnel(client, early, upstream, check, idle, counts).await
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let early = read_buf.to_vec();
+            // hyper's read buffer (8 KB or more) would otherwise stay
+            // referenced, and allocated, for the life of the tunnel.
+            drop(read_buf);
+            serve_tunnel(io.into_inner().into_inner(), early, upstream, check, idle, counts).await
         }
         Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, check, idle, counts).await,
     }
