@@ -179,7 +179,12 @@ pub(super) fn parse_response(bytes: &[u8], to_head: bool) -> Result<Option<Respo
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or(())?;
+            // Digits only, as hyper reads it (`+5` is no length).
+            let value = h.value.trim_ascii();
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let n = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()).ok_or(())?;
             if length.is_some_and(|prev| prev != n) {
                 return Err(());
             }
@@ -398,7 +403,7 @@ mod tests {
 
     #[test]
     fn response_bodies_end_where_rfc_9112_says() {
-        let cases: [(&str, bool, Result<Option<Option<Body>>, ()>); 10] = [
+        let cases: [(&str, bool, Result<Option<Option<Body>>, ()>); 11] = [
             ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false, Ok(Some(Some(Body::Sized(5))))),
             ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, Ok(Some(None))),
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", false, Ok(Some(Some(Body::Chunked)))),
@@ -409,6 +414,7 @@ mod tests {
             ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", false, Err(())),
             ("HTTP/1.1 200 OK\r\nContent-Length: 5", false, Ok(None)),
             ("SSH-2.0-x\r\n\r\n", false, Err(())),
+            ("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", false, Err(())),
         ];
         for (head, to_head, want) in cases {
             assert_eq!(parse_response(head.as_bytes(), to_head).map(|r| r.map(|r| r.body)), want, "{head:?}");

@@ -346,6 +346,7 @@ enum Ended {
     Switched,
 }
 
+/// The response loop of [`deliver_responses`], until the tunnel's end.
 async fn deliver_until_end<R, W>(
     responses: &mut Feed<R>,
     client: &mut W,
