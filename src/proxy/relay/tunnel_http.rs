@@ -468,3 +468,53 @@ where
     counts.received.fetch_add(len as u64, Ordering::Relaxed);
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A client that is no TCP socket (the TLS listener's, here a duplex
+    /// stream) is served through the copy path: a large body arrives
+    /// intact, and a request naming another host gets its 403 behind it.
+    #[tokio::test]
+    async fn a_client_that_is_no_socket_is_served_by_copying() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = tokio::net::TcpStream::connect(origin.local_addr().unwrap()).await.unwrap();
+        let sent = body.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = origin.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if s.read(&mut byte).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", sent.len()).as_bytes()).await.unwrap();
+            s.write_all(&sent).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        let (mut client, proxy_side) = tokio::io::duplex(16 * 1024);
+        let ends = Ends { target: Target::parse_authority("a.test:80").unwrap(), role: "default".into(), deny_message: None };
+        let limits = Limits { header: Duration::from_secs(5), idle: Duration::from_secs(5), max_head: 8192, max_response_head: 8192 };
+        let served = tokio::spawn(async move {
+            let counts = RelayCounts::default();
+            let first = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: b.test\r\n\r\n".to_vec();
+            let outcome = serve(proxy_side, first, upstream, ends, limits, &counts).await;
+            (outcome, counts.get())
+        });
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n";
+        assert!(got.starts_with(head) && got[head.len()..head.len() + body.len()] == body[..], "the body intact");
+        let refusal = String::from_utf8_lossy(&got[head.len() + body.len()..]).into_owned();
+        assert!(refusal.starts_with("HTTP/1.1 403 Forbidden (portcullis: host-mismatch)\r\n"), "{refusal}");
+        let (outcome, (_, down)) = served.await.unwrap();
+        assert_eq!(outcome, Err(Outcome::Deny(crate::policy::DenyReason::HostMismatch)));
+        assert_eq!(down, got.len() as u64, "every byte to the client counted");
+    }
+}
