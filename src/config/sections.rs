@@ -291,10 +291,10 @@ impl<'de> Deserialize<'de> for QueryType {
         };
         match parsed {
             Ok(RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT) => Err(serde::de::Error::custom(
-                format!("dns.allow_types: {text:?} is not forwarded by the DNS listener (ANY, AXFR, IXFR, OPT never are)"),
+                format!("{text:?} is not forwarded by the DNS listener (ANY, AXFR, IXFR, OPT never are)"),
             )),
             Ok(t) => Ok(QueryType(t)),
-            Err(_) => Err(serde::de::Error::custom(format!("dns.allow_types: {text:?} is not a DNS record type"))),
+            Err(_) => Err(serde::de::Error::custom(format!("{text:?} is not a DNS record type"))),
         }
     }
 }
@@ -393,6 +393,19 @@ pub struct RoleConfig {
     /// on their outer (public) name. Off: they are refused as `ech-refused`.
     #[serde(default)]
     pub allow_ech: bool,
+    /// What the DNS listener forwards for this role's clients.
+    #[serde(default)]
+    pub dns: RoleDnsConfig,
+}
+
+/// `dns:` under a role.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleDnsConfig {
+    /// Query types the DNS listener forwards for this role beyond A, AAAA,
+    /// CNAME, HTTPS and SVCB, in place of the global `dns.allow_types`
+    /// (absent: the global list; `[]`: none).
+    pub allow_types: Option<Vec<QueryType>>,
 }
 
 /// Destinations a role may never reach, whatever its allow-list or mode.
