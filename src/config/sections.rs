@@ -323,10 +323,15 @@ pub struct DnsListenerLimits {
 }
 
 impl DnsListenerLimits {
+    /// Upstream UDP sockets the listener keeps open while idle, for the
+    /// next queries.
+    pub const IDLE_UPSTREAM_SOCKETS: usize = 32;
+
     /// The descriptors the listener may hold at once: its two sockets, one
-    /// upstream socket per query in flight, one per TCP connection.
+    /// upstream socket per query in flight and the idle ones, one per TCP
+    /// connection.
     pub fn fds_needed(&self) -> u64 {
-        2 + self.max_in_flight as u64 + self.max_tcp_connections as u64
+        2 + Self::IDLE_UPSTREAM_SOCKETS as u64 + self.max_in_flight as u64 + self.max_tcp_connections as u64
     }
 }
 

@@ -83,8 +83,8 @@ enum ExchangeError {
 /// Queries a socket answers before it is closed and replaced by one on a
 /// fresh random port, so that no source port serves for long.
 const MAX_USES: u32 = 64;
-/// Idle sockets kept for the next queries.
-const MAX_IDLE: usize = 32;
+/// Idle sockets kept for the next queries (counted in the descriptor budget).
+const MAX_IDLE: usize = crate::config::DnsListenerLimits::IDLE_UPSTREAM_SOCKETS;
 
 /// Connected UDP sockets to the upstream resolvers, each bound to a port
 /// the kernel picked at random. A query takes one for itself (never two
