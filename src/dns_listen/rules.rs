@@ -16,10 +16,10 @@ use crate::target::DomainName;
 pub struct DnsRules {
     /// `dns.always_answer`.
     always_answer: DomainMatcher<()>,
-    /// `dns.allow_types`, sorted.
-    allow_types: Box<[u16]>,
-    /// Roles with their own `dns.allow_types`, by name, each sorted.
-    role_types: Box<[(Box<str>, Box<[u16]>)]>,
+    /// `dns.allow_types`.
+    allow_types: TypeCodes,
+    /// Roles with their own `dns.allow_types`, sorted by name.
+    role_types: Box<[(Box<str>, TypeCodes)]>,
     /// Where admitted queries are forwarded, in order.
     pub upstreams: Box<[SocketAddr]>,
     /// One upstream attempt's time limit (`dns.timeout`).
@@ -88,8 +88,10 @@ impl DnsRules {
     }
 }
 
-/// Type codes, sorted and without repeats.
-fn type_codes(types: &[QueryType]) -> Box<[u16]> {
+/// Query type codes, sorted and without repeats.
+type TypeCodes = Box<[u16]>;
+
+fn type_codes(types: &[QueryType]) -> TypeCodes {
     let mut codes: Vec<u16> = types.iter().map(|t| u16::from(t.0)).collect();
     codes.sort_unstable();
     codes.dedup();
