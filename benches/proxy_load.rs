@@ -3,15 +3,36 @@
 //! loopback, against a direct-to-origin baseline measured in the same run.
 //!
 //! Three processes: the load generator (this one), the origins (this same
-//! binary started again with `PORTCULLIS_LOAD_ORIGINS=1`), and the proxy.
-//! The origins live in their own process so the direct baseline crosses a
-//! process boundary too: a client and an origin sharing one runtime hand
-//! bytes to each other without a thread ever sleeping, which no real origin
-//! does and which made the baseline three times as fast per request.
+//! binary started again, see `proxy_load/origins.rs`), and the proxy
+//! (`proxy_load/proxy.rs`). The origins live in their own process so the
+//! direct baseline crosses a process boundary too: a client and an origin
+//! sharing one runtime hand bytes to each other without a thread ever
+//! sleeping, which no real origin does and which made the baseline three
+//! times as fast per request.
 //!
 //! Run with `bash benches/load.sh` (builds the release binary, raises the
 //! fd limit, then `cargo bench --bench proxy_load`). Every phase is bounded
-//! in time and in count.
+//! in time and in count. Settings, all optional:
+//! - `PORTCULLIS_LOAD_ONLY=http,new,bulk,transparent,bursts,idle`: the
+//!   phases to run (default all; `memory` means `bursts,idle`; `opaque`
+//!   is the opaque tunnel's bulk transfer alone, a part of `bulk`).
+//! - `PORTCULLIS_LOAD_CLIENTS=1,50,500`: client counts of the HTTP phase.
+//! - `PORTCULLIS_LOAD_PHASE_MS=3000`: length of each HTTP and new-tunnel phase.
+//! - `PORTCULLIS_LOAD_BULK_MIB=1024`: size of each bulk transfer (at most 60 s each).
+//! - `PORTCULLIS_LOAD_IDLE_TUNNELS=10000`: tunnels of each memory phase.
+//! - `PORTCULLIS_LOAD_BIN=PATH`: the proxy binary (default: this tree's
+//!   release build); older revisions get a config they accept.
+//! - `PORTCULLIS_LOAD_MACHINE=1`: also print `figure<TAB>name<TAB>value`
+//!   lines (`n/a` where a figure could not be measured), read by
+//!   `benches/compare.sh`. A figure is the ratio to direct in this run, or
+//!   an absolute one where there is no direct (bytes per idle tunnel, µs of
+//!   proxy CPU per request).
+//!
+//! The tunnel phases use two kinds of tunnel: opaque (a CONNECT to a port
+//! only in `connect_ports`) and HTTP inside the tunnel (a CONNECT to a port
+//! also in `http_ports`, which the proxy serves request by request). The
+//! idle-memory phases send one GET through each tunnel before holding it:
+//! that is how real tunnels look, and fresh idle tunnels hid a regression.
 //!
 //! The transparent path (connections redirected by netfilter to
 //! `transparent_listen`) is measured in the same run when the bench can
@@ -26,28 +47,31 @@
 //! `benches/peers.sh`) measures other proxies a script started next to the
 //! direct baseline and Portcullis, in the same run.
 
+#[path = "proxy_load/client.rs"]
+mod client;
+#[path = "proxy_load/origins.rs"]
+mod origins;
 #[path = "proxy_load/peers.rs"]
 mod peers;
+#[path = "proxy_load/proxy.rs"]
+mod proxy;
 #[path = "proxy_load/router.rs"]
 mod router;
+#[path = "proxy_load/tunnels.rs"]
+mod tunnels;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use client::{http_load, http_notes, is_200, new_connections, open, HttpResult};
+use origins::Origins;
+use proxy::{Ports, Proxy};
+use tunnels::{bulk, bursts, http_bulk, idle_after_get, idle_tunnels, Way};
 
 /// Length of each HTTP and new-tunnel phase unless `PORTCULLIS_LOAD_PHASE_MS` says otherwise.
 const PHASE: Duration = Duration::from_secs(3);
-const MAX_REQUESTS_PER_CLIENT: usize = 200_000;
-const BULK_BYTES: usize = 512 * 1024 * 1024;
 const IDLE_TUNNELS: usize = 10_000;
 /// Tunnels that move a burst before idling, and the burst: just under the
 /// largest relay buffer, so each direction's buffer grows to its maximum
@@ -62,18 +86,57 @@ const STAND_IN: [u8; 4] = [11, 0, 0, 1];
 const TRANSPARENT_PORT: u16 = 15001;
 const PROXY_UID: &str = "65532";
 
+/// The phases `PORTCULLIS_LOAD_ONLY` asks for (all when unset).
+struct Phases {
+    http: bool,
+    new: bool,
+    /// The opaque tunnel's bulk transfer.
+    opaque: bool,
+    /// The HTTP bulk transfers through tunnels of both kinds.
+    bulk: bool,
+    transparent: bool,
+    bursts: bool,
+    idle: bool,
+}
+
+impl Phases {
+    fn from_env() -> Phases {
+        let Ok(only) = std::env::var("PORTCULLIS_LOAD_ONLY") else {
+            return Phases { http: true, new: true, opaque: true, bulk: true, transparent: true, bursts: true, idle: true };
+        };
+        let names: Vec<&str> = only.split(',').map(str::trim).collect();
+        for name in &names {
+            assert!(
+                ["http", "new", "opaque", "bulk", "transparent", "bursts", "idle", "memory"].contains(name),
+                "PORTCULLIS_LOAD_ONLY: unknown phase {name:?} (http, new, opaque, bulk, transparent, bursts, idle, memory)"
+            );
+        }
+        let has = |name: &str| names.contains(&name);
+        Phases {
+            http: has("http"),
+            new: has("new"),
+            opaque: has("opaque") || has("bulk"),
+            bulk: has("bulk"),
+            transparent: has("transparent"),
+            bursts: has("bursts") || has("memory"),
+            idle: has("idle") || has("memory"),
+        }
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse. Peers listen in this
-    // namespace, so peer mode stays in it.
-    let stays = std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() || std::env::var_os(OWN_NETNS).is_some() || peers::requested();
+    // namespace, so peer mode stays in it, and so does a run without the
+    // transparent phases.
+    let stays = std::env::var_os(origins::ENV).is_some() || std::env::var_os(OWN_NETNS).is_some() || peers::requested() || !Phases::from_env().transparent;
     if !stays && can_unshare() {
         let exe = std::env::current_exe().expect("the bench binary knows its path");
         let status = Command::new("unshare").args(["-n", "--"]).arg(exe).args(std::env::args().skip(1)).env(OWN_NETNS, "1").status();
         std::process::exit(status.ok().and_then(|s| s.code()).unwrap_or(1));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    if std::env::var_os("PORTCULLIS_LOAD_ORIGINS").is_some() {
-        runtime.block_on(serve_origins());
+    if std::env::var_os(origins::ENV).is_some() {
+        runtime.block_on(origins::serve());
     } else if let Ok(spec) = std::env::var(router::CLIENT) {
         runtime.block_on(router::client(&spec));
     } else {
@@ -81,25 +144,41 @@ fn main() {
     }
 }
 
-/// Where origin `index` (http, echo, source) listens: loopback, or in the
-/// bench's own namespace every local address (the stand-in one for the
-/// transparent phases). Its port is `PORTCULLIS_LOAD_ORIGIN_PORTS` (three,
-/// comma-separated, so a script can allow them in a peer's config) or any.
-fn origins_bind(index: usize) -> SocketAddr {
-    let port = std::env::var("PORTCULLIS_LOAD_ORIGIN_PORTS").map_or(0, |ports| {
-        let ports: Vec<u16> = ports.split(',').map(|p| p.trim().parse().expect("PORTCULLIS_LOAD_ORIGIN_PORTS: ports")).collect();
-        assert_eq!(ports.len(), 3, "PORTCULLIS_LOAD_ORIGIN_PORTS: http, echo and source ports");
-        ports[index]
-    });
-    match std::env::var_os(OWN_NETNS) {
-        Some(_) => SocketAddr::from(([0, 0, 0, 0], port)),
-        None => SocketAddr::from(([127, 0, 0, 1], port)),
-    }
+/// A setting read from the environment, or `default` when unset.
+fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).map_or(default, |v| v.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot read {v:?}")))
 }
 
 /// The HTTP and new-tunnel phase length: [`PHASE`] or `PORTCULLIS_LOAD_PHASE_MS`.
 fn phase() -> Duration {
-    std::env::var("PORTCULLIS_LOAD_PHASE_MS").map_or(PHASE, |ms| Duration::from_millis(ms.parse().expect("PORTCULLIS_LOAD_PHASE_MS: milliseconds")))
+    Duration::from_millis(setting("PORTCULLIS_LOAD_PHASE_MS", PHASE.as_millis() as u64))
+}
+
+/// Bytes of each bulk transfer: `PORTCULLIS_LOAD_BULK_MIB` (default 1 GiB).
+/// The origins' process reads it too.
+fn bulk_bytes() -> usize {
+    setting::<usize>("PORTCULLIS_LOAD_BULK_MIB", 1024) << 20
+}
+
+/// "1024 MiB": the bulk size for row labels.
+fn bulk_label() -> String {
+    format!("{} MiB", bulk_bytes() >> 20)
+}
+
+/// True when `PORTCULLIS_LOAD_MACHINE` asks for `figure` lines.
+fn machine() -> bool {
+    std::env::var_os("PORTCULLIS_LOAD_MACHINE").is_some()
+}
+
+/// One figure for `benches/compare.sh`: `figure<TAB>name<TAB>value`, or `n/a`.
+fn figure(name: &str, value: Option<f64>) {
+    if !machine() {
+        return;
+    }
+    match value.filter(|v| v.is_finite()) {
+        Some(v) => println!("figure\t{name}\t{v:.4}"),
+        None => println!("figure\t{name}\tn/a"),
+    }
 }
 
 /// True when a network namespace can be made here (root and `unshare`).
@@ -133,124 +212,184 @@ fn set_up_interception() -> bool {
     true
 }
 
-/// The origins' process: prints their ports on one line, serves until its
-/// standard input closes (the load generator exited or dropped it).
-async fn serve_origins() {
-    let (origin, echo, source) = (start_http_origin().await, start_echo().await, start_source().await);
-    println!("{} {} {}", origin.port(), echo.port(), source.port());
-    let _ = tokio::task::spawn_blocking(|| {
-        let mut sink = [0u8; 64];
-        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut sink), Ok(n) if n > 0) {}
-    })
-    .await;
-}
+/// The processes whose CPU the bench reads: the load generator (this one),
+/// the origins and the proxy.
+type Pids = [u32; 3];
 
-/// Starts the origins' process; returns it and (http origin, echo, source).
-fn spawn_origins() -> (Child, SocketAddr, SocketAddr, SocketAddr) {
-    let exe = std::env::current_exe().expect("the bench binary knows its path");
-    let mut child = Command::new(exe)
-        .env("PORTCULLIS_LOAD_ORIGINS", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start origins");
-    let mut line = String::new();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("origins print their ports");
-    let ports: Vec<u16> = line.split_whitespace().map(|p| p.parse().expect("a port")).collect();
-    assert_eq!(ports.len(), 3, "origins printed {line:?}");
-    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    (child, addr(ports[0]), addr(ports[1]), addr(ports[2]))
+/// Runs `phase`; its result and the CPU µs of each of `pids` per unit of
+/// work that `units` reads from the result.
+async fn with_cpu<R>(pids: Pids, phase: impl std::future::Future<Output = R>, units: impl Fn(&R) -> f64) -> (R, [f64; 3]) {
+    let before = pids.map(cpu_secs);
+    let result = phase.await;
+    let per_unit = cpu_us_per(before, pids.map(cpu_secs), units(&result));
+    (result, per_unit)
 }
 
 async fn run() {
+    let phases = Phases::from_env();
+    let dialect = proxy::dialect();
     // An older binary knows no transparent listener: measure it explicitly only.
-    let transparent = std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG").is_none() && set_up_interception();
-    let (origins, origin, echo, source) = spawn_origins();
-    let proxy = Proxy::start(&[origin.port(), echo.port(), source.port()], transparent);
+    let transparent = phases.transparent && dialect.transparent && set_up_interception();
+    let origins = Origins::spawn();
+    let ports = Ports { http: origins.http.port(), connect: [origins.http, origins.echo, origins.source, origins.http_opaque].map(|a| a.port()).into() };
+    let mut proxy = Proxy::start(&ports, transparent);
     if peers::requested() {
-        peers::run(peers::Bench { origin, echo, source, origins_pid: origins.id(), proxy: &proxy }).await;
-        return stop(proxy, origins);
+        let bench = peers::Bench { origin: origins.http, echo: origins.echo, source: origins.source, origins_pid: origins.child.id(), proxy: &proxy };
+        peers::run(bench).await;
+        proxy.stop();
+        return origins.stop();
     }
     let p = proxy.addr;
-    println!("machine: {} cores; proxy pid {}", cores(), proxy.child.id());
+    println!("machine: {} cores; proxy {} (pid {}), config {dialect:?}", cores(), proxy::binary().display(), proxy.child.id());
     println!();
     println!("{:<44} {:>14} {:>14} {:>8}", "measurement", "direct", "via proxy", "ratio");
-    // The load generator (this process), the origins and the proxy.
-    let pids = [std::process::id(), origins.id(), proxy.child.id()];
+    let pids = [std::process::id(), origins.child.id(), proxy.child.id()];
+    let at_50 = match phases.http {
+        true => http_phases(origins.http, p, pids).await,
+        false => None,
+    };
+    if phases.new {
+        let (direct, _) = new_connections(origins.echo, None).await;
+        let ((proxied, _), [.., prox]) = with_cpu(pids, new_connections(origins.echo, Some(p)), |r| r.1).await;
+        row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
+        println!("  CPU µs/tunnel, proxy: {prox:.1}");
+        figure("new_tunnels", Some(proxied / direct));
+    }
+    let opaque = match phases.opaque {
+        true => Some(bulk_phases(&origins, p, pids, phases.bulk).await),
+        false => None,
+    };
+    if transparent {
+        transparent_phases(&origins, p, at_50, opaque).await;
+    } else if phases.transparent {
+        println!("transparent path: not measured (needs root, unshare for a network namespace of its own, and a binary with transparent_listen)");
+    }
+    if phases.bursts {
+        bursts_phase(&proxy, origins.echo).await;
+    }
+    proxy.stop();
+    if phases.idle {
+        println!();
+        idle_after_get_phase("opaque tunnels (connect_ports only)", "idle_opaque_bytes", origins.http_opaque, &ports).await;
+        idle_after_get_phase("HTTP-in-tunnel tunnels (http_ports too)", "idle_http_tunnel_bytes", origins.http, &ports).await;
+    }
+    origins.stop();
+}
 
-    let mut at_50 = (0.0, 0.0);
-    // `PORTCULLIS_LOAD_ONLY=memory` runs only the idle-tunnel memory phases.
-    let only_memory = std::env::var("PORTCULLIS_LOAD_ONLY").is_ok_and(|v| v == "memory");
-    for clients in if only_memory { &[][..] } else { &[1usize, 50, 500][..] } {
-        let clients = *clients;
-        let before = pids.map(cpu_secs);
-        let direct = http_load(origin, None, clients).await;
-        let middle = pids.map(cpu_secs);
-        let proxied = http_load(origin, Some(p), clients).await;
-        let after = pids.map(cpu_secs);
+/// HTTP keep-alive at each client count of `PORTCULLIS_LOAD_CLIENTS`;
+/// returns (direct, proxied) req/s at 50 clients when measured.
+async fn http_phases(origin: SocketAddr, p: SocketAddr, pids: Pids) -> Option<(f64, f64)> {
+    let clients = std::env::var("PORTCULLIS_LOAD_CLIENTS").unwrap_or_else(|_| "1,50,500".into());
+    let mut at_50 = None;
+    for clients in clients.split(',').map(|c| c.trim().parse::<usize>().expect("PORTCULLIS_LOAD_CLIENTS: numbers")) {
+        let (direct, cpu_direct) = with_cpu(pids, http_load(origin, None, clients), |r| r.count as f64).await;
+        let (proxied, cpu_proxied) = with_cpu(pids, http_load(origin, Some(p), clients), |r| r.count as f64).await;
         row(&format!("HTTP keep-alive req/s, {clients} clients"), direct.rps, proxied.rps, "");
-        if clients == 50 {
-            at_50 = (direct.rps, proxied.rps);
-        }
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
-        for (which, r) in [("direct", &direct), ("via proxy", &proxied)] {
-            let notes = http_notes(r);
-            if !notes.is_empty() {
-                println!("  {which}{notes}");
+        print_notes(&direct, &proxied);
+        for (which, [load, orig, prox]) in [("direct:   ", cpu_direct), ("via proxy:", cpu_proxied)] {
+            println!("  CPU µs/request, {which} generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
+        }
+        let prox = cpu_proxied[2];
+        let answered = proxied.failures == 0;
+        figure(&format!("rps_{clients}"), answered.then_some(proxied.rps / direct.rps));
+        figure(&format!("p50_{clients}"), answered.then_some(proxied.p50 / direct.p50));
+        figure(&format!("p99_{clients}"), answered.then_some(proxied.p99 / direct.p99));
+        figure(&format!("cpu_us_per_request_{clients}"), answered.then_some(prox));
+        if clients == 50 {
+            at_50 = Some((direct.rps, proxied.rps));
+        }
+    }
+    at_50
+}
+
+fn print_notes(direct: &HttpResult, proxied: &HttpResult) {
+    for (which, r) in [("direct", direct), ("via proxy", proxied)] {
+        let notes = http_notes(r);
+        if !notes.is_empty() {
+            println!("  {which}{notes}");
+        }
+    }
+}
+
+/// One opaque tunnel moving the bulk from the source; with `http`, an HTTP
+/// GET of the bulk through a tunnel of each kind, and an upload through an
+/// HTTP-in-tunnel one; each against the same transfer direct. Returns the
+/// opaque tunnel's (direct MB/s, ratio).
+async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -> (f64, f64) {
+    let size = bulk_label();
+    let (direct, cpu_direct) = with_cpu(pids, bulk(origins.source, None), |r| r.1).await;
+    let (proxied, cpu_proxied) = with_cpu(pids, bulk(origins.source, Some(p)), |r| r.1).await;
+    row(&format!("opaque tunnel MB/s ({size})"), direct.0, proxied.0, "");
+    for (which, [load, orig, prox]) in [("direct:   ", cpu_direct), ("via proxy:", cpu_proxied)] {
+        println!("  CPU µs/MB, {which} sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
+    }
+    let ratio = proxied.0 / direct.0;
+    figure("opaque_bulk", Some(ratio));
+
+    let transfers = [
+        ("HTTP GET in an opaque tunnel", "opaque_http_get", origins.http_opaque, Way::Download),
+        ("HTTP-in-tunnel GET", "http_tunnel_get", origins.http, Way::Download),
+        ("HTTP-in-tunnel upload", "http_tunnel_put", origins.http, Way::Upload),
+    ];
+    for (label, name, origin, way) in transfers.into_iter().filter(|_| http) {
+        let direct = http_bulk(origin, None, way).await;
+        let (proxied, [.., prox]) = with_cpu(pids, http_bulk(origin, Some(p), way), |r| r.as_ref().map_or(0.0, |r| r.1)).await;
+        match (direct, proxied) {
+            (Ok(direct), Ok(proxied)) => {
+                row(&format!("{label} MB/s ({size})"), direct.0, proxied.0, &format!("proxy CPU µs/MB {prox:.0}"));
+                figure(name, Some(proxied.0 / direct.0));
+            }
+            (direct, proxied) => {
+                let why = [direct.err(), proxied.err()].into_iter().flatten().collect::<Vec<_>>().join("; ");
+                println!("{:<44} n/a: {why}", format!("{label} MB/s ({size})"));
+                figure(name, None);
             }
         }
-        let [load, orig, prox] = cpu_us_per(before, middle, direct.count as f64);
-        println!("  CPU µs/request, direct:    generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
-        let [load, orig, prox] = cpu_us_per(middle, after, proxied.count as f64);
-        println!("  CPU µs/request, via proxy: generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
     }
+    (direct.0, ratio)
+}
 
-    if !only_memory {
-        let (direct, _) = new_connections(echo, None).await;
-        let (proxied, _) = new_connections(echo, Some(p)).await;
-        row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
+/// The client unaware of any proxy: it dials the stand-in address and
+/// netfilter redirects it. The "direct" column is this run's direct
+/// figure (measured here when its phase did not run); the note gives the
+/// explicit ratio.
+async fn transparent_phases(origins: &Origins, p: SocketAddr, at_50: Option<(f64, f64)>, opaque: Option<(f64, f64)>) {
+    let redirected = |addr: SocketAddr| SocketAddr::from((STAND_IN, addr.port()));
+    println!();
+    let direct_50 = match at_50 {
+        Some((direct, _)) => direct,
+        None => http_load(origins.http, None, 50).await.rps,
+    };
+    let via = http_load(redirected(origins.http), None, 50).await;
+    let explicit = at_50.map_or("explicit: not measured".into(), |(d, e)| format!("explicit: {:.2}", e / d));
+    row("transparent HTTP req/s, 50 clients", direct_50, via.rps, &explicit);
+    println!("  transparent p50/p99 latency µs, 50 clients: {:.0} / {:.0}", via.p50, via.p99);
+    let direct_bulk = match opaque {
+        Some((direct, _)) => direct,
+        None => bulk(origins.source, None).await.0,
+    };
+    let via = bulk(redirected(origins.source), None).await;
+    let explicit = opaque.map_or("explicit: not measured".into(), |(_, ratio)| format!("explicit: {ratio:.2}"));
+    row(&format!("transparent tunnel throughput MB/s ({})", bulk_label()), direct_bulk, via.0, &explicit);
+    let ports = (origins.http.port(), origins.source.port(), p.port());
+    tokio::task::spawn_blocking(move || router::compare(ports.0, ports.1, ports.2)).await.expect("router phases");
+}
 
-        let before = pids.map(cpu_secs);
-        let direct = bulk(source, None).await;
-        let middle = pids.map(cpu_secs);
-        let proxied = bulk(source, Some(p)).await;
-        let after = pids.map(cpu_secs);
-        row("tunnel throughput MB/s (512 MiB)", direct.0, proxied.0, "");
-        let [load, orig, prox] = cpu_us_per(before, middle, direct.1);
-        println!("  CPU µs/MB, direct:    sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
-        let [load, orig, prox] = cpu_us_per(middle, after, proxied.1);
-        println!("  CPU µs/MB, via proxy: sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
-        let bulk_ratio = proxied.0 / direct.0;
-
-        if transparent {
-            // The same phases with the client unaware of any proxy: it dials the
-            // stand-in address and netfilter redirects it. The "direct" column
-            // is this run's direct figure; the note gives the explicit ratio.
-            let redirected = |addr: SocketAddr| SocketAddr::from((STAND_IN, addr.port()));
-            println!();
-            let via = http_load(redirected(origin), None, 50).await;
-            row("transparent HTTP req/s, 50 clients", at_50.0, via.rps, &format!("explicit: {:.2}", at_50.1 / at_50.0));
-            println!("  transparent p50/p99 latency µs, 50 clients: {:.0} / {:.0}", via.p50, via.p99);
-            let via = bulk(redirected(source), None).await;
-            row("transparent tunnel throughput MB/s (512 MiB)", direct.0, via.0, &format!("explicit: {bulk_ratio:.2}"));
-            let ports = (origin.port(), source.port(), p.port());
-            tokio::task::spawn_blocking(move || router::compare(ports.0, ports.1, ports.2)).await.expect("router phases");
-        } else {
-            println!("transparent path: not measured (needs root and unshare for a network namespace of its own)");
-        }
-    }
-
+/// Fresh idle tunnels to the echo (no byte through them), then bursts
+/// through some of them, then idle again: RSS per tunnel at each step.
+async fn bursts_phase(proxy: &Proxy, echo: SocketAddr) {
+    let n = setting("PORTCULLIS_LOAD_IDLE_TUNNELS", IDLE_TUNNELS);
     let before = proxy.rss_kib();
-    let (opened, held) = idle_tunnels(echo, p, IDLE_TUNNELS).await;
+    let (opened, held) = idle_tunnels(echo, proxy.addr, n).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = proxy.rss_kib();
     let per_tunnel = (after.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;
     println!();
-    println!("idle tunnels opened: {opened} (asked {IDLE_TUNNELS})");
+    println!("fresh idle tunnels opened: {opened} (asked {n})");
     println!("proxy RSS before: {before} KiB, with tunnels: {after} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
-    println!("RSS per idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
+    println!("RSS per fresh idle tunnel: {per_tunnel:.0} bytes (user-space; kernel socket buffers are not in RSS)");
     let mut held = held;
     let rest = held.split_off(BURST_TUNNELS.min(opened));
     let (held, burst) = bursts(held).await;
@@ -263,14 +402,27 @@ async fn run() {
     println!("proxy RSS after bursts: {after_bursts} KiB, peak (VmHWM): {} KiB", proxy.hwm_kib());
     println!("RSS per idle tunnel after bursts: {per_burst_tunnel:.0} bytes; left behind per burst tunnel: {extra:.0} bytes");
     drop((held, rest));
-    stop(proxy, origins);
 }
 
-/// Stops the proxy, then the origins (they serve until their stdin closes).
-fn stop(mut proxy: Proxy, mut origins: Child) {
+/// A fresh proxy, tunnels to the HTTP origin at `origin` through it, one
+/// GET through each, then held idle: its RSS growth per tunnel. A fresh
+/// proxy for each kind, so one kind's freed memory is not the next one's.
+async fn idle_after_get_phase(label: &str, name: &str, origin: SocketAddr, ports: &Ports) {
+    let n = setting("PORTCULLIS_LOAD_IDLE_TUNNELS", IDLE_TUNNELS);
+    let mut proxy = Proxy::start(ports, false);
+    let before = proxy.rss_kib();
+    let (held, failure) = idle_after_get(origin, proxy.addr, n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = proxy.rss_kib();
+    let opened = held.len();
+    let per_tunnel = after.saturating_sub(before) as f64 * 1024.0 / opened.max(1) as f64;
+    let stopped = failure.map_or(String::new(), |why| format!("; stopped: {why}"));
+    println!("idle after one GET, {label}: {opened} (asked {n}), RSS {before} -> {after} KiB, peak {} KiB", proxy.hwm_kib());
+    println!("  RSS per idle tunnel after one GET: {per_tunnel:.0} bytes{stopped}");
+    // Fewer than nine in ten: not the figure asked for.
+    figure(name, (opened * 10 >= n * 9).then_some(per_tunnel));
+    drop(held);
     proxy.stop();
-    drop(origins.stdin.take());
-    let _ = origins.wait();
 }
 
 fn cores() -> usize {
@@ -321,425 +473,3 @@ fn row(name: &str, direct: f64, proxied: f64, note: &str) {
     println!("{name:<44} {direct:>14.1} {proxied:>14.1} {:>8.2} {note}", proxied / direct);
 }
 
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    _dir: PathBuf,
-}
-
-impl Proxy {
-    /// Starts the proxy; with `transparent`, also on the transparent port,
-    /// as the uid the redirect rules exempt, allowing the stand-in address.
-    fn start(ports: &[u16], transparent: bool) -> Proxy {
-        let bin = std::env::var("PORTCULLIS_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/portcullis"));
-        assert!(bin.exists(), "{} not found: run `cargo build --release --bin portcullis` (benches/load.sh does)", bin.display());
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("portcullis-load-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ports = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
-        // Connections sized to a third of what this process's hard limit
-        // leaves (the proxy raises its soft limit to it): two descriptors
-        // each, and the last third for splice pipes, which use only what the
-        // limits did not promise (red team N4). Sized to the whole limit, as
-        // before, every tunnel copied through user space and the 512 MiB
-        // tunnel fell from 0.78 to 0.45 of direct.
-        let conns = (hard_nofile().saturating_sub(1024 + 64) / 3).min(30_000);
-        // `PORTCULLIS_LOAD_OLD_CONFIG=1`: a binary from before the tunnel
-        // limits existed (it refuses unknown keys), for a same-run
-        // comparison. The stand-in is a local address of the bench's own
-        // namespace: carved out exactly, or it is the proxy host itself.
-        let tunnel_limits = match std::env::var_os("PORTCULLIS_LOAD_OLD_CONFIG") {
-            Some(_) => String::new(),
-            None => format!(", max_tunnels: {conns}, max_tunnels_per_client: {conns}"),
-        };
-        // In the bench's own namespace the listeners take every address:
-        // router mode's pod reaches them over a veth.
-        let (listen_on, transparent_listen, stand_in) = match transparent {
-            true => ("0.0.0.0", format!("transparent_listen: 0.0.0.0:{TRANSPARENT_PORT}\n"), format!(", {}/32", std::net::Ipv4Addr::from(STAND_IN))),
-            false => ("127.0.0.1", String::new(), String::new()),
-        };
-        let config = format!(
-            "listen: {listen_on}:{port}\nadmin_listen: 127.0.0.1:0\n{transparent_listen}limits: {{max_connections: {conns}, max_connections_per_client: {conns}{tunnel_limits}}}\nallow_ranges: [127.0.0.1/32{stand_in}]\nroles:\n  default:\n    sni_check: false\n    allow:\n      cidrs: [127.0.0.1/32{stand_in}]\n      http_ports: [{ports}]\n      connect_ports: [{ports}]\n"
-        );
-        std::fs::write(dir.join("load.yaml"), config).unwrap();
-        let mut command = match transparent {
-            true => {
-                let mut c = Command::new("setpriv");
-                c.args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"]).arg(bin);
-                c
-            }
-            false => Command::new(bin),
-        };
-        // `PORTCULLIS_LOAD_PROXY_LOG`: the access log to this file (peer mode
-        // logs every proxy to a file) instead of /dev/null.
-        let log = match std::env::var_os("PORTCULLIS_LOAD_PROXY_LOG") {
-            Some(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open PORTCULLIS_LOAD_PROXY_LOG")),
-            None => Stdio::null(),
-        };
-        let child = command
-            .args(["run", "--config", dir.join("load.yaml").to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(log)
-            .spawn()
-            .expect("start proxy");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "proxy did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Proxy { child, addr, _dir: dir }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        status_kib(self.child.id(), "VmRSS:")
-    }
-
-    fn hwm_kib(&self) -> u64 {
-        status_kib(self.child.id(), "VmHWM:")
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_http_origin() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind(0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn start_echo() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind(1)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-/// Reads the client's one-byte request, then writes BULK_BYTES to the
-/// connection and closes. (Closing with the request unread would reset the
-/// connection and lose the end of the transfer.)
-async fn start_source() -> SocketAddr {
-    let listener = TcpListener::bind(origins_bind(2)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = [0u8; 1];
-                if stream.read_exact(&mut request).await.is_err() {
-                    return;
-                }
-                let chunk = vec![0x5au8; 256 * 1024];
-                let mut sent = 0;
-                while sent < BULK_BYTES {
-                    if stream.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                    sent += chunk.len();
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Opens a connection to `target`, through `proxy` with CONNECT when given.
-async fn open(target: SocketAddr, proxy: Option<SocketAddr>) -> TcpStream {
-    let Some(proxy) = proxy else {
-        let s = TcpStream::connect(target).await.unwrap();
-        let _ = s.set_nodelay(true);
-        return s;
-    };
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    let _ = s.set_nodelay(true);
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "proxy closed during CONNECT");
-        head.push(byte[0]);
-    }
-    assert!(is_200(&head), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
-/// True for a `200` status line of HTTP/1.0 or 1.1 (tinyproxy answers
-/// CONNECT in HTTP/1.0).
-fn is_200(head: &[u8]) -> bool {
-    (head.starts_with(b"HTTP/1.1 ") || head.starts_with(b"HTTP/1.0 ")) && head[9..].starts_with(b"200")
-}
-
-struct HttpResult {
-    /// Requests answered 200; `rps` and the latencies count only these.
-    count: usize,
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    /// Responses other than 200, and requests no connection could carry.
-    failures: usize,
-    /// What went wrong first, when something did.
-    first_failure: Option<String>,
-    /// New connections after the server closed one (see [`ClientConn`]).
-    reconnects: usize,
-}
-
-/// What one client of [`http_load`] saw.
-#[derive(Default)]
-struct ClientRun {
-    latencies: Vec<u32>,
-    failures: usize,
-    first_failure: Option<String>,
-    reconnects: usize,
-}
-
-impl ClientRun {
-    fn fail(&mut self, what: String) {
-        self.failures += 1;
-        self.first_failure.get_or_insert(what);
-    }
-}
-
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
-
-/// A load-generator client's connection to the origin or a proxy, opened
-/// again when the server closes it. tinyproxy closes after every response
-/// without a `Connection: close`, so a client learns it only from the
-/// close, sometimes as its next request goes out; any client then sends
-/// that request again on a new connection, and so does this one, timing
-/// the new connection as part of the request.
-struct ClientConn {
-    to: SocketAddr,
-    sender: Sender,
-    /// The connection has answered a request since it was opened.
-    used: bool,
-    closed: bool,
-    reconnects: usize,
-}
-
-impl ClientConn {
-    async fn open(to: SocketAddr) -> std::io::Result<ClientConn> {
-        let sender = Self::handshake(to).await?;
-        Ok(ClientConn { to, sender, used: false, closed: false, reconnects: 0 })
-    }
-
-    async fn handshake(to: SocketAddr) -> std::io::Result<Sender> {
-        let stream = TcpStream::connect(to).await?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
-        Ok(sender)
-    }
-
-    async fn reopen(&mut self) -> Result<(), String> {
-        self.sender = Self::handshake(self.to).await.map_err(|e| format!("new connection: {e}"))?;
-        (self.used, self.closed) = (false, false);
-        self.reconnects += 1;
-        Ok(())
-    }
-
-    /// Sends `request` (or, on a new connection, `again()`) and reads the
-    /// whole response; its status, or why no connection could carry it.
-    async fn get(&mut self, request: Request<Empty<Bytes>>, again: impl Fn() -> Request<Empty<Bytes>>) -> Result<hyper::StatusCode, String> {
-        if self.closed {
-            self.reopen().await?;
-        }
-        let response = match self.sender.send_request(request).await {
-            Ok(response) => response,
-            // Closed by the server as the request went out: once more on a new one.
-            Err(_) if self.used => {
-                self.reopen().await?;
-                self.sender.send_request(again()).await.map_err(|e| format!("request: {e}"))?
-            }
-            Err(e) => return Err(format!("request: {e}")),
-        };
-        let status = response.status();
-        response.into_body().collect().await.map_err(|e| format!("response body: {e}"))?;
-        self.used = true;
-        Ok(status)
-    }
-
-    /// Waits until the connection takes another request or is found closed.
-    async fn settle(&mut self) {
-        self.closed = self.sender.ready().await.is_err();
-    }
-}
-
-/// `clients` keep-alive connections sending GETs for [`phase`].
-async fn http_load(origin: SocketAddr, proxy: Option<SocketAddr>, clients: usize) -> HttpResult {
-    let started = Instant::now();
-    let deadline = started + phase();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut conn = ClientConn::open(proxy.unwrap_or(origin)).await.unwrap();
-                let uri = match proxy {
-                    Some(_) => format!("http://{origin}/small"),
-                    None => "/small".to_string(),
-                };
-                let request = || Request::get(uri.as_str()).header("host", origin.to_string()).body(Empty::<Bytes>::new()).unwrap();
-                let mut run = ClientRun::default();
-                while Instant::now() < deadline && run.latencies.len() < MAX_REQUESTS_PER_CLIENT {
-                    let req = request();
-                    let t = Instant::now();
-                    match conn.get(req, request).await {
-                        Ok(hyper::StatusCode::OK) => run.latencies.push(t.elapsed().as_micros() as u32),
-                        Ok(status) => run.fail(format!("status {status}")),
-                        Err(e) => {
-                            run.fail(e);
-                            break;
-                        }
-                    }
-                    conn.settle().await;
-                }
-                run.reconnects = conn.reconnects;
-                run
-            })
-        })
-        .collect();
-    let (mut all, mut failures, mut first_failure, mut reconnects) = (Vec::new(), 0, None, 0);
-    for t in tasks {
-        let run = t.await.unwrap();
-        all.extend(run.latencies);
-        failures += run.failures;
-        first_failure = first_failure.or(run.first_failure);
-        reconnects += run.reconnects;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
-    HttpResult { count: all.len(), rps: all.len() as f64 / elapsed, p50: pct(0.50), p99: pct(0.99), failures, first_failure, reconnects }
-}
-
-/// `; N reconnects (server closed); N FAILED (first: why)` for what is not zero.
-fn http_notes(r: &HttpResult) -> String {
-    let mut notes = String::new();
-    if r.reconnects > 0 {
-        notes += &format!("; {} reconnects (server closed)", r.reconnects);
-    }
-    if r.failures > 0 {
-        notes += &format!("; {} FAILED (first: {})", r.failures, r.first_failure.as_deref().unwrap_or("?"));
-    }
-    notes
-}
-
-/// New connections per second and how many: (CONNECT, 200,) one echo
-/// round trip, close; 8 concurrent loops for [`phase`].
-async fn new_connections(echo: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
-    let started = Instant::now();
-    let deadline = started + phase();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut done = 0u64;
-                while Instant::now() < deadline && done < 1_000_000 {
-                    let mut s = open(echo, proxy).await;
-                    s.write_all(b"ping").await.unwrap();
-                    let mut buf = [0u8; 4];
-                    s.read_exact(&mut buf).await.unwrap();
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
-    (total as f64 / started.elapsed().as_secs_f64(), total as f64)
-}
-
-/// (MB/s, MB) reading BULK_BYTES from the source, at most 30 s. The client
-/// speaks first, one byte the source ignores, like any request: a
-/// redirected connection is classified by its first bytes.
-async fn bulk(source: SocketAddr, proxy: Option<SocketAddr>) -> (f64, f64) {
-    let mut s = open(source, proxy).await;
-    s.write_all(&[0]).await.unwrap();
-    let mut buf = vec![0u8; 256 * 1024];
-    let started = Instant::now();
-    let mut got = 0usize;
-    let deadline = started + Duration::from_secs(30);
-    while got < BULK_BYTES && Instant::now() < deadline {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    (got as f64 / 1e6 / started.elapsed().as_secs_f64(), got as f64 / 1e6)
-}
-
-/// Sends [`BURST_BYTES`] through each tunnel to the echo origin and reads
-/// them back, 50 tunnels at a time; stops after 60 s. Returns the tunnels
-/// (still open) and how many completed their burst.
-async fn bursts(tunnels: Vec<TcpStream>) -> (Vec<TcpStream>, usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut kept = Vec::with_capacity(tunnels.len());
-    let mut done = 0;
-    let mut tunnels = tunnels.into_iter().peekable();
-    while tunnels.peek().is_some() && Instant::now() < deadline {
-        let mut batch = tokio::task::JoinSet::new();
-        for mut s in tunnels.by_ref().take(50) {
-            batch.spawn(async move {
-                let (mut r, mut w) = s.split();
-                let back = async {
-                    let mut got = vec![0u8; BURST_BYTES];
-                    r.read_exact(&mut got).await.map(|_| ())
-                };
-                let burst = vec![0x5au8; BURST_BYTES];
-                let (sent, read) = tokio::join!(w.write_all(&burst), back);
-                let ok = sent.is_ok() && read.is_ok();
-                (s, ok)
-            });
-        }
-        while let Some(Ok((s, ok))) = batch.join_next().await {
-            done += usize::from(ok);
-            kept.push(s);
-        }
-    }
-    kept.extend(tunnels);
-    (kept, done)
-}
-
-/// Opens up to `n` tunnels and keeps them open; stops early at the fd limit
-/// or after 60 s.
-async fn idle_tunnels(echo: SocketAddr, proxy: SocketAddr, n: usize) -> (usize, Vec<TcpStream>) {
-    let mut held = Vec::with_capacity(n);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while held.len() < n && Instant::now() < deadline {
-        let Ok(mut s) = TcpStream::connect(proxy).await else { break };
-        let target = echo.to_string();
-        if s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.is_err() {
-            break;
-        }
-        let mut head = [0u8; 128];
-        let Ok(n) = s.read(&mut head).await else { break };
-        if !is_200(&head[..n]) {
-            break;
-        }
-        held.push(s);
-    }
-    (held.len(), held)
-}

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{bulk, http_load, row, STAND_IN, TRANSPARENT_PORT};
+use super::{bulk, bulk_label, http_load, row, STAND_IN, TRANSPARENT_PORT};
 
 /// Set in the pod's process: "origin_port,source_port,proxy_port".
 pub const CLIENT: &str = "PORTCULLIS_LOAD_ROUTER_CLIENT";
@@ -25,7 +25,7 @@ pub fn compare(origin_port: u16, source_port: u16, proxy_port: u16) {
     let pid = holder.id().to_string();
     let mine = std::fs::read_link("/proc/self/ns/net").expect("own netns");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().map_or(true, |ns| ns == mine) {
+    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().is_none_or(|ns| ns == mine) {
         assert!(Instant::now() < deadline, "pod namespace did not appear");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -91,6 +91,6 @@ pub async fn client(spec: &str) {
     let direct = bulk(node(source), None).await;
     let explicit = bulk(stand_in(source), Some(node(proxy))).await;
     let router = bulk(stand_in(source), None).await;
-    row("pod explicit tunnel MB/s (512 MiB)", direct.0, explicit.0, "");
-    row("pod router tunnel MB/s (512 MiB)", direct.0, router.0, &format!("router/explicit: {:.2}", router.0 / explicit.0));
+    row(&format!("pod explicit tunnel MB/s ({})", bulk_label()), direct.0, explicit.0, "");
+    row(&format!("pod router tunnel MB/s ({})", bulk_label()), direct.0, router.0, &format!("router/explicit: {:.2}", router.0 / explicit.0));
 }
