@@ -122,16 +122,18 @@ impl Sockets {
     }
 
     /// Keeps a socket whose query was answered, unless it has served its
-    /// share or enough are idle already.
+    /// share. With [`MAX_IDLE`] kept already the longest idle one is closed,
+    /// so sockets to a nameserver a reload removed do not stay.
     fn give_back(&self, mut pooled: Pooled) {
         pooled.uses += 1;
         if pooled.uses >= MAX_USES {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(pooled);
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
         }
+        idle.push(pooled);
     }
 }
 
@@ -184,4 +186,39 @@ fn answers(query: &Message, answer: &Message) -> bool {
         && answer.queries().first().zip(query.queries().first()).is_some_and(|(a, q)| {
             a.name() == q.name() && a.query_type() == q.query_type() && a.query_class() == q.query_class()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sockets are reused per nameserver, retired after [`MAX_USES`], and
+    /// a full pool makes room for the newest.
+    #[tokio::test]
+    async fn pooled_sockets_are_reused_retired_and_rotated() {
+        let (a, b): (SocketAddr, SocketAddr) = ("127.0.0.1:9".parse().unwrap(), "127.0.0.1:10".parse().unwrap());
+        let sockets = Sockets::default();
+        let first = sockets.take(a).await.unwrap();
+        let port = first.socket.local_addr().unwrap().port();
+        sockets.give_back(first);
+        let again = sockets.take(a).await.unwrap();
+        assert_eq!((again.socket.local_addr().unwrap().port(), again.uses), (port, 1), "the idle socket is reused");
+        assert_eq!(sockets.take(b).await.unwrap().uses, 0, "never a socket connected to another server");
+        let worn = Pooled { uses: MAX_USES - 1, ..again };
+        sockets.give_back(worn);
+        assert_eq!(sockets.take(a).await.unwrap().uses, 0, "retired after its share of queries");
+        let many: Vec<Pooled> = take_many(&sockets, a, MAX_IDLE).await;
+        many.into_iter().for_each(|p| sockets.give_back(p));
+        sockets.give_back(sockets.take(b).await.unwrap());
+        assert_eq!(sockets.take(b).await.unwrap().uses, 1, "room made for b in a full pool");
+        assert_eq!(sockets.idle.lock().unwrap().len(), MAX_IDLE - 1);
+    }
+
+    async fn take_many(sockets: &Sockets, server: SocketAddr, n: usize) -> Vec<Pooled> {
+        let mut taken = Vec::new();
+        for _ in 0..n {
+            taken.push(sockets.take(server).await.unwrap());
+        }
+        taken
+    }
 }
