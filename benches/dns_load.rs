@@ -6,7 +6,9 @@
 //! binary started again with `PORTCULLIS_DNS_LOAD_UPSTREAM=1`, answering
 //! `allowed.test` A from a hand-built reply so that it costs as little as
 //! possible), and the release proxy binary with `dns_listen` forwarding to
-//! that upstream. Every client is a UDP socket with one query outstanding;
+//! that upstream. The listener has no answer cache, so every query through
+//! it is forwarded and answered from the upstream (the path measured is
+//! decide, forward, judge, answer). Every client is a UDP socket with one query outstanding;
 //! a query without an answer within a second counts as lost. Each phase
 //! lasts `PORTCULLIS_DNS_LOAD_MS` (default 3000) milliseconds.
 //!

@@ -112,7 +112,7 @@ impl Reloader {
         if fixed != self.fixed {
             tracing::warn!(
                 trigger = trigger.as_str(),
-                "listen, admin_listen, transparent_listen and reload settings changed in the file; they take effect only after a restart"
+                "listen, admin_listen, transparent_listen, dns_listen and reload settings changed in the file; they take effect only after a restart"
             );
         }
         let generation = snapshot.generation;
@@ -190,6 +190,7 @@ struct Fixed {
     listen: SocketAddr,
     admin_listen: SocketAddr,
     transparent_listen: Option<SocketAddr>,
+    dns_listen: Option<SocketAddr>,
     watch: bool,
     interval: Duration,
 }
@@ -199,6 +200,7 @@ fn fixed_settings(c: &Config) -> Fixed {
         listen: c.listen,
         admin_listen: c.admin_listen,
         transparent_listen: c.transparent_listen,
+        dns_listen: c.dns_listen,
         watch: c.reload.watch,
         interval: c.reload.interval.0,
     }

@@ -112,7 +112,7 @@ fn check_dns_listener_fds(config: &Config, nofile: u64) -> Result<(), String> {
     }
     Err(format!(
         "limits and dns_listen need up to {need} file descriptors ({} for the proxy's limits, {dns} for \
-         dns.listener's max_in_flight + max_tcp_connections + 2), but the open-file limit is {nofile}: \
+         dns.listener's max_in_flight + max_tcp_connections + 34), but the open-file limit is {nofile}: \
          lower them or raise the limit",
         config.limits.fds_needed()
     ))

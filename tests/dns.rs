@@ -335,3 +335,148 @@ fn system_resolvers_get_allowed_names_only() {
 fn ech_client_hello_is_refused_on_the_transparent_path_unless_the_role_allows_it() {
     netns::in_own_netns("ech_client_hello_is_refused_on_the_transparent_path_unless_the_role_allows_it", ech::scenario);
 }
+
+/// The DNS listener's address, from a spawned binary's startup line.
+fn dns_addr(proxy: &common::BinaryProxy) -> SocketAddr {
+    let line: serde_json::Value = serde_json::from_str(&proxy.startup).unwrap();
+    line["dns"].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no dns address in {}", proxy.startup))
+}
+
+/// A role's own `dns.allow_types` lets its clients ask TXT; a client of a
+/// role without it is refused and the upstream never sees the question.
+/// `portcullis check dns:` decides per role alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_allows_txt_gets_it_forwarded_and_other_roles_are_refused() {
+    let up = upstream::start(&records()).await;
+    let yaml = format!(
+        "dns_listen: 127.0.0.1:0\ndns:\n  nameservers: [\"{}\"]\n  allow_types: [MX]\n\
+         identity:\n  sources:\n    - {{cidr: 127.0.0.2/32, role: txt-reader}}\n\
+         roles:\n  default:\n    allow:\n      domains: [allowed.test]\n\
+         \x20 txt-reader:\n    dns:\n      allow_types: [TXT]\n    allow:\n      domains: [allowed.test]\n",
+        up.addr
+    );
+    let path = temp_file("dns-role-types", "portcullis.yaml", "");
+    let proxy = common::BinaryProxy::spawn(&path, &yaml).await;
+    let dns = dns_addr(&proxy);
+    let refused = dig(dns, &["allowed.test", "TXT"]).await;
+    assert_eq!((refused.status.as_str(), refused.answers.len()), ("REFUSED", 0), "{}", refused.text);
+    assert_eq!(up.count("allowed.test", "TXT"), 0, "the default role's TXT question left: {:?}", up.seen());
+    let txt = dig(dns, &["-b", "127.0.0.2", "allowed.test", "TXT"]).await;
+    assert_eq!((txt.status.as_str(), rdata(&txt)), ("NOERROR", vec!["\"v=secret\"".to_string()]), "{}", txt.text);
+    assert_eq!(up.count("allowed.test", "TXT"), 1);
+    // The role's list replaces the global one: MX is forwarded for the default role only.
+    let mx = dig(dns, &["-b", "127.0.0.2", "allowed.test", "MX"]).await;
+    assert_eq!(mx.status, "REFUSED", "{}", mx.text);
+    let mx = dig(dns, &["allowed.test", "MX"]).await;
+    assert_eq!(mx.status, "NOERROR", "{}", mx.text);
+    assert_eq!(up.count("allowed.test", "MX"), 1, "{:?}", up.seen());
+    let metrics = proxy.metrics().await;
+    for series in [
+        "portcullis_dns_queries_total{decision=\"deny\",qtype=\"TXT\",reason=\"type-not-allowed\",role=\"default\"} 1",
+        "portcullis_dns_queries_total{decision=\"allow\",qtype=\"TXT\",reason=\"domain\",role=\"txt-reader\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+    let config = path.to_str().unwrap().to_string();
+    let cases: [(&[&str], i32, &str); 2] = [
+        (&[], 1, "deny dns allowed.test/TXT role=default reason=type-not-allowed"),
+        (&["--role", "txt-reader"], 0, "allow dns allowed.test/TXT role=txt-reader by=domain rcode=NOERROR answers="),
+    ];
+    for (role, code, want) in cases {
+        let mut args = vec!["check".to_string(), "--config".into(), config.clone()];
+        args.extend(role.iter().map(|a| a.to_string()));
+        args.push("dns:allowed.test/TXT".into());
+        let (got, stdout, stderr) = tokio::task::spawn_blocking(move || portcullis(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+        assert_eq!(got, code, "{stdout}{stderr}");
+        assert!(stdout.contains(want) && (code != 0 || stdout.contains("v=secret")), "want {want:?} in {stdout}");
+    }
+    assert_eq!(up.count("allowed.test", "TXT"), 2, "only the txt-reader checks asked: {:?}", up.seen());
+}
+
+/// Waits (bounded) until `done` holds, polling.
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + STEP;
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `max_in_flight` and `max_tcp_connections` follow a reload of the file
+/// without restarting the listener; a bad value is refused and the last
+/// good limits stay; a changed `dns_listen` is logged as needing a restart.
+/// The upstream never answers `silent.*` names, which holds their queries
+/// in flight (the upstream timeout is longer than the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_limits_follow_a_reload_and_a_bad_value_keeps_the_last_good_ones() {
+    let up = upstream::start(&records()).await;
+    let yaml = |listen: &str, in_flight: usize, tcp: usize| {
+        format!(
+            "reload:\n  interval: 100ms\ndns_listen: {listen}\n\
+             dns:\n  nameservers: [\"{}\"]\n  timeout: 60s\n  listener: {{max_in_flight: {in_flight}, max_tcp_connections: {tcp}}}\n\
+             roles:\n  default:\n    allow:\n      domains: [allowed.test, \"*.allowed.test\"]\n",
+            up.addr
+        )
+    };
+    let path = temp_file("dns-limits-reload", "portcullis.yaml", "");
+    let proxy = common::BinaryProxy::spawn(&path, &yaml("127.0.0.1:0", 1, 1)).await;
+    let dns = dns_addr(&proxy);
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = async |n: u16| {
+        let name = format!("silent.{n}.allowed.test");
+        let mut q = vec![0, n as u8, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        udp.send_to(&q, dns).await.unwrap();
+        name
+    };
+    let over_limit = async |n: usize| {
+        let want = format!("portcullis_dns_dropped_total{{reason=\"over-limit\"}} {n}\n");
+        until(&want.clone(), async || proxy.metrics().await.contains(&want)).await;
+    };
+    let reloads = async |result: &str, n: usize| {
+        let want = format!("portcullis_config_reloads_total{{result=\"{result}\"}} {n}\n");
+        until(&want.clone(), async || proxy.metrics().await.contains(&want)).await;
+    };
+    // max_in_flight 1: the second query is dropped unasked.
+    let first = ask(1).await;
+    until("the first query upstream", async || up.count(&first, "A") == 1).await;
+    let second = ask(2).await;
+    over_limit(1).await;
+    // max_tcp_connections 1: a second connection is closed at once.
+    let _held = TcpStream::connect(dns).await.unwrap();
+    let mut closed = TcpStream::connect(dns).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(STEP, closed.read_to_end(&mut rest)).await.expect("closed at once").unwrap();
+    over_limit(2).await;
+
+    // Raised (and dns_listen changed, which needs a restart): the running
+    // listener takes more queries and connections.
+    proxy.rewrite(&yaml("127.0.0.2:0", 3, 2));
+    reloads("success", 1).await;
+    let restart = proxy.lines_with(&["dns_listen", "take effect only after a restart"], 1).await;
+    assert!(!restart.is_empty(), "a changed dns_listen is logged");
+    let third = ask(3).await;
+    until("the third query upstream", async || up.count(&third, "A") == 1).await;
+    let mut tcp = TcpStream::connect(dns).await.unwrap();
+    let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01";
+    tcp.write_all(&[&(query.len() as u16).to_be_bytes()[..], query].concat()).await.unwrap();
+    let len = tokio::time::timeout(STEP, tcp.read_u16()).await.expect("answered over a second connection").unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    tcp.read_exact(&mut reply).await.unwrap();
+    assert_eq!((&reply[..2], reply[3] & 0x0f), (&[0x12, 0x34][..], 0), "{reply:?}");
+
+    // A bad value is refused; the limit of 3 stays (not 0, not 1).
+    proxy.rewrite(&yaml("127.0.0.2:0", 0, 2));
+    reloads("failure", 1).await;
+    let fourth = ask(4).await;
+    until("the fourth query upstream", async || up.count(&fourth, "A") == 1).await;
+    let fifth = ask(5).await;
+    over_limit(3).await;
+    for name in [second, fifth] {
+        assert_eq!(up.count(&name, "A"), 0, "{name} was dropped, yet asked: {:?}", up.seen());
+    }
+}

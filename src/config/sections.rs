@@ -291,10 +291,10 @@ impl<'de> Deserialize<'de> for QueryType {
         };
         match parsed {
             Ok(RecordType::ANY | RecordType::AXFR | RecordType::IXFR | RecordType::OPT) => Err(serde::de::Error::custom(
-                format!("dns.allow_types: {text:?} is not forwarded by the DNS listener (ANY, AXFR, IXFR, OPT never are)"),
+                format!("{text:?} is not forwarded by the DNS listener (ANY, AXFR, IXFR, OPT never are)"),
             )),
             Ok(t) => Ok(QueryType(t)),
-            Err(_) => Err(serde::de::Error::custom(format!("dns.allow_types: {text:?} is not a DNS record type"))),
+            Err(_) => Err(serde::de::Error::custom(format!("{text:?} is not a DNS record type"))),
         }
     }
 }
@@ -323,10 +323,15 @@ pub struct DnsListenerLimits {
 }
 
 impl DnsListenerLimits {
+    /// Upstream UDP sockets the listener keeps open while idle, for the
+    /// next queries.
+    pub const IDLE_UPSTREAM_SOCKETS: usize = 32;
+
     /// The descriptors the listener may hold at once: its two sockets, one
-    /// upstream socket per query in flight, one per TCP connection.
+    /// upstream socket per query in flight and the idle ones, one per TCP
+    /// connection.
     pub fn fds_needed(&self) -> u64 {
-        2 + self.max_in_flight as u64 + self.max_tcp_connections as u64
+        2 + Self::IDLE_UPSTREAM_SOCKETS as u64 + self.max_in_flight as u64 + self.max_tcp_connections as u64
     }
 }
 
@@ -393,6 +398,19 @@ pub struct RoleConfig {
     /// on their outer (public) name. Off: they are refused as `ech-refused`.
     #[serde(default)]
     pub allow_ech: bool,
+    /// What the DNS listener forwards for this role's clients.
+    #[serde(default)]
+    pub dns: RoleDnsConfig,
+}
+
+/// `dns:` under a role.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleDnsConfig {
+    /// Query types the DNS listener forwards for this role beyond A, AAAA,
+    /// CNAME, HTTPS and SVCB, in place of the global `dns.allow_types`
+    /// (absent: the global list; `[]`: none).
+    pub allow_types: Option<Vec<QueryType>>,
 }
 
 /// Destinations a role may never reach, whatever its allow-list or mode.

@@ -132,11 +132,11 @@ fn service(policy: &Policy, admission: &Admission, svcb: &SVCB) -> Option<SVCB> 
             SvcParamValue::Mandatory(m) if m.0.contains(&SvcParamKey::EchConfigList) => return None,
             SvcParamValue::Ipv4Hint(hint) => {
                 let kept: Vec<_> = hint.0.iter().copied().filter(|a| judge_addr(policy, admission, IpAddr::V4(a.0)).is_ok()).collect();
-                (!kept.is_empty()).then(|| SvcParamValue::Ipv4Hint(IpHint(kept)))
+                (!kept.is_empty()).then_some(SvcParamValue::Ipv4Hint(IpHint(kept)))
             }
             SvcParamValue::Ipv6Hint(hint) => {
                 let kept: Vec<_> = hint.0.iter().copied().filter(|a| judge_addr(policy, admission, IpAddr::V6(a.0)).is_ok()).collect();
-                (!kept.is_empty()).then(|| SvcParamValue::Ipv6Hint(IpHint(kept)))
+                (!kept.is_empty()).then_some(SvcParamValue::Ipv6Hint(IpHint(kept)))
             }
             other => Some(other.clone()),
         };

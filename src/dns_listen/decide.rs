@@ -149,7 +149,7 @@ pub fn decide(policy: &Policy, rules: &DnsRules, role_id: RoleId, question: &Que
     let always = rules.always_answers(name);
     let type_allowed = match question.qtype {
         RecordType::PTR => always,
-        t => ADDRESS_AND_SERVICE_TYPES.contains(&t) || rules.allows_type(t),
+        t => ADDRESS_AND_SERVICE_TYPES.contains(&t) || rules.allows_type(role.name(), t),
     };
     if !type_allowed {
         return Verdict::Refuse(DnsReason::TypeNotAllowed);

@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
-use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 use crate::policy::{Policy, RoleId};
@@ -48,12 +47,24 @@ pub async fn ask(
     question: &Question,
     metrics: Option<&DnsMetrics>,
 ) -> Result<(AdmittedBy, Judged), DnsReason> {
+    ask_via(&upstream::Sockets::default(), policy, rules, role, question, metrics).await
+}
+
+/// [`ask`], forwarding through the listener's upstream sockets.
+async fn ask_via(
+    sockets: &upstream::Sockets,
+    policy: &Policy,
+    rules: &DnsRules,
+    role: RoleId,
+    question: &Question,
+    metrics: Option<&DnsMetrics>,
+) -> Result<(AdmittedBy, Judged), DnsReason> {
     let admission = match decide::decide(policy, rules, role, question) {
         Verdict::Forward(admission) => admission,
         Verdict::Refuse(reason) => return Err(reason),
     };
     let started = Instant::now();
-    let upstream = upstream::forward(&admission, rules).await;
+    let upstream = upstream::forward(&admission, rules, sockets).await;
     if let Some(metrics) = metrics {
         metrics.upstream.observe(started.elapsed().as_secs_f64());
     }
@@ -66,7 +77,7 @@ struct Shared {
     snapshot: SnapshotHandle,
     metrics: DnsMetrics,
     limits: Arc<limits::ClientLimits>,
-    tcp_connections: Arc<Semaphore>,
+    sockets: upstream::Sockets,
 }
 
 /// The bound DNS listener: a UDP socket and a TCP listener on one address.
@@ -79,15 +90,15 @@ pub struct DnsListener {
 impl DnsListener {
     /// Binds UDP and TCP on `addr` (the same port for both when `addr`'s
     /// port is 0), deciding with the proxy's current snapshot and counting
-    /// into its metrics. The bounds are read once, here.
+    /// into its metrics. The bounds are read from the snapshot in force at
+    /// each query and connection, so they follow reloads.
     pub async fn bind(addr: SocketAddr, snapshot: SnapshotHandle, metrics: &Metrics) -> io::Result<Self> {
         let (udp, tcp) = bind_both(addr).await?;
-        let limits = snapshot.load().dns.limits.clone();
         let shared = Arc::new(Shared {
             snapshot,
             metrics: metrics.dns.clone(),
-            limits: limits::ClientLimits::new(limits.max_in_flight),
-            tcp_connections: Arc::new(Semaphore::new(limits.max_tcp_connections)),
+            limits: Arc::default(),
+            sockets: upstream::Sockets::default(),
         });
         Ok(DnsListener { udp, tcp, shared })
     }
@@ -160,7 +171,7 @@ async fn handle(shared: &Shared, client: SocketAddr, bytes: &[u8], tcp: bool) ->
         Ok((role, source)) => {
             record.role = snapshot.policy.role(role).name().to_string();
             record.identity = source.as_str();
-            ask(&snapshot.policy, &snapshot.dns, role, &query.question, Some(&shared.metrics)).await
+            ask_via(&shared.sockets, &snapshot.policy, &snapshot.dns, role, &query.question, Some(&shared.metrics)).await
         }
         Err(reason) => Err(DnsReason::Policy(reason)),
     };

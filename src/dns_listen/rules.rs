@@ -1,13 +1,13 @@
 //! What the DNS listener needs from config, compiled once per snapshot: the
-//! names every role may ask, the extra query types, the upstream resolvers
-//! and the bounds.
+//! names every role may ask, the extra query types (global and per role),
+//! the upstream resolvers and the bounds.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::rr::RecordType;
 
-use crate::config::{Config, DnsListenerLimits};
+use crate::config::{Config, DnsListenerLimits, QueryType};
 use crate::policy::domain::DomainMatcher;
 use crate::target::DomainName;
 
@@ -16,8 +16,10 @@ use crate::target::DomainName;
 pub struct DnsRules {
     /// `dns.always_answer`.
     always_answer: DomainMatcher<()>,
-    /// `dns.allow_types`, sorted.
-    allow_types: Box<[u16]>,
+    /// `dns.allow_types`.
+    allow_types: TypeCodes,
+    /// Roles with their own `dns.allow_types`, sorted by name.
+    role_types: Box<[(Box<str>, TypeCodes)]>,
     /// Where admitted queries are forwarded, in order.
     pub upstreams: Box<[SocketAddr]>,
     /// One upstream attempt's time limit (`dns.timeout`).
@@ -53,12 +55,16 @@ impl DnsRules {
             // until restart: it keeps forwarding to the listed nameservers.
             None => config.dns.nameservers.clone().into_boxed_slice(),
         };
-        let mut allow_types: Vec<u16> = dns.allow_types.iter().map(|t| u16::from(t.0)).collect();
-        allow_types.sort_unstable();
-        allow_types.dedup();
+        // Sorted by name: `config.roles` is a sorted map.
+        let role_types = config
+            .roles
+            .iter()
+            .filter_map(|(name, role)| Some((name.as_str().into(), type_codes(role.dns.allow_types.as_ref()?))))
+            .collect();
         Ok(DnsRules {
             always_answer: DomainMatcher::new(dns.always_answer.iter().map(|d| (d.0.clone(), ()))),
-            allow_types: allow_types.into_boxed_slice(),
+            allow_types: type_codes(&dns.allow_types),
+            role_types,
             upstreams,
             timeout: dns.timeout.0,
             max_ttl: u32::try_from(dns.max_ttl.0.as_secs()).unwrap_or(u32::MAX),
@@ -71,10 +77,25 @@ impl DnsRules {
         self.always_answer.lookup(name.as_str()).is_some()
     }
 
-    /// True when `dns.allow_types` lists `qtype`.
-    pub fn allows_type(&self, qtype: RecordType) -> bool {
-        self.allow_types.binary_search(&u16::from(qtype)).is_ok()
+    /// True when the `dns.allow_types` in force for the role named `role`
+    /// lists `qtype`: the role's own list, else the global one.
+    pub fn allows_type(&self, role: &str, qtype: RecordType) -> bool {
+        let types = match self.role_types.binary_search_by(|(name, _)| (**name).cmp(role)) {
+            Ok(i) => &self.role_types[i].1,
+            Err(_) => &self.allow_types,
+        };
+        types.binary_search(&u16::from(qtype)).is_ok()
     }
+}
+
+/// Query type codes, sorted and without repeats.
+type TypeCodes = Box<[u16]>;
+
+fn type_codes(types: &[QueryType]) -> TypeCodes {
+    let mut codes: Vec<u16> = types.iter().map(|t| u16::from(t.0)).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    codes.into_boxed_slice()
 }
 
 fn upstreams(config: &Config, listen: SocketAddr) -> Result<Box<[SocketAddr]>, String> {

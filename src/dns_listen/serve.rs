@@ -59,7 +59,8 @@ pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         // Over the limit the connection is closed at once.
-        let Ok(permit) = shared.tcp_connections.clone().try_acquire_owned() else {
+        let limits = shared.snapshot.load().dns.limits.clone();
+        let Some(permit) = shared.limits.admit_tcp(&limits) else {
             shared.metrics.dropped.with_label_values(&["over-limit"]).inc();
             continue;
         };
@@ -76,8 +77,10 @@ pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {
 /// idle limit, answering each within the pipelining depth.
 async fn connection(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
     let (mut reader, mut writer) = stream.into_split();
-    let limits = shared.snapshot.load().dns.limits.clone();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_tcp_pipeline);
+    // The pipelining depth is the one in force when the connection opened;
+    // every other bound is read again for each frame.
+    let depth = shared.snapshot.load().dns.limits.max_tcp_pipeline;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(depth);
     let write = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {
             let mut framed = Vec::with_capacity(reply.len() + 2);
@@ -89,8 +92,9 @@ async fn connection(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) 
         }
         let _ = writer.shutdown().await;
     });
-    let pipeline = Arc::new(Semaphore::new(limits.max_tcp_pipeline));
+    let pipeline = Arc::new(Semaphore::new(depth));
     loop {
+        let limits = shared.snapshot.load().dns.limits.clone();
         let frame = tokio::time::timeout(limits.tcp_idle.0, read_frame(&mut reader, limits.max_message_bytes)).await;
         let Ok(Some(query)) = frame else { break };
         // Back-pressure: the next frame is read only when a slot is free.

@@ -18,7 +18,9 @@ roles:\n  default:\n    allow:\n      domains: [allowed.test, \"*.allowed.test\"
 \x20 open:\n    mode: open\n\
 \x20 report:\n    mode: report\n    allow:\n      domains: [allowed.test]\n\
 \x20 cidr:\n    allow:\n      cidrs: [11.0.0.0/24]\n\
-\x20 literal:\n    allow:\n      cidrs: [11.0.0.0/24]\n      resolve_unlisted_names: false\n";
+\x20 literal:\n    allow:\n      cidrs: [11.0.0.0/24]\n      resolve_unlisted_names: false\n\
+\x20 txt:\n    dns:\n      allow_types: [TXT, TYPE65280]\n    allow:\n      domains: [allowed.test]\n\
+\x20 no-extra:\n    dns:\n      allow_types: []\n    allow:\n      domains: [allowed.test]\n";
 
 fn compiled() -> (Policy, DnsRules) {
     let config = Config::from_yaml_str(CONFIG, "dns.yaml").unwrap();
@@ -68,6 +70,15 @@ fn questions_are_decided_before_anything_leaves() {
         ("cidr", "unlisted.example", HTTPS, refused(DenyReason::NotAllowListed)),
         ("literal", "unlisted.example", A, refused(DenyReason::NotAllowListed)),
         ("literal", "api.ns.svc.cluster.local", A, Ok(AdmittedBy::AlwaysAnswer)),
+        // A role's own dns.allow_types replaces the global list.
+        ("txt", "allowed.test", TXT, Ok(AdmittedBy::Domain)),
+        ("txt", "allowed.test", Unknown(65280), Ok(AdmittedBy::Domain)),
+        ("txt", "allowed.test", MX, Err(DnsReason::TypeNotAllowed)),
+        ("txt", "allowed.test", NULL, Err(DnsReason::TypeNotAllowed)),
+        ("txt", "unlisted.example", TXT, refused(DenyReason::NotAllowListed)),
+        ("txt", "metadata.google.internal", TXT, refused(DenyReason::DeniedName(RangeKind::Metadata))),
+        ("no-extra", "allowed.test", MX, Err(DnsReason::TypeNotAllowed)),
+        ("no-extra", "allowed.test", A, Ok(AdmittedBy::Domain)),
     ];
     for (role, name, qtype, want) in cases {
         let got = match decide(&policy, &rules, policy.role_id(role).unwrap(), &question(name, qtype)) {
@@ -175,9 +186,12 @@ fn service_records_lose_ech_and_denied_hints() {
 /// The listener's config keys are checked with file, line and field.
 #[test]
 fn bad_dns_listener_config_is_refused_with_its_line() {
-    let cases: [(&str, usize, &str); 4] = [
+    let cases: [(&str, usize, &str); 7] = [
         ("dns:\n  allow_types: [MX, BOGUS]\nroles:\n  default: {}\n", 2, "dns.allow_types: \"BOGUS\" is not a DNS record type"),
         ("dns:\n  allow_types: [ANY]\nroles:\n  default: {}\n", 2, "ANY, AXFR, IXFR, OPT never are"),
+        ("roles:\n  default: {}\n  ci:\n    dns:\n      allow_types: [TXT, TXTX]\n", 5, "roles.ci.dns.allow_types: \"TXTX\" is not a DNS record type"),
+        ("roles:\n  ci:\n    dns:\n      allow_types: [AXFR]\n", 4, "roles.ci.dns.allow_types: \"AXFR\" is not forwarded"),
+        ("roles:\n  ci:\n    dns:\n      allow_type: [TXT]\n", 4, "unknown field `allow_type`"),
         ("dns:\n  listener:\n    max_pipeline: 3\nroles:\n  default: {}\n", 3, "unknown field `max_pipeline`"),
         ("roles:\n  default:\n    allow_ech: maybe\n", 3, "allow_ech"),
     ];

@@ -262,6 +262,8 @@ pub struct BinaryProxy {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Every byte the process wrote to stdout and to stderr, as written.
     pub output: Arc<Mutex<Vec<u8>>>,
+    /// The `portcullis listening` line (every listener's address).
+    pub startup: String,
 }
 
 impl BinaryProxy {
@@ -315,7 +317,7 @@ impl BinaryProxy {
             }
         });
         let (addr, admin) = listening_addrs(&startup);
-        BinaryProxy { child, path: path.to_path_buf(), addr, admin, log, output }
+        BinaryProxy { child, path: path.to_path_buf(), addr, admin, log, output, startup }
     }
 
     /// Replaces the config file with `yaml` (same loopback listeners) in

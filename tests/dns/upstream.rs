@@ -1,7 +1,8 @@
 //! A test upstream resolver on loopback (UDP and TCP on one port) that
 //! answers from a table and records every question it is asked, so a test
 //! can prove that a refused name never reached it. Names under `tcp-only.`
-//! are answered over UDP truncated (TC, no records), forcing TCP.
+//! are answered over UDP truncated (TC, no records), forcing TCP; names
+//! under `silent.` are recorded and never answered (a query held in flight).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -118,6 +119,9 @@ fn answer(query: &[u8], table: &Table, seen: &Mutex<Vec<(String, String)>>, udp:
     let q = query.queries().first()?.clone();
     let name = q.name().to_ascii().trim_end_matches('.').to_lowercase();
     seen.lock().unwrap().push((name.clone(), q.query_type().to_string()));
+    if name.starts_with("silent.") {
+        return None;
+    }
     let mut reply = Message::new();
     reply.set_id(query.id()).set_message_type(MessageType::Response).set_recursion_available(true);
     reply.set_recursion_desired(query.recursion_desired());
