@@ -17,8 +17,8 @@ use crate::metrics::RelayedBytes;
 /// Relay buffers start small, so an idle tunnel costs little memory, and
 /// double whenever a read fills them, up to the largest size, so a bulk
 /// transfer moves in large chunks.
-const RELAY_BUF_START: usize = 2 * 1024;
-const RELAY_BUF_MAX: usize = 128 * 1024;
+pub(super) const RELAY_BUF_START: usize = 2 * 1024;
+pub(super) const RELAY_BUF_MAX: usize = 128 * 1024;
 /// A grown buffer that sees no byte for this long shrinks back to the
 /// start size, so a tunnel that once moved a burst idles as cheaply as one
 /// that never did.
@@ -114,17 +114,11 @@ where
 /// reads both every few seconds, so the shared metrics are not touched per read.
 #[derive(Default)]
 pub struct RelayCounts {
-    sent: AtomicU64,
-    received: AtomicU64,
+    pub(super) sent: AtomicU64,
+    pub(super) received: AtomicU64,
 }
 
 impl RelayCounts {
-    /// Adds bytes moved outside the copy loops (a tunnel served as HTTP).
-    pub(in crate::proxy) fn add(&self, up: u64, down: u64) {
-        self.sent.fetch_add(up, Ordering::Relaxed);
-        self.received.fetch_add(down, Ordering::Relaxed);
-    }
-
     /// (client→upstream, upstream→client) bytes so far.
     pub fn get(&self) -> (u64, u64) {
         (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
@@ -194,7 +188,7 @@ where
     }
 }
 
-async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
+pub(super) async fn copy_half<R, W>(reader: &mut R, writer: &mut W, count: &AtomicU64, activity: &Activity)
 where
     R: AsyncRead + Unpin + Half,
     W: AsyncWrite + Unpin + Half,
@@ -258,7 +252,7 @@ async fn splice_rest(
     let pipe = crate::proxy::relay::splice::Pipe::new().ok()?;
     *buf = Vec::new();
     loop {
-        match crate::proxy::relay::splice::move_chunk(from, to, &pipe).await {
+        match crate::proxy::relay::splice::move_chunk(from, to, &pipe, usize::MAX).await {
             Ok(0) => return Some(true),
             Ok(n) => {
                 activity.touch();

@@ -3,7 +3,9 @@
 //! plain HTTP served inside a tunnel.
 
 pub mod copy;
+mod feed;
 pub mod first_bytes;
+mod http_frames;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 pub mod start;

@@ -89,17 +89,19 @@ impl Drop for Pipe {
     }
 }
 
-/// Moves the next chunk of bytes that `from` has received to `to`. Returns
+/// Moves the next chunk of bytes that `from` has received to `to`, at most
+/// `max` (a body's remaining length: nothing behind it is taken). Returns
 /// how many bytes moved, 0 at end of stream. Every byte taken from `from`
 /// has been handed to `to` when this returns `Ok`, so the pipe is empty
 /// between calls.
-pub async fn move_chunk(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+pub async fn move_chunk(from: &TcpStream, to: &TcpStream, pipe: &Pipe, max: usize) -> io::Result<usize> {
+    let want = max.min(pipe.capacity);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     // The pipe is empty here, so `EAGAIN` can only mean that `from` has
     // nothing to read; `async_io` then waits for readiness and retries.
     let taken = from
         .async_io(Interest::READABLE, || {
-            splice(from.as_fd(), None, pipe.write.as_fd(), None, pipe.capacity, flags).map_err(io::Error::from)
+            splice(from.as_fd(), None, pipe.write.as_fd(), None, want, flags).map_err(io::Error::from)
         })
         .await?;
     let mut left = taken;
@@ -151,7 +153,7 @@ mod tests {
         let pipe = Pipe::new().unwrap();
         let mut moved = 0;
         loop {
-            let n = move_chunk(&from, &to, &pipe).await.unwrap();
+            let n = move_chunk(&from, &to, &pipe, usize::MAX).await.unwrap();
             if n == 0 {
                 break;
             }

@@ -23,6 +23,7 @@ pub(super) struct StartCheck {
     /// The first bytes are the head of a tunnel: they get the head's time limit.
     pub(super) limit: Duration,
     pub(super) max_head: usize,
+    pub(super) max_response_head: usize,
     sni: bool,
     /// The role lets a ClientHello offering ECH through (on its outer name).
     allow_ech: bool,
@@ -40,6 +41,7 @@ impl StartCheck {
             role,
             limit: snapshot.timeouts.request_header.0,
             max_head: snapshot.limits.max_request_head_bytes,
+            max_response_head: snapshot.limits.max_response_head_bytes,
             sni: permit.sni_check(),
             start,
         })

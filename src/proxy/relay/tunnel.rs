@@ -121,9 +121,12 @@ where
         // The plain listener: relay between the two sockets
         // directly, without a lock around the client stream.
         Ok(parts) => {
-            let early = parts.read_buf.to_vec();
-            let client = parts.io.into_inner().into_inner();
-            serve_tunnel(client, early, upstream, check, idle, counts).await
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let early = read_buf.to_vec();
+            // hyper's read buffer (8 KB or more) would otherwise stay
+            // referenced, and allocated, for the life of the tunnel.
+            drop(read_buf);
+            serve_tunnel(io.into_inner().into_inner(), early, upstream, check, idle, counts).await
         }
         Err(upgraded) => serve_tunnel(TokioIo::new(upgraded), Vec::new(), upstream, check, idle, counts).await,
     }
@@ -154,11 +157,16 @@ where
             Ok(())
         }
         Ok(Started::PlainHttp(first)) => {
-            let limits = tunnel_http::Limits { header: check.limit, idle, max_head: check.max_head };
+            let limits = tunnel_http::Limits {
+                header: check.limit,
+                idle,
+                max_head: check.max_head,
+                max_response_head: check.max_response_head,
+            };
             let ends = tunnel_http::Ends { target: check.target, role: check.role, deny_message: check.deny_message };
-            let (up, down) = tunnel_http::serve(client, first, upstream, ends, limits).await?;
-            counts.add(up, down);
-            Ok(())
+            // Boxed: its future is larger than the opaque relay's, and every
+            // tunnel's task would otherwise be sized for it.
+            Box::pin(tunnel_http::serve(client, first, upstream, ends, limits, counts)).await
         }
         Err(reason) => {
             let _ = upstream.shutdown().await;

@@ -22,6 +22,8 @@ use http::{header, HeaderMap, Method, Request, Version};
 
 pub use crate::refusal::Refusal;
 pub use wire::{WatchedIo, Wire};
+/// The body framing rules, shared with plain HTTP inside a tunnel.
+pub(crate) use wire::{body_framing, next_chunk_state, Chunk, Framing};
 
 /// Where a request came in; the one difference between entrances is what
 /// a CONNECT means.

@@ -141,7 +141,7 @@ enum Position {
 /// The chunked decoder's states, as in hyper's (`proto/h1/decode.rs`), so
 /// both find the same end of a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     Start,
     Size(u64),
     SizeLws(u64),
@@ -302,7 +302,7 @@ impl Tracker {
 }
 
 /// How a request head frames its body, judged as hyper judges it.
-enum Framing {
+pub(crate) enum Framing {
     Sized(u64),
     Chunked,
     /// Both Content-Length and Transfer-Encoding.
@@ -311,7 +311,7 @@ enum Framing {
     Refused,
 }
 
-fn body_framing(req: &httparse::Request<'_, '_>) -> Framing {
+pub(crate) fn body_framing(req: &httparse::Request<'_, '_>) -> Framing {
     let mut length: Option<u64> = None;
     let mut chunked = None;
     for h in req.headers.iter() {
@@ -351,7 +351,7 @@ fn digits(value: &[u8]) -> Option<u64> {
 
 /// One step of the chunked decoder: `Some(Some(state))` to go on,
 /// `Some(None)` at the end of the body, `None` where hyper fails the body.
-fn next_chunk_state(chunk: Chunk, byte: u8) -> Option<Option<Chunk>> {
+pub(crate) fn next_chunk_state(chunk: Chunk, byte: u8) -> Option<Option<Chunk>> {
     let hex = |size: u64| {
         let digit = (byte as char).to_digit(16)?;
         size.checked_mul(16)?.checked_add(u64::from(digit))
