@@ -174,7 +174,7 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // Most strings need no escape: one pass to check, one copy.
-    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f) {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -200,6 +200,26 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether `bytes` holds a byte a JSON string must escape (a control
+/// character, `"`, `\\` or DEL). Eight bytes at a time: this runs over
+/// every string of every decision line.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Exact for "some byte is zero" and "some byte is below n <= 128"
+    // (bytes of 0x80 and above never count: `!x` clears their high bit).
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let has_below_space = |x: u64| x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().expect("chunks_exact yields 8 bytes"));
+        if has_below_space(x) || has_zero(x ^ (ONES * u64::from(b'"'))) || has_zero(x ^ (ONES * u64::from(b'\\'))) || has_zero(x ^ (ONES * 0x7f)) {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
 }
 
 /// Writes `n` in decimal (no `fmt` machinery: the decision line writes
@@ -243,17 +263,34 @@ pub fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
 pub fn json_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
     let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    out.push(b'"');
+    // The date and time to the second change once a second: written once
+    // per second and thread, then copied (a line per request needs them).
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((u64::MAX, Vec::new())) };
+    }
+    SECOND.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            text.clear();
+            push_date_time(text, secs);
+            *at = secs;
+        }
+        out.extend_from_slice(text);
+    });
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.extend_from_slice(b"Z\"");
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch, in UTC.
+fn push_date_time(out: &mut Vec<u8>, secs: u64) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    out.push(b'"');
     push_padded(out, year.max(0) as u64, 4);
     for (sep, value) in [(b'-', u64::from(month)), (b'-', u64::from(day)), (b'T', rem / 3600), (b':', rem / 60 % 60), (b':', rem % 60)] {
         out.push(sep);
         push_padded(out, value, 2);
     }
-    out.push(b'.');
-    push_padded(out, u64::from(since.subsec_micros()), 6);
-    out.extend_from_slice(b"Z\"");
 }
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
@@ -275,6 +312,24 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// The word-at-a-time check agrees with a byte-by-byte scan, at every
+    /// position of a word and for every byte value.
+    #[test]
+    fn escape_check_matches_a_byte_scan() {
+        let plain = |b: u8| !(b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f);
+        for b in 0..=255u8 {
+            for len in [1, 7, 8, 9, 17] {
+                for at in 0..len {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    assert_eq!(needs_escape(&s), !plain(b), "byte {b:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+        assert!(!needs_escape("roles.default.allow.cidrs[0] (127.0.0.1/32) at é.yaml:9".as_bytes()));
+    }
 
     #[test]
     fn json_strings_are_escaped() {

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -262,7 +262,7 @@ async fn serve_with<I, S>(
     let wire = Arc::new(Wire::default());
     let io = WatchedIo::new(io, wire.clone(), max_head);
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(entrance::head_timer::HeadTimer::default())
         .header_read_timeout(header_timeout)
         .max_buf_size(max_head)
         .keep_alive(true)

@@ -313,19 +313,6 @@ fn normalise_framing(headers: &mut HeaderMap) {
 /// `Connection`, and the fixed list of RFC 9110 7.6.1 and RFC 9112 plus the
 /// proxy credentials, which are never forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Split the raw bytes: a value hyper accepted may hold obs-text, and
-    // refusing the whole value would forward the names it lists.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
     // Names as constants: removing by `&str` would parse each name again
     // on every request.
     const FIXED: [HeaderName; 9] = [
@@ -339,6 +326,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ];
+    // One pass over the few names a message carries, comparing without
+    // hashing: most messages carry none of these, and nine removals
+    // would hash nine names on every request and every response.
+    if !headers.keys().any(|name| FIXED.contains(name)) {
+        return;
+    }
+    // Split the raw bytes: a value hyper accepted may hold obs-text, and
+    // refusing the whole value would forward the names it lists.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
     for name in &FIXED {
         headers.remove(name);
     }

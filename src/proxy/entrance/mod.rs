@@ -4,4 +4,5 @@
 
 pub mod explicit;
 pub mod framing;
+pub mod head_timer;
 pub mod transparent;
