@@ -14,7 +14,8 @@
 # second run (or a bisect step) builds nothing. The working tree is built in
 # its own target/. Then PORTCULLIS_COMPARE_PASSES (default 3) passes, each
 # running the bench once against old and once against new (old, new, old,
-# new, ...), under `flock /tmp/bench.lock` so no other bench overlaps.
+# new, ...), all under one `flock /tmp/bench.lock` so no other bench
+# overlaps or runs between them.
 #
 # Every figure of a bench run is taken in that run: a ratio to the direct
 # baseline measured in the same run (requests/s, latency, tunnels/s,
@@ -55,7 +56,7 @@ build_rev() {
     src="$dir/src/$sha"
     rm -rf "$src"
     mkdir -p "$src"
-    git archive "$sha" | tar -x -C "$src"
+    git archive "$sha" | tar -x -m -C "$src"
     echo "building $1 ($sha) in $src" >&2
     (cd "$src" && CARGO_TARGET_DIR="$dir/target" cargo build --release --locked --bin portcullis) >&2
     cp "$dir/target/release/portcullis" "$bin.tmp"
@@ -84,16 +85,21 @@ bench=$(cargo bench --locked --no-run --bench proxy_load 2>&1 | sed -n 's/.*Exec
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 out=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-compare-run.XXXXXX")
 echo "old: $old_name; new: $new_name; $passes passes; open-file limit $(ulimit -n); bench output in $out" >&2
+# The lock is held for all passes, so no other bench runs between them.
+exec 9>>/tmp/bench.lock
+echo "waiting for /tmp/bench.lock" >&2
+flock 9
 for pass in $(seq "$passes"); do
   for side in old new; do
     bin=$old_bin
     [ "$side" = new ] && bin=$new_bin
     echo "pass $pass of $passes, $side: $(uptime | sed 's/.*load/load/')" >&2
-    if ! flock /tmp/bench.lock env PORTCULLIS_LOAD_BIN="$bin" "$bench" >"$out/$side.$pass.txt" 2>&1; then
+    if ! PORTCULLIS_LOAD_BIN="$bin" "$bench" >"$out/$side.$pass.txt" 2>&1 9>&-; then
       echo "  the bench failed ($side, pass $pass): $(tail -1 "$out/$side.$pass.txt"); figures it did not print are n/a" >&2
     fi
   done
 done
+exec 9>&-
 
 echo
 echo "old: $old_name; new: $new_name; $passes passes, alternating"
