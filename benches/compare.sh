@@ -120,7 +120,7 @@ done | awk -v passes="$passes" '
     for (p = 1; p <= passes; p++) if ((side, p, name) in value) values[++n] = value[side, p, name]
     return n ? median_range(values, n) : "n/a"
   }
-  { if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
+  { printed[$3] = 1; if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
   END {
     split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_http_get http_tunnel_get http_tunnel_put idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
     label["rps_1"] = "requests/s, 1 client (x direct)"; better["rps_1"] = "higher"
@@ -145,6 +145,10 @@ done | awk -v passes="$passes" '
       for (p = 1; p <= passes; p++)
         if (("old", p, name) in value && ("new", p, name) in value && value["old", p, name] != 0)
           ratios[++n] = value["new", p, name] / value["old", p, name]
-      printf "| %s | %s | %s | %s | %s |\n", label[name], cell("old", name), cell("new", name), n ? median_range(ratios, n) : "n/a", better[name]
+      old = cell("old", name)
+      new = cell("new", name)
+      # A phase that did not run leaves no row.
+      if (old == "n/a" && new == "n/a" && !((name) in printed)) continue
+      printf "| %s | %s | %s | %s | %s |\n", label[name], old, new, n ? median_range(ratios, n) : "n/a", better[name]
     }
   }'
