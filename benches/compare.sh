@@ -15,7 +15,7 @@
 # its own target/. Then PORTCULLIS_COMPARE_PASSES (default 3) passes, each
 # running the bench once against old and once against new (old, new, old,
 # new, ...), all under one `flock /tmp/bench.lock` so no other bench
-# overlaps or runs between them.
+# overlaps or runs between them (PORTCULLIS_COMPARE_LOCK names another lock file).
 #
 # Every figure of a bench run is taken in that run: a ratio to the direct
 # baseline measured in the same run (requests/s, latency, tunnels/s,
@@ -86,8 +86,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 out=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-compare-run.XXXXXX")
 echo "old: $old_name; new: $new_name; $passes passes; open-file limit $(ulimit -n); bench output in $out" >&2
 # The lock is held for all passes, so no other bench runs between them.
-exec 9>>/tmp/bench.lock
-echo "waiting for /tmp/bench.lock" >&2
+lock=${PORTCULLIS_COMPARE_LOCK:-/tmp/bench.lock}
+exec 9>>"$lock"
+echo "waiting for $lock" >&2
 flock 9
 for pass in $(seq "$passes"); do
   for side in old new; do
