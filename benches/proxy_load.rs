@@ -20,6 +20,7 @@
 //! - `PORTCULLIS_LOAD_PHASE_MS=3000`: length of each HTTP and new-tunnel phase.
 //! - `PORTCULLIS_LOAD_BULK_MIB=1024`: size of each bulk transfer (at most 60 s each).
 //! - `PORTCULLIS_LOAD_BULK_REPEAT=3`: transfers each way per bulk figure (medians).
+//! - `PORTCULLIS_LOAD_SOURCE_WRITE_KIB=256`: bytes per write of the opaque bulk source.
 //! - `PORTCULLIS_LOAD_IDLE_TUNNELS=10000`: tunnels of each memory phase.
 //! - `PORTCULLIS_LOAD_BIN=PATH`: the proxy binary (default: this tree's
 //!   release build); older revisions get a config they accept.
