@@ -123,7 +123,7 @@ done | awk -v passes="$passes" '
   }
   { printed[$3] = 1; if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
   END {
-    split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_bulk_cpu opaque_http_get opaque_http_get_cpu http_tunnel_get http_tunnel_get_cpu http_tunnel_put http_tunnel_put_cpu idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
+    split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_bulk_cpu opaque_http_get opaque_http_get_cpu opaque_http_put opaque_http_put_cpu http_tunnel_get http_tunnel_get_cpu http_tunnel_put http_tunnel_put_cpu idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
     label["rps_1"] = "requests/s, 1 client (x direct)"; better["rps_1"] = "higher"
     label["p50_1"] = "p50 latency, 1 client (x direct)"; better["p50_1"] = "lower"
     label["p99_1"] = "p99 latency, 1 client (x direct)"; better["p99_1"] = "lower"
@@ -133,6 +133,8 @@ done | awk -v passes="$passes" '
     label["new_tunnels"] = "new tunnels/s (x direct)"; better["new_tunnels"] = "higher"
     label["opaque_bulk"] = "opaque tunnel, bulk (x direct)"; better["opaque_bulk"] = "higher"
     label["opaque_http_get"] = "HTTP GET in opaque tunnel, bulk (x direct)"; better["opaque_http_get"] = "higher"
+    label["opaque_http_put"] = "HTTP upload in opaque tunnel, bulk (x direct)"; better["opaque_http_put"] = "higher"
+    label["opaque_http_put_cpu"] = "  proxy CPU us/MB"; better["opaque_http_put_cpu"] = "lower"
     label["http_tunnel_get"] = "HTTP-in-tunnel GET, bulk (x direct)"; better["http_tunnel_get"] = "higher"
     label["http_tunnel_put"] = "HTTP-in-tunnel upload, bulk (x direct)"; better["http_tunnel_put"] = "higher"
     label["opaque_bulk_cpu"] = "  proxy CPU us/MB"; better["opaque_bulk_cpu"] = "lower"

@@ -316,8 +316,7 @@ fn print_notes(direct: &HttpResult, proxied: &HttpResult) {
 }
 
 /// One opaque tunnel moving the bulk from the source; with `http`, an HTTP
-/// GET of the bulk through a tunnel of each kind, and an upload through an
-/// HTTP-in-tunnel one; each against the same transfer direct, and each
+/// GET and an upload of the bulk through a tunnel of each kind; each against the same transfer direct, and each
 /// pair repeated (see [`bulk_pairs`]). Returns the opaque tunnel's (direct
 /// MB/s, ratio) when measured.
 async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -> Option<(f64, f64)> {
@@ -326,6 +325,7 @@ async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -
     let opaque = report_bulk("opaque tunnel", "opaque_bulk", opaque);
     let transfers = [
         ("HTTP GET in an opaque tunnel", "opaque_http_get", origins.http_opaque, Way::Download),
+        ("HTTP upload in an opaque tunnel", "opaque_http_put", origins.http_opaque, Way::Upload),
         ("HTTP-in-tunnel GET", "http_tunnel_get", origins.http, Way::Download),
         ("HTTP-in-tunnel upload", "http_tunnel_put", origins.http, Way::Upload),
     ];
