@@ -14,7 +14,8 @@
 # second run (or a bisect step) builds nothing. The working tree is built in
 # its own target/. Then PORTCULLIS_COMPARE_PASSES (default 3) passes, each
 # running the bench once against old and once against new (old, new, old,
-# new, ...), under `flock /tmp/bench.lock` so no other bench overlaps.
+# new, ...), all under one `flock /tmp/bench.lock` so no other bench
+# overlaps or runs between them (PORTCULLIS_COMPARE_LOCK names another lock file).
 #
 # Every figure of a bench run is taken in that run: a ratio to the direct
 # baseline measured in the same run (requests/s, latency, tunnels/s,
@@ -55,7 +56,7 @@ build_rev() {
     src="$dir/src/$sha"
     rm -rf "$src"
     mkdir -p "$src"
-    git archive "$sha" | tar -x -C "$src"
+    git archive "$sha" | tar -x -m -C "$src"
     echo "building $1 ($sha) in $src" >&2
     (cd "$src" && CARGO_TARGET_DIR="$dir/target" cargo build --release --locked --bin portcullis) >&2
     cp "$dir/target/release/portcullis" "$bin.tmp"
@@ -84,16 +85,22 @@ bench=$(cargo bench --locked --no-run --bench proxy_load 2>&1 | sed -n 's/.*Exec
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 out=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-compare-run.XXXXXX")
 echo "old: $old_name; new: $new_name; $passes passes; open-file limit $(ulimit -n); bench output in $out" >&2
+# The lock is held for all passes, so no other bench runs between them.
+lock=${PORTCULLIS_COMPARE_LOCK:-/tmp/bench.lock}
+exec 9>>"$lock"
+echo "waiting for $lock" >&2
+flock 9
 for pass in $(seq "$passes"); do
   for side in old new; do
     bin=$old_bin
     [ "$side" = new ] && bin=$new_bin
     echo "pass $pass of $passes, $side: $(uptime | sed 's/.*load/load/')" >&2
-    if ! flock /tmp/bench.lock env PORTCULLIS_LOAD_BIN="$bin" "$bench" >"$out/$side.$pass.txt" 2>&1; then
+    if ! PORTCULLIS_LOAD_BIN="$bin" "$bench" >"$out/$side.$pass.txt" 2>&1 9>&-; then
       echo "  the bench failed ($side, pass $pass): $(tail -1 "$out/$side.$pass.txt"); figures it did not print are n/a" >&2
     fi
   done
 done
+exec 9>&-
 
 echo
 echo "old: $old_name; new: $new_name; $passes passes, alternating"
@@ -114,9 +121,9 @@ done | awk -v passes="$passes" '
     for (p = 1; p <= passes; p++) if ((side, p, name) in value) values[++n] = value[side, p, name]
     return n ? median_range(values, n) : "n/a"
   }
-  { if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
+  { printed[$3] = 1; if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
   END {
-    split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_http_get http_tunnel_get http_tunnel_put idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
+    split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_bulk_cpu opaque_http_get opaque_http_get_cpu opaque_http_put opaque_http_put_cpu http_tunnel_get http_tunnel_get_cpu http_tunnel_put http_tunnel_put_cpu idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
     label["rps_1"] = "requests/s, 1 client (x direct)"; better["rps_1"] = "higher"
     label["p50_1"] = "p50 latency, 1 client (x direct)"; better["p50_1"] = "lower"
     label["p99_1"] = "p99 latency, 1 client (x direct)"; better["p99_1"] = "lower"
@@ -126,8 +133,14 @@ done | awk -v passes="$passes" '
     label["new_tunnels"] = "new tunnels/s (x direct)"; better["new_tunnels"] = "higher"
     label["opaque_bulk"] = "opaque tunnel, bulk (x direct)"; better["opaque_bulk"] = "higher"
     label["opaque_http_get"] = "HTTP GET in opaque tunnel, bulk (x direct)"; better["opaque_http_get"] = "higher"
+    label["opaque_http_put"] = "HTTP upload in opaque tunnel, bulk (x direct)"; better["opaque_http_put"] = "higher"
+    label["opaque_http_put_cpu"] = "  proxy CPU us/MB"; better["opaque_http_put_cpu"] = "lower"
     label["http_tunnel_get"] = "HTTP-in-tunnel GET, bulk (x direct)"; better["http_tunnel_get"] = "higher"
     label["http_tunnel_put"] = "HTTP-in-tunnel upload, bulk (x direct)"; better["http_tunnel_put"] = "higher"
+    label["opaque_bulk_cpu"] = "  proxy CPU us/MB"; better["opaque_bulk_cpu"] = "lower"
+    label["opaque_http_get_cpu"] = "  proxy CPU us/MB"; better["opaque_http_get_cpu"] = "lower"
+    label["http_tunnel_get_cpu"] = "  proxy CPU us/MB"; better["http_tunnel_get_cpu"] = "lower"
+    label["http_tunnel_put_cpu"] = "  proxy CPU us/MB"; better["http_tunnel_put_cpu"] = "lower"
     label["idle_opaque_bytes"] = "idle opaque tunnel after a GET, bytes"; better["idle_opaque_bytes"] = "lower"
     label["idle_http_tunnel_bytes"] = "idle HTTP-in-tunnel after a GET, bytes"; better["idle_http_tunnel_bytes"] = "lower"
     printf "| %s | %s | %s | %s | %s |\n", "figure", "old", "new", "new/old", "better"
@@ -139,6 +152,10 @@ done | awk -v passes="$passes" '
       for (p = 1; p <= passes; p++)
         if (("old", p, name) in value && ("new", p, name) in value && value["old", p, name] != 0)
           ratios[++n] = value["new", p, name] / value["old", p, name]
-      printf "| %s | %s | %s | %s | %s |\n", label[name], cell("old", name), cell("new", name), n ? median_range(ratios, n) : "n/a", better[name]
+      old = cell("old", name)
+      new = cell("new", name)
+      # A phase that did not run leaves no row.
+      if (old == "n/a" && new == "n/a" && !((name) in printed)) continue
+      printf "| %s | %s | %s | %s | %s |\n", label[name], old, new, n ? median_range(ratios, n) : "n/a", better[name]
     }
   }'

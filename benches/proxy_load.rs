@@ -19,6 +19,8 @@
 //! - `PORTCULLIS_LOAD_CLIENTS=1,50,500`: client counts of the HTTP phase.
 //! - `PORTCULLIS_LOAD_PHASE_MS=3000`: length of each HTTP and new-tunnel phase.
 //! - `PORTCULLIS_LOAD_BULK_MIB=1024`: size of each bulk transfer (at most 60 s each).
+//! - `PORTCULLIS_LOAD_BULK_REPEAT=3`: transfers each way per bulk figure (medians).
+//! - `PORTCULLIS_LOAD_SOURCE_WRITE_KIB=256`: bytes per write of the opaque bulk source.
 //! - `PORTCULLIS_LOAD_IDLE_TUNNELS=10000`: tunnels of each memory phase.
 //! - `PORTCULLIS_LOAD_BIN=PATH`: the proxy binary (default: this tree's
 //!   release build); older revisions get a config they accept.
@@ -256,7 +258,7 @@ async fn run() {
         figure("new_tunnels", Some(proxied / direct));
     }
     let opaque = match phases.opaque {
-        true => Some(bulk_phases(&origins, p, pids, phases.bulk).await),
+        true => bulk_phases(&origins, p, pids, phases.bulk).await,
         false => None,
     };
     if transparent {
@@ -314,41 +316,75 @@ fn print_notes(direct: &HttpResult, proxied: &HttpResult) {
 }
 
 /// One opaque tunnel moving the bulk from the source; with `http`, an HTTP
-/// GET of the bulk through a tunnel of each kind, and an upload through an
-/// HTTP-in-tunnel one; each against the same transfer direct. Returns the
-/// opaque tunnel's (direct MB/s, ratio).
-async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -> (f64, f64) {
-    let size = bulk_label();
-    let (direct, cpu_direct) = with_cpu(pids, bulk(origins.source, None), |r| r.1).await;
-    let (proxied, cpu_proxied) = with_cpu(pids, bulk(origins.source, Some(p)), |r| r.1).await;
-    row(&format!("opaque tunnel MB/s ({size})"), direct.0, proxied.0, "");
-    for (which, [load, orig, prox]) in [("direct:   ", cpu_direct), ("via proxy:", cpu_proxied)] {
-        println!("  CPU µs/MB, {which} sink {load:.0}, source {orig:.0}, proxy {prox:.0}");
-    }
-    let ratio = proxied.0 / direct.0;
-    figure("opaque_bulk", Some(ratio));
-
+/// GET and an upload of the bulk through a tunnel of each kind; each against the same transfer direct, and each
+/// pair repeated (see [`bulk_pairs`]). Returns the opaque tunnel's (direct
+/// MB/s, ratio) when measured.
+async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -> Option<(f64, f64)> {
+    let source = origins.source;
+    let opaque = bulk_pairs(pids, p, |proxy| async move { Ok(bulk(source, proxy).await) }).await;
+    let opaque = report_bulk("opaque tunnel", "opaque_bulk", opaque);
     let transfers = [
         ("HTTP GET in an opaque tunnel", "opaque_http_get", origins.http_opaque, Way::Download),
+        ("HTTP upload in an opaque tunnel", "opaque_http_put", origins.http_opaque, Way::Upload),
         ("HTTP-in-tunnel GET", "http_tunnel_get", origins.http, Way::Download),
         ("HTTP-in-tunnel upload", "http_tunnel_put", origins.http, Way::Upload),
     ];
     for (label, name, origin, way) in transfers.into_iter().filter(|_| http) {
-        let direct = http_bulk(origin, None, way).await;
-        let (proxied, [.., prox]) = with_cpu(pids, http_bulk(origin, Some(p), way), |r| r.as_ref().map_or(0.0, |r| r.1)).await;
-        match (direct, proxied) {
-            (Ok(direct), Ok(proxied)) => {
-                row(&format!("{label} MB/s ({size})"), direct.0, proxied.0, &format!("proxy CPU µs/MB {prox:.0}"));
-                figure(name, Some(proxied.0 / direct.0));
-            }
-            (direct, proxied) => {
-                let why = [direct.err(), proxied.err()].into_iter().flatten().collect::<Vec<_>>().join("; ");
-                println!("{:<44} n/a: {why}", format!("{label} MB/s ({size})"));
-                figure(name, None);
-            }
+        let measured = bulk_pairs(pids, p, |proxy| http_bulk(origin, proxy, way)).await;
+        report_bulk(label, name, measured);
+    }
+    opaque
+}
+
+/// Prints a bulk row and its figures (the ratio, and `NAME_cpu`: proxy CPU
+/// µs per MB); (direct MB/s, ratio) when measured.
+fn report_bulk(label: &str, name: &str, measured: Result<(f64, f64, f64), String>) -> Option<(f64, f64)> {
+    let label = format!("{label} MB/s ({})", bulk_label());
+    match measured {
+        Ok((direct, proxied, cpu)) => {
+            row(&label, direct, proxied, &format!("proxy CPU µs/MB {cpu:.0}"));
+            figure(name, Some(proxied / direct));
+            figure(&format!("{name}_cpu"), Some(cpu));
+            Some((direct, proxied / direct))
+        }
+        Err(why) => {
+            println!("{label:<44} n/a: {why}");
+            figure(name, None);
+            figure(&format!("{name}_cpu"), None);
+            None
         }
     }
-    (direct.0, ratio)
+}
+
+/// A bulk transfer `PORTCULLIS_LOAD_BULK_REPEAT` times (default 3) direct
+/// and through the proxy `p`, alternating: one transfer of half a second
+/// is at the mercy of a shared machine. (Median MB/s direct, median MB/s
+/// proxied, proxy CPU µs per MB proxied), or why a transfer failed.
+async fn bulk_pairs<F, T>(pids: Pids, p: SocketAddr, transfer: F) -> Result<(f64, f64, f64), String>
+where
+    F: Fn(Option<SocketAddr>) -> T,
+    T: std::future::Future<Output = Result<(f64, f64), String>>,
+{
+    let repeat = setting("PORTCULLIS_LOAD_BULK_REPEAT", 3usize).max(1);
+    let (mut direct, mut proxied, mut cpu_secs_proxied, mut mb) = (Vec::new(), Vec::new(), 0.0, 0.0);
+    for _ in 0..repeat {
+        direct.push(transfer(None).await?.0);
+        let before = cpu_secs(pids[2]);
+        let (rate, moved) = transfer(Some(p)).await?;
+        cpu_secs_proxied += cpu_secs(pids[2]) - before;
+        mb += moved;
+        proxied.push(rate);
+    }
+    Ok((median(direct), median(proxied), cpu_secs_proxied * 1e6 / f64::max(mb, 1.0)))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        1 => values[mid],
+        _ => (values[mid - 1] + values[mid]) / 2.0,
+    }
 }
 
 /// The client unaware of any proxy: it dials the stand-in address and

@@ -170,6 +170,13 @@ async fn start_echo() -> SocketAddr {
     addr
 }
 
+/// Bytes per write of the bulk source: `PORTCULLIS_LOAD_SOURCE_WRITE_KIB`
+/// (default 256). Smaller writes, as many servers make, can keep a relay
+/// from ever filling its largest buffer, so it never starts splicing.
+fn source_write() -> usize {
+    super::setting::<usize>("PORTCULLIS_LOAD_SOURCE_WRITE_KIB", CHUNK >> 10).max(1) << 10
+}
+
 /// Reads the client's one-byte request, then writes [`bulk_bytes`] to the
 /// connection and closes. (Closing with the request unread would reset the
 /// connection and lose the end of the transfer.)
@@ -183,10 +190,11 @@ async fn start_source() -> SocketAddr {
                 if stream.read_exact(&mut request).await.is_err() {
                     return;
                 }
-                let chunk = vec![0x5au8; CHUNK];
+                let size = source_write();
+                let chunk = vec![0x5au8; size];
                 let (total, mut sent) = (bulk_bytes(), 0);
                 while sent < total {
-                    let n = (total - sent).min(CHUNK);
+                    let n = (total - sent).min(size);
                     if stream.write_all(&chunk[..n]).await.is_err() {
                         return;
                     }

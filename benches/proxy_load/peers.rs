@@ -309,7 +309,7 @@ fn summarize(targets: &[Target], passes: &[Vec<Figures>], memory: &[Option<(usiz
     ratio_row("p50 latency, 1 client (lower is better)", &|f| f.p50[0]);
     ratio_row("p99 latency, 1 client (lower is better)", &|f| f.p99[0]);
     ratio_row("new tunnels/s (CONNECT, 200, echo, close)", &|f| f.tunnels_per_s);
-    ratio_row("tunnel throughput (512 MiB)", &|f| f.mb_per_s);
+    ratio_row(&format!("tunnel throughput ({})", super::bulk_label()), &|f| f.mb_per_s);
     println!();
     println!("Absolute figures: median (min–max) over {} passes; proxy CPU is the proxy's processes only.", passes.len());
     println!();
@@ -333,7 +333,7 @@ fn summarize(targets: &[Target], passes: &[Vec<Figures>], memory: &[Option<(usiz
     }
     absolute_row("new tunnels/s", 0, false, &|f| f.tunnels_per_s);
     absolute_row("proxy CPU µs/new tunnel", 1, true, &|f| f.cpu_per_tunnel);
-    absolute_row("tunnel throughput MB/s (512 MiB)", 0, false, &|f| f.mb_per_s);
+    absolute_row(&format!("tunnel throughput MB/s ({})", super::bulk_label()), 0, false, &|f| f.mb_per_s);
     absolute_row("proxy CPU µs/MB tunnelled", 0, true, &|f| f.cpu_per_mb);
     let memory_cells: Vec<String> = memory
         .iter()
