@@ -136,16 +136,7 @@ impl AccessRecord {
         if let Outcome::Deny(reason) = self.outcome {
             self.remember_denial(reason);
         }
-        if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
-            return;
-        }
-        let mut line = Vec::with_capacity(512);
-        self.write_json(&mut line);
-        match crate::logging::sink() {
-            Some(sink) => sink.append(&line),
-            // A library user without the binary's sink: through tracing.
-            None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
-        }
+        crate::logging::write_access_line(512, |line| self.write_json(line));
     }
 
     /// Keeps the denial for its client's `GET /v1/denials`.
@@ -189,12 +180,9 @@ impl AccessRecord {
     /// (no intermediate map, no allocation per field) in the same shape as
     /// the proxy's other JSON log lines.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use crate::logging::{json_str, json_timestamp, push_socket_addr, push_u64};
-        out.extend_from_slice(b"{\"timestamp\":");
-        json_timestamp(out, std::time::SystemTime::now());
-        out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":\"");
-        push_socket_addr(out, self.client);
-        out.extend_from_slice(b"\",\"method\":");
+        use crate::logging::{access_line_head, decision_fields, json_str, push_socket_addr, push_u64};
+        access_line_head(out, self.client);
+        out.extend_from_slice(b",\"method\":");
         json_str(out, self.method.as_ref().map_or("", http::Method::as_str));
         out.extend_from_slice(b",\"kind\":");
         json_str(out, self.kind.map_or("", RequestKind::as_str));
@@ -213,14 +201,7 @@ impl AccessRecord {
             push_socket_addr(out, original);
             out.push(b'"');
         }
-        out.extend_from_slice(b",\"decision\":");
-        json_str(out, self.outcome.decision());
-        out.extend_from_slice(b",\"reason\":");
-        json_str(out, self.outcome.reason());
-        out.extend_from_slice(b",\"role\":");
-        json_str(out, &self.role);
-        out.extend_from_slice(b",\"identity\":");
-        json_str(out, self.identity);
+        decision_fields(out, self.outcome.decision(), self.outcome.reason(), &self.role, self.identity);
         out.extend_from_slice(b",\"mode\":");
         json_str(out, self.mode.as_str());
         out.extend_from_slice(b",\"rule\":");

@@ -243,6 +243,44 @@ fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
     out.extend_from_slice(&digits[at.min(digits.len().saturating_sub(width))..]);
 }
 
+/// Writes a decision line (the `portcullis::access` target) built by
+/// `write`: to the binary's sink, or through tracing for a library user
+/// without one. Nothing is built when the target is off.
+pub fn write_access_line(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+        return;
+    }
+    let mut line = Vec::with_capacity(capacity);
+    write(&mut line);
+    match sink() {
+        Some(sink) => sink.append(&line),
+        None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
+    }
+}
+
+/// The start every decision line shares: the timestamp, level, target and
+/// the client's address, up to and including the address's closing quote.
+pub fn access_line_head(out: &mut Vec<u8>, client: std::net::SocketAddr) {
+    out.extend_from_slice(b"{\"timestamp\":");
+    json_timestamp(out, std::time::SystemTime::now());
+    out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":\"");
+    push_socket_addr(out, client);
+    out.push(b'"');
+}
+
+/// The decision fields every decision line carries, in this order:
+/// `decision`, `reason`, `role`, `identity`.
+pub fn decision_fields(out: &mut Vec<u8>, decision: &str, reason: &str, role: &str, identity: &str) {
+    out.extend_from_slice(b",\"decision\":");
+    json_str(out, decision);
+    out.extend_from_slice(b",\"reason\":");
+    json_str(out, reason);
+    out.extend_from_slice(b",\"role\":");
+    json_str(out, role);
+    out.extend_from_slice(b",\"identity\":");
+    json_str(out, identity);
+}
+
 /// Writes a socket address as `Display` does (`1.2.3.4:80`,
 /// `[2001:db8::1]:443`); IPv4 without the `fmt` machinery.
 pub fn push_socket_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {

@@ -140,40 +140,22 @@ impl DnsRecord {
             let qtype = self.qtype.map_or("none", qtype_label);
             metrics.queries.with_label_values(&[&self.role, self.outcome.decision(), self.outcome.reason(), qtype]).inc();
         }
-        if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
-            return;
-        }
-        let mut line = Vec::with_capacity(384);
-        self.write_json(&mut line);
-        match crate::logging::sink() {
-            Some(sink) => sink.append(&line),
-            None => tracing::info!(target: "portcullis::access", line = %String::from_utf8_lossy(&line).trim_end()),
-        }
+        crate::logging::write_access_line(384, |line| self.write_json(line));
     }
 
     /// The decision line, in the shape of the proxy's other decision lines
     /// (`host` is the question's name; `qtype`, `rcode`, `answers` and
     /// `transport` are the DNS fields).
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use crate::logging::{json_str, json_timestamp, push_socket_addr, push_u64};
-        out.extend_from_slice(b"{\"timestamp\":");
-        json_timestamp(out, std::time::SystemTime::now());
-        out.extend_from_slice(b",\"level\":\"INFO\",\"target\":\"portcullis::access\",\"client\":\"");
-        push_socket_addr(out, self.client);
-        out.extend_from_slice(b"\",\"kind\":\"dns\",\"host\":");
+        use crate::logging::{access_line_head, decision_fields, json_str, push_u64};
+        access_line_head(out, self.client);
+        out.extend_from_slice(b",\"kind\":\"dns\",\"host\":");
         json_str(out, &self.name);
         out.extend_from_slice(b",\"qtype\":");
         json_str(out, &self.qtype.map(|t| t.to_string()).unwrap_or_default());
         out.extend_from_slice(b",\"transport\":");
         json_str(out, if self.tcp { "tcp" } else { "udp" });
-        out.extend_from_slice(b",\"decision\":");
-        json_str(out, self.outcome.decision());
-        out.extend_from_slice(b",\"reason\":");
-        json_str(out, self.outcome.reason());
-        out.extend_from_slice(b",\"role\":");
-        json_str(out, &self.role);
-        out.extend_from_slice(b",\"identity\":");
-        json_str(out, self.identity);
+        decision_fields(out, self.outcome.decision(), self.outcome.reason(), &self.role, self.identity);
         out.extend_from_slice(b",\"rcode\":");
         json_str(out, self.rcode);
         out.extend_from_slice(b",\"answers\":");
