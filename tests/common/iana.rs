@@ -211,6 +211,25 @@ impl Row {
     }
 }
 
+/// Every address listed inside a denied row, with the row's denied kind and
+/// the row. Checks what both denied-range tests rely on: a denied row lists
+/// at least one address, and each lies inside its row and in no more
+/// specific one.
+pub fn denied_addresses() -> Vec<(IpAddr, &'static str, &'static Row)> {
+    let mut out = Vec::new();
+    for row in rows() {
+        let Expect::Deny(kind) = row.expected() else { continue };
+        assert!(!row.inside.is_empty(), "{}: a denied row needs an address to try", row.prefix);
+        for inside in row.inside {
+            let addr: IpAddr = inside.parse().unwrap();
+            assert!(row.net().contains(&addr), "{inside} is not inside {}", row.prefix);
+            assert_eq!(most_specific(addr).unwrap().prefix, row.prefix, "{inside} lies in a more specific row");
+            out.push((addr, kind, row));
+        }
+    }
+    out
+}
+
 /// The most specific row containing `addr` (the table's own rule).
 pub fn most_specific(addr: IpAddr) -> Option<&'static Row> {
     rows().filter(|row| row.net().contains(&addr)).max_by_key(|row| row.net().prefix_len())
