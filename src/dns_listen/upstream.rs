@@ -25,9 +25,14 @@ const UPSTREAM_PAYLOAD: u16 = 1232;
 /// Asks the upstreams in order, each within `rules.timeout`, until one
 /// answers the question; the answer's id, flags and question are checked.
 pub async fn forward(admission: &Admission, rules: &DnsRules, sockets: &Sockets) -> Result<Message, DnsReason> {
+    forward_from(admission, rules, 0, DnsReason::UpstreamFailed, sockets).await
+}
+
+/// [`forward`], from the `first`th upstream on; `last` is the reason when
+/// none is left to ask.
+pub(super) async fn forward_from(admission: &Admission, rules: &DnsRules, first: usize, mut last: DnsReason, sockets: &Sockets) -> Result<Message, DnsReason> {
     let query = build_query(admission)?;
-    let mut last = DnsReason::UpstreamFailed;
-    for server in rules.upstreams.iter() {
+    for server in rules.upstreams.iter().skip(first) {
         let max = usize::from(rules.limits.max_message_bytes);
         match tokio::time::timeout(rules.timeout, exchange(sockets, *server, &query, max)).await {
             Ok(Ok(answer)) => return Ok(answer),
@@ -44,7 +49,7 @@ pub async fn forward(admission: &Admission, rules: &DnsRules, sockets: &Sockets)
 /// The query for an admitted question: a fresh random id, recursion
 /// desired, EDNS without the DO bit (answers are rewritten, so signatures
 /// could not be passed on anyway).
-fn build_query(admission: &Admission) -> Result<Message, DnsReason> {
+pub(super) fn build_query(admission: &Admission) -> Result<Message, DnsReason> {
     let question = admission.question();
     let name = Name::from_ascii(format!("{}.", question.name)).map_err(|_| DnsReason::UpstreamFailed)?;
     let mut message = Message::new();
@@ -62,7 +67,7 @@ fn build_query(admission: &Admission) -> Result<Message, DnsReason> {
 
 /// A query id no one off-path can predict: SipHash under the process's
 /// random keys, over a counter.
-fn random_id() -> u16 {
+pub(super) fn random_id() -> u16 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -71,7 +76,7 @@ fn random_id() -> u16 {
 
 /// Why one exchange with one server failed.
 #[derive(Debug, thiserror::Error)]
-enum ExchangeError {
+pub(super) enum ExchangeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("answer over {0} bytes")]
@@ -83,8 +88,9 @@ enum ExchangeError {
 /// Queries a socket answers before it is closed and replaced by one on a
 /// fresh random port, so that no source port serves for long.
 const MAX_USES: u32 = 64;
-/// Idle sockets kept for the next queries (counted in the descriptor budget).
-const MAX_IDLE: usize = crate::config::DnsListenerLimits::IDLE_UPSTREAM_SOCKETS;
+/// Idle sockets kept for the next queries (counted in the descriptor
+/// budget, with the UDP forwarder's idle ones).
+const MAX_IDLE: usize = crate::config::DnsListenerLimits::IDLE_UPSTREAM_SOCKETS - super::inflight::MAX_IDLE;
 
 /// Connected UDP sockets to the upstream resolvers, each bound to a port
 /// the kernel picked at random. A query takes one for itself (never two
@@ -161,7 +167,7 @@ async fn exchange(sockets: &Sockets, server: SocketAddr, query: &Message, max: u
     exchange_tcp(server, &bytes, query, max).await
 }
 
-async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: usize) -> Result<Message, ExchangeError> {
+pub(super) async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: usize) -> Result<Message, ExchangeError> {
     let mut stream = TcpStream::connect(server).await?;
     let mut framed = Vec::with_capacity(bytes.len() + 2);
     framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
@@ -179,8 +185,12 @@ async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: us
 /// True when `answer` is a response to `query`: same id, QR set, opcode
 /// QUERY, and the same single question.
 fn answers(query: &Message, answer: &Message) -> bool {
-    answer.id() == query.id()
-        && answer.message_type() == MessageType::Response
+    answer.id() == query.id() && answers_question(query, answer)
+}
+
+/// [`answers`] but for the id (matched by the caller).
+pub(super) fn answers_question(query: &Message, answer: &Message) -> bool {
+    answer.message_type() == MessageType::Response
         && answer.op_code() == OpCode::Query
         && answer.queries().len() == 1
         && answer.queries().first().zip(query.queries().first()).is_some_and(|(a, q)| {
