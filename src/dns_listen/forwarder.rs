@@ -28,6 +28,7 @@ use tokio::time::Sleep;
 use super::decide::DnsReason;
 use super::inflight::{InFlight, Key};
 use super::limits::Slot;
+use super::upstream_query::UpstreamQuery;
 use super::{complete, receive, upstream, Forward, Received, Shared};
 use crate::snapshot::Snapshot;
 
@@ -46,9 +47,8 @@ struct Pending {
     /// Where the reply goes (the address the query came from).
     reply_to: SocketAddr,
     _slot: Slot,
-    /// The upstream query and its bytes; the id is set per attempt.
-    query: Message,
-    bytes: Vec<u8>,
+    /// The upstream query; its id is set per attempt.
+    query: UpstreamQuery,
     /// Which of the snapshot's nameservers is asked.
     server: usize,
     /// Why the query fails when no nameserver is left to ask.
@@ -84,9 +84,9 @@ pub(super) async fn udp(client: Arc<UdpSocket>, shared: Arc<Shared>) {
 struct Forwarder {
     client: Arc<UdpSocket>,
     shared: Arc<Shared>,
-    table: InFlight<Pending>,
-    /// Upstream queries to send: the socket's serial and the bytes.
-    queries: Vec<(u64, Vec<u8>)>,
+    table: InFlight<Box<Pending>>,
+    /// Upstream queries to send, where they wait.
+    queries: Vec<Key>,
     /// Replies to send: where to, and the bytes.
     replies: Vec<(SocketAddr, Vec<u8>)>,
     /// One buffer per datagram of a batch, and what a batch read.
@@ -176,32 +176,32 @@ impl Forwarder {
             Received::Answered(reply) => return self.replies.push((from, reply)),
             Received::Forward(forward) => forward,
         };
-        let built = upstream::build_query(&forward.admission).and_then(|q| q.to_vec().map(|b| (q, b)).map_err(|_| DnsReason::UpstreamFailed));
-        let (query, bytes) = match built {
-            Ok(built) => built,
+        let query = match UpstreamQuery::new(&forward.admission) {
+            Ok(query) => query,
             Err(reason) => {
                 let reply = complete(&self.shared, &snapshot, forward, Err(reason));
                 return self.replies.push((from, reply));
             }
         };
-        let pending = Pending { forward, snapshot, reply_to: from, _slot: slot, query, bytes, server: 0, last: DnsReason::UpstreamFailed, started: now };
-        self.ask(pending, now);
+        let pending = Pending { forward, snapshot, reply_to: from, _slot: slot, query, server: 0, last: DnsReason::UpstreamFailed, started: now };
+        self.ask(Box::new(pending), now);
     }
 
     /// Sends `pending` to its nameserver, or to the next ones when a socket
     /// cannot be opened; answers it when none is left.
-    fn ask(&mut self, mut pending: Pending, now: Instant) {
+    fn ask(&mut self, mut pending: Box<Pending>, now: Instant) {
         loop {
             let Some(&server) = pending.snapshot.dns.upstreams.get(pending.server) else {
                 let reason = pending.last;
                 return self.finish(pending, Err(reason));
             };
             let deadline = now + pending.snapshot.dns.timeout;
-            let mut bytes = pending.bytes.clone();
             match self.table.start(server, pending, now, deadline) {
                 Ok(key) => {
-                    bytes[..2].copy_from_slice(&key.id.to_be_bytes());
-                    return self.queries.push((key.serial, bytes));
+                    if let Some(pending) = self.table.get_mut(key) {
+                        pending.query.set_id(key.id);
+                    }
+                    return self.queries.push(key);
                 }
                 Err((e, back)) => {
                     tracing::debug!(%server, error = %e, "upstream DNS socket failed");
@@ -214,7 +214,7 @@ impl Forwarder {
     }
 
     /// The query is done upstream: timed, judged and its reply queued.
-    fn finish(&mut self, pending: Pending, upstream: Result<Message, DnsReason>) {
+    fn finish(&mut self, pending: Box<Pending>, upstream: Result<Message, DnsReason>) {
         self.shared.metrics.upstream.observe(pending.started.elapsed().as_secs_f64());
         let reply = complete(&self.shared, &pending.snapshot, pending.forward, upstream);
         self.replies.push((pending.reply_to, reply));
@@ -266,24 +266,22 @@ impl Forwarder {
     fn on_answer(&mut self, serial: u64, bytes: &[u8]) {
         let Ok(answer) = Message::from_vec(bytes) else { return };
         let key = Key { serial, id: answer.id() };
-        let Some(pending) = self.table.take(key, |p| upstream::answers_question(&p.query, &answer)) else { return };
+        let Some(pending) = self.table.take(key, |p| p.query.same_question(bytes)) else { return };
         if answer.truncated() {
-            return self.over_tcp(pending, key.id);
+            return self.over_tcp(pending);
         }
         self.finish(pending, Ok(answer));
     }
 
     /// Asks a question whose answer came back truncated again over TCP, in
     /// a task of its own; if that fails, the next nameservers are asked.
-    fn over_tcp(&self, mut pending: Pending, id: u16) {
+    fn over_tcp(&self, pending: Box<Pending>) {
         let (client, shared) = (self.client.clone(), self.shared.clone());
         tokio::spawn(async move {
-            pending.query.set_id(id);
-            pending.bytes[..2].copy_from_slice(&id.to_be_bytes());
             let rules = &pending.snapshot.dns;
             let server = rules.upstreams[pending.server];
             let max = usize::from(rules.limits.max_message_bytes);
-            let asked = tokio::time::timeout(rules.timeout, upstream::exchange_tcp(server, &pending.bytes, &pending.query, max)).await;
+            let asked = tokio::time::timeout(rules.timeout, upstream::exchange_tcp(server, &pending.query, max)).await;
             let next = |last| upstream::forward_from(&pending.forward.admission, rules, pending.server + 1, last, &shared.sockets);
             let answer = match asked {
                 Ok(Ok(answer)) => Ok(answer),
@@ -312,19 +310,24 @@ impl Forwarder {
     async fn send_queries(&mut self) {
         while !self.queries.is_empty() {
             let mut queries = std::mem::take(&mut self.queries);
-            queries.sort_by_key(|(serial, _)| *serial);
+            queries.sort_by_key(|key| key.serial);
             let mut failed = Vec::new();
-            for group in queries.chunk_by(|a, b| a.0 == b.0) {
-                let serial = group[0].0;
+            for group in queries.chunk_by(|a, b| a.serial == b.serial) {
+                let serial = group[0].serial;
                 // Gone when it failed meanwhile: its queries were moved on.
                 let Some(upstream) = self.table.socket(serial) else { continue };
-                let datagrams: Vec<(&[u8], Option<SocketAddr>)> = group.iter().map(|(_, b)| (&b[..], None)).collect();
+                let datagrams: Vec<(&[u8], Option<SocketAddr>)> =
+                    group.iter().filter_map(|key| self.table.get(*key)).map(|p| (p.query.bytes(), None)).collect();
                 if let Err((_, e)) = send_all(&upstream.socket, &datagrams).await {
                     tracing::debug!(error = %e, "upstream DNS socket failed");
                     failed.push(serial);
                 }
             }
             failed.into_iter().for_each(|serial| self.fail_over(serial));
+            queries.clear();
+            if self.queries.is_empty() {
+                self.queries = queries;
+            }
         }
     }
 
@@ -375,7 +378,10 @@ async fn send_all(socket: &UdpSocket, datagrams: &[(&[u8], Option<SocketAddr>)])
     let mut at = 0;
     while at < datagrams.len() {
         let batch = &datagrams[at..datagrams.len().min(at + BATCH)];
-        match socket.try_io(Interest::WRITABLE, || send_batch(socket.as_raw_fd(), batch)) {
+        // Straight to the kernel (MSG_DONTWAIT): a UDP socket's buffer is
+        // rarely full, and waiting on writability first would cost a turn
+        // of the event loop for every new socket.
+        match send_batch(socket.as_raw_fd(), batch) {
             Ok(sent) => at += sent.max(1),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let (bytes, to) = batch[0];

@@ -120,7 +120,7 @@ impl<T> InFlight<T> {
         let socket = &mut self.sockets[at];
         let key = loop {
             // At most MAX_PER_SOCKET of 65536 ids are taken: this ends at once.
-            let key = Key { serial: socket.serial, id: super::upstream::random_id() };
+            let key = Key { serial: socket.serial, id: super::upstream_query::random_id() };
             if !self.pending.contains_key(&key) {
                 break key;
             }
@@ -130,6 +130,16 @@ impl<T> InFlight<T> {
         self.pending.insert(key, (deadline, entry));
         self.deadlines.push(Reverse((deadline, key)));
         Ok(key)
+    }
+
+    /// The query in flight at `key`.
+    pub fn get(&self, key: Key) -> Option<&T> {
+        self.pending.get(&key).map(|(_, entry)| entry)
+    }
+
+    /// The query in flight at `key`, to change.
+    pub fn get_mut(&mut self, key: Key) -> Option<&mut T> {
+        self.pending.get_mut(&key).map(|(_, entry)| entry)
     }
 
     /// Takes the query at `key` out when `matches` says the answer is its.
