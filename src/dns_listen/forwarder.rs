@@ -137,17 +137,7 @@ impl Forwarder {
         let limits = self.shared.snapshot.load().dns.limits.clone();
         let size = self.buffer_size();
         for _ in 0..ROUNDS {
-            let fd = self.client.as_raw_fd();
-            let (bufs, received) = (&mut self.bufs, &mut self.received);
-            match self.client.try_io(Interest::READABLE, || recv_batch(fd, bufs, size, received)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here; keep serving.
-                    tracing::debug!(error = %e, "DNS listener: UDP receive failed");
-                    return;
-                }
-            }
+            let more = read_batch(&self.client, &mut self.bufs, size, &mut self.received);
             let (bufs, received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
             for (buf, &(n, from)) in bufs.iter().zip(&received) {
                 if let Some(from) = from {
@@ -155,6 +145,15 @@ impl Forwarder {
                 }
             }
             (self.bufs, self.received) = (bufs, received);
+            match more {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here; keep serving.
+                    tracing::debug!(error = %e, "DNS listener: UDP receive failed");
+                    return;
+                }
+            }
         }
     }
 
@@ -238,11 +237,15 @@ impl Forwarder {
         for &serial in &serials {
             for _ in 0..ROUNDS {
                 let Some(upstream) = self.table.socket(serial) else { break };
-                let fd = upstream.socket.as_raw_fd();
-                let (bufs, received) = (&mut self.bufs, &mut self.received);
-                match upstream.socket.try_io(Interest::READABLE, || recv_batch(fd, bufs, size, received)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                let more = read_batch(&upstream.socket, &mut self.bufs, size, &mut self.received);
+                let (bufs, received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
+                for (buf, &(n, _)) in bufs.iter().zip(&received) {
+                    self.on_answer(serial, &buf[..n]);
+                }
+                (self.bufs, self.received) = (bufs, received);
+                match more {
+                    Ok(true) => {}
+                    Ok(false) => break,
                     Err(e) => {
                         // An ICMP error (port unreachable): the nameserver
                         // is not there; its queries go to the next one.
@@ -251,11 +254,6 @@ impl Forwarder {
                         break;
                     }
                 }
-                let (bufs, received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
-                for (buf, &(n, _)) in bufs.iter().zip(&received) {
-                    self.on_answer(serial, &buf[..n]);
-                }
-                (self.bufs, self.received) = (bufs, received);
             }
         }
         self.serials = serials;
@@ -348,8 +346,22 @@ impl Forwarder {
     }
 }
 
-/// Reads up to [`BATCH`] datagrams into `bufs` (each `size` bytes): their
-/// lengths and senders into `received`.
+/// Reads a batch from `socket` into `bufs` (each `size` bytes), their
+/// lengths and senders into `received`: `Ok(true)` when more may be waiting.
+fn read_batch(socket: &UdpSocket, bufs: &mut Vec<Vec<u8>>, size: usize, received: &mut Vec<(usize, Option<SocketAddr>)>) -> io::Result<bool> {
+    received.clear();
+    match socket.try_io(Interest::READABLE, || recv_batch(socket.as_raw_fd(), bufs, size, received)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Up to [`BATCH`] datagrams. A batch that is not full drained the
+/// socket's queue when it was read, so it ends in `WouldBlock` too (with
+/// `received` filled), which clears the socket's readiness and saves the
+/// call that would only find the queue empty: a datagram that arrives
+/// later raises a new edge-triggered event.
 fn recv_batch(fd: RawFd, bufs: &mut Vec<Vec<u8>>, size: usize, received: &mut Vec<(usize, Option<SocketAddr>)>) -> io::Result<()> {
     bufs.resize_with(BATCH, Vec::new);
     for buf in bufs.iter_mut() {
@@ -357,9 +369,11 @@ fn recv_batch(fd: RawFd, bufs: &mut Vec<Vec<u8>>, size: usize, received: &mut Ve
     }
     let mut slices: Vec<[IoSliceMut; 1]> = bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    received.clear();
     let results = recvmmsg(fd, &mut headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None).map_err(io::Error::from)?;
     received.extend(results.map(|m| (m.bytes, m.address.and_then(socket_addr))));
+    if received.len() < BATCH {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
     Ok(())
 }
 
