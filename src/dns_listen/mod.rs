@@ -6,10 +6,15 @@
 //! source address as on the transparent listener, and decided before
 //! anything leaves ([`decide`]): names denied before resolution, names the
 //! role's rules do not admit, and types not answered are refused (REFUSED)
-//! without a query upstream. An admitted question is asked upstream by
-//! [`upstream`], built from the checked question alone; the answer is judged
-//! like a dial decision ([`answer`]) before the client sees it. Every query
-//! gets one decision line and is counted ([`record`]).
+//! without a query upstream. An admitted question is asked upstream, built
+//! from the checked question alone ([`upstream_query`]); the answer is
+//! judged like a dial decision ([`answer`]) before the client sees it.
+//! Every query gets one decision line and is counted ([`record`]).
+//!
+//! Over UDP one forwarder loop does all of it inline ([`forwarder`], with
+//! its upstream sockets and queries in flight in [`inflight`]); over TCP
+//! each query is a task that asks through a pool of sockets
+//! ([`upstream`]). Both share [`receive`] and [`complete`].
 
 pub mod answer;
 pub mod decide;
@@ -181,6 +186,9 @@ async fn bind_both(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
 
 /// A client's query after parsing and the decision, before anything is
 /// asked upstream.
+// Made once per query and taken apart at once: boxing the large variant
+// would only add an allocation per query.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Received {
     /// Not even a query header: dropped without an answer.
     Dropped,
