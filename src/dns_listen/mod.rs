@@ -123,43 +123,15 @@ impl DnsListener {
         self.udp.local_addr()
     }
 
-    /// Answers queries until `shutdown` completes. The UDP forwarder runs
-    /// on a thread of its own with a single-threaded runtime: its events
-    /// then wake no other thread (see [`forwarder`]); TCP is served here.
+    /// Answers queries until `shutdown` completes.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
-        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let udp = match self.udp.into_std().and_then(|udp| Ok((udp, own_runtime()?))) {
-            Ok((udp, runtime)) => {
-                let shared = self.shared.clone();
-                let thread = std::thread::Builder::new().name("portcullis-dns-udp".into()).spawn(move || {
-                    runtime.block_on(async move {
-                        let udp = match UdpSocket::from_std(udp) {
-                            Ok(udp) => Arc::new(udp),
-                            Err(e) => return tracing::error!(error = %e, "DNS listener: UDP socket unusable"),
-                        };
-                        tokio::select! {
-                            () = forwarder::udp(udp, shared) => {}
-                            _ = stopped => {}
-                        }
-                    })
-                });
-                thread.err()
-            }
-            Err(e) => Some(e),
-        };
-        if let Some(e) = udp {
-            tracing::error!(error = %e, "DNS listener: cannot start the UDP forwarder; serving TCP only");
-        }
+        let udp = Arc::new(self.udp);
         tokio::select! {
+            () = forwarder::udp(udp, self.shared.clone()) => {}
             () = serve::tcp(self.tcp, self.shared.clone()) => {}
             () = shutdown => {}
         }
     }
-}
-
-/// The UDP forwarder's runtime: one thread, its own I/O driver and timer.
-fn own_runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 async fn bind_both(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
