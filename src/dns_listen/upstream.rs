@@ -1,10 +1,12 @@
-//! The forwarder: asks the configured resolvers an admitted question, over
-//! UDP with a fresh random id per query from a small pool of connected
-//! sockets ([`Sockets`]), and over TCP when the answer comes back truncated.
+//! Asking upstream one query at a time, for queries that came in over TCP
+//! and for `portcullis check dns:` (the UDP listener has its own loop,
+//! [`super::forwarder`]): over UDP under a fresh random id from a small pool
+//! of connected sockets ([`Sockets`]), and over TCP when the answer comes
+//! back truncated.
 //!
-//! It takes an [`Admission`] and builds the query from the checked question
-//! alone: no byte of the client's message is sent, so nothing the policy did
-//! not admit can leave this way.
+//! It takes an [`Admission`] and sends the query built from the checked
+//! question alone ([`UpstreamQuery`]): no byte of the client's message is
+//! sent, so nothing the policy did not admit can leave this way.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
