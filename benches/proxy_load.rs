@@ -378,6 +378,8 @@ fn report_bulk(label: &str, name: &str, measured: Result<Bulk, String>) -> Optio
                 cpu_proxied.busy_cores,
                 ceiling.map_or(String::new(), |c| format!("; CPU-bound, ceiling {c:.2}"))
             );
+            let ([g, o, _], [pg, po, pp]) = (cpu_direct.switches, cpu_proxied.switches);
+            println!("  context switches/MB, direct: generator {g:.1}, origins {o:.1}; via proxy: generator {pg:.1}, origins {po:.1}, proxy {pp:.1}");
             figure(name, Some(proxied / direct));
             figure(&format!("{name}_cpu"), Some(cpu));
             figure(&format!("{name}_ceiling"), ceiling);
