@@ -123,10 +123,11 @@ done | awk -v passes="$passes" '
   }
   { printed[$3] = 1; if ($4 != "n/a") value[$1, $2, $3] = $4 + 0 }
   END {
-    split("rps_1 p50_1 p99_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_bulk_cpu opaque_http_get opaque_http_get_cpu opaque_http_put opaque_http_put_cpu http_tunnel_get http_tunnel_get_cpu http_tunnel_put http_tunnel_put_cpu idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
+    split("rps_1 p50_1 p99_1 switches_per_request_1 rps_50 p99_50 cpu_us_per_request_50 new_tunnels opaque_bulk opaque_bulk_cpu opaque_http_get opaque_http_get_cpu opaque_http_put opaque_http_put_cpu http_tunnel_get http_tunnel_get_cpu http_tunnel_put http_tunnel_put_cpu idle_opaque_bytes idle_http_tunnel_bytes", names, " ")
     label["rps_1"] = "requests/s, 1 client (x direct)"; better["rps_1"] = "higher"
     label["p50_1"] = "p50 latency, 1 client (x direct)"; better["p50_1"] = "lower"
     label["p99_1"] = "p99 latency, 1 client (x direct)"; better["p99_1"] = "lower"
+    label["switches_per_request_1"] = "  proxy context switches/request"; better["switches_per_request_1"] = "lower"
     label["rps_50"] = "requests/s, 50 clients (x direct)"; better["rps_50"] = "higher"
     label["p99_50"] = "p99 latency, 50 clients (x direct)"; better["p99_50"] = "lower"
     label["cpu_us_per_request_50"] = "proxy CPU us/request, 50 clients"; better["cpu_us_per_request_50"] = "lower"

@@ -6,6 +6,14 @@
 #   bash benches/peers.sh                          # 3 passes, 3 s phases
 #   PORTCULLIS_LOAD_PASSES=5 PORTCULLIS_LOAD_PHASE_MS=2000 bash benches/peers.sh
 #   PORTCULLIS_PEERS_KEEP=1 bash benches/peers.sh    # keep configs and logs
+#   PORTCULLIS_PEERS_G3PROXY=/path/to/g3proxy bash benches/peers.sh   # g3proxy too
+#
+# g3proxy is in no package registry: build it yourself from its source
+# (github.com/bytedance/g3, `cargo build --release -p g3proxy
+# --no-default-features --features rustls-ring`, which needs libssl-dev and
+# capnproto) and name the binary. It gets a config equivalent to the others
+# (its default runtime, a thread per core; the task log to a file; only
+# the origin's address and ports admitted).
 #
 # Each peer gets a config of its own in a temporary directory: loopback
 # listener on a free port, only the bench's origin (127.0.0.1, three fixed
@@ -57,12 +65,18 @@ free_port; echo_port=$PORT
 free_port; source_port=$PORT
 free_port; squid_port=$PORT
 free_port; tinyproxy_port=$PORT
+free_port; g3proxy_port=$PORT
+g3proxy=${PORTCULLIS_PEERS_G3PROXY:-}
+if [ -n "$g3proxy" ] && [ ! -x "$g3proxy" ]; then
+  echo "PORTCULLIS_PEERS_G3PROXY: $g3proxy is not an executable" >&2
+  exit 2
+fi
 
 logs_on=/tmp
 [ -d /dev/shm ] && [ -w /dev/shm ] && logs_on=/dev/shm
 dir=$(mktemp -d "$logs_on/portcullis-peers.XXXXXX")
 chmod 755 "$dir"
-mkdir "$dir/squid" "$dir/tinyproxy"
+mkdir "$dir/squid" "$dir/tinyproxy" "$dir/g3proxy"
 pids=()
 stop_peers() {
   # A bench killed from outside leaves its Portcullis running: it is the
@@ -77,7 +91,7 @@ stop_peers() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
-  for log in "$dir/squid/access.log" "$dir/tinyproxy/tinyproxy.log" "$dir/portcullis.log"; do
+  for log in "$dir/squid/access.log" "$dir/tinyproxy/tinyproxy.log" "$dir/g3proxy/stdout.log" "$dir/portcullis.log"; do
     [ -f "$log" ] && echo "log lines: $(wc -l <"$log") in $log"
   done
   if [ -n "${PORTCULLIS_PEERS_KEEP:-}" ]; then
@@ -125,6 +139,36 @@ ConnectPort $echo_port
 ConnectPort $source_port
 EOF
 
+cat >"$dir/g3proxy/g3proxy.yaml" <<EOF
+---
+log: stdout
+server:
+  - name: bench
+    type: http_proxy
+    escaper: direct
+    listen:
+      address: 127.0.0.1:$g3proxy_port
+    dst_host_filter_set:
+      subnet_match:
+        default: forbid
+        permit: 127.0.0.1/32
+    dst_port_filter:
+      default: forbid
+      permit: [$http_port, $echo_port, $source_port]
+resolver:
+  - name: default
+    type: hickory
+    server: 127.0.0.1
+escaper:
+  - name: direct
+    type: direct_fixed
+    resolver: default
+    resolve_strategy: IPv4Only
+    egress_network_filter:
+      default: forbid
+      allow: 127.0.0.1/32
+EOF
+
 # Squid drops to its cache_effective_user (proxy) by itself; tinyproxy is
 # told whom to run as.
 if [ "$(id -u)" = 0 ]; then
@@ -139,6 +183,13 @@ pids+=("$squid_pid")
 tinyproxy -d -c "$dir/tinyproxy/tinyproxy.conf" >"$dir/tinyproxy/stdout.log" 2>&1 &
 tinyproxy_pid=$!
 pids+=("$tinyproxy_pid")
+peers="squid=127.0.0.1:$squid_port:$squid_pid;tinyproxy=127.0.0.1:$tinyproxy_port:$tinyproxy_pid"
+if [ -n "$g3proxy" ]; then
+  "$g3proxy" -c "$dir/g3proxy/g3proxy.yaml" -C "$dir/g3proxy" -G bench >"$dir/g3proxy/stdout.log" 2>&1 &
+  g3proxy_pid=$!
+  pids+=("$g3proxy_pid")
+  peers+=";g3proxy=127.0.0.1:$g3proxy_port:$g3proxy_pid"
+fi
 
 # Waits until $2 accepts connections, or fails if process $3 exits or 30 s pass.
 wait_listening() {
@@ -157,11 +208,12 @@ wait_listening() {
 }
 wait_listening squid "$squid_port" "$squid_pid"
 wait_listening tinyproxy "$tinyproxy_port" "$tinyproxy_pid"
+[ -z "$g3proxy" ] || wait_listening g3proxy "$g3proxy_port" "$g3proxy_pid"
 
-echo "$(squid -v | sed -n 1p); $(tinyproxy -v); $(rustc -V)"
+echo "$(squid -v | sed -n 1p); $(tinyproxy -v); $(rustc -V)${g3proxy:+; $("$g3proxy" -V)}"
 cargo build --release --locked --bin portcullis
 echo "load before the bench: $(uptime)"
-PORTCULLIS_LOAD_PEERS="squid=127.0.0.1:$squid_port:$squid_pid;tinyproxy=127.0.0.1:$tinyproxy_port:$tinyproxy_pid" \
+PORTCULLIS_LOAD_PEERS="$peers" \
 PORTCULLIS_LOAD_ORIGIN_PORTS="$http_port,$echo_port,$source_port" \
 PORTCULLIS_LOAD_PROXY_LOG="$dir/portcullis.log" \
   cargo bench --locked --bench proxy_load

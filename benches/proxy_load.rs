@@ -55,6 +55,8 @@ mod client;
 mod origins;
 #[path = "proxy_load/peers.rs"]
 mod peers;
+#[path = "proxy_load/procs.rs"]
+mod procs;
 #[path = "proxy_load/proxy.rs"]
 mod proxy;
 #[path = "proxy_load/router.rs"]
@@ -69,6 +71,8 @@ use std::time::Duration;
 
 use client::{http_load, http_notes, is_200, new_connections, open, HttpResult};
 use origins::Origins;
+use procs::{cpu_ceiling, Reading, Usage};
+pub use procs::{cpu_secs, cpu_us_per, stat_ticks, status_kib};
 use proxy::{Ports, Proxy};
 use tunnels::{bulk, bursts, http_bulk, idle_after_get, idle_tunnels, Way};
 
@@ -218,13 +222,13 @@ fn set_up_interception() -> bool {
 /// the origins and the proxy.
 type Pids = [u32; 3];
 
-/// Runs `phase`; its result and the CPU µs of each of `pids` per unit of
-/// work that `units` reads from the result.
-async fn with_cpu<R>(pids: Pids, phase: impl std::future::Future<Output = R>, units: impl Fn(&R) -> f64) -> (R, [f64; 3]) {
-    let before = pids.map(cpu_secs);
+/// Runs `phase`; its result and what `pids` used per unit of work that
+/// `units` reads from the result.
+async fn with_cpu<R>(pids: Pids, phase: impl std::future::Future<Output = R>, units: impl Fn(&R) -> f64) -> (R, Usage) {
+    let before = Reading::now(pids);
     let result = phase.await;
-    let per_unit = cpu_us_per(before, pids.map(cpu_secs), units(&result));
-    (result, per_unit)
+    let usage = Reading::now(pids).since(&before, units(&result));
+    (result, usage)
 }
 
 async fn run() {
@@ -252,7 +256,8 @@ async fn run() {
     };
     if phases.new {
         let (direct, _) = new_connections(origins.echo, None).await;
-        let ((proxied, _), [.., prox]) = with_cpu(pids, new_connections(origins.echo, Some(p)), |r| r.1).await;
+        let ((proxied, _), usage) = with_cpu(pids, new_connections(origins.echo, Some(p)), |r| r.1).await;
+        let prox = usage.cpu_us[2];
         row("new tunnels/s (connect, 200, echo, close)", direct, proxied, "direct: plain TCP connect+echo");
         println!("  CPU µs/tunnel, proxy: {prox:.1}");
         figure("new_tunnels", Some(proxied / direct));
@@ -290,10 +295,20 @@ async fn http_phases(origin: SocketAddr, p: SocketAddr, pids: Pids) -> Option<(f
         row(&format!("  p50 latency µs, {clients} clients"), direct.p50, proxied.p50, "");
         row(&format!("  p99 latency µs, {clients} clients"), direct.p99, proxied.p99, "");
         print_notes(&direct, &proxied);
-        for (which, [load, orig, prox]) in [("direct:   ", cpu_direct), ("via proxy:", cpu_proxied)] {
+        for (which, usage) in [("direct:   ", cpu_direct), ("via proxy:", cpu_proxied)] {
+            let ([load, orig, prox], [s_load, s_orig, s_prox]) = (usage.cpu_us, usage.switches);
             println!("  CPU µs/request, {which} generator {load:.1}, origin {orig:.1}, proxy {prox:.1}");
+            println!("  context switches/request, {which} generator {s_load:.2}, origin {s_orig:.2}, proxy {s_prox:.2}");
         }
-        let prox = cpu_proxied[2];
+        println!(
+            "  cores busy (of {}): direct {:.2}, via proxy {:.2}{}",
+            cores(),
+            cpu_direct.busy_cores,
+            cpu_proxied.busy_cores,
+            cpu_ceiling(&cpu_direct, &cpu_proxied).map_or(String::new(), |c| format!("; CPU-bound, ceiling {c:.2}"))
+        );
+        let prox = cpu_proxied.cpu_us[2];
+        figure(&format!("switches_per_request_{clients}"), Some(cpu_proxied.switches[2]));
         let answered = proxied.failures == 0;
         figure(&format!("rps_{clients}"), answered.then_some(proxied.rps / direct.rps));
         figure(&format!("p50_{clients}"), answered.then_some(proxied.p50 / direct.p50));
@@ -336,21 +351,45 @@ async fn bulk_phases(origins: &Origins, p: SocketAddr, pids: Pids, http: bool) -
     opaque
 }
 
-/// Prints a bulk row and its figures (the ratio, and `NAME_cpu`: proxy CPU
-/// µs per MB); (direct MB/s, ratio) when measured.
-fn report_bulk(label: &str, name: &str, measured: Result<(f64, f64, f64), String>) -> Option<(f64, f64)> {
+/// A bulk figure: median rates and what the processes used per MB.
+struct Bulk {
+    direct: f64,
+    proxied: f64,
+    cpu_direct: Usage,
+    cpu_proxied: Usage,
+}
+
+/// Prints a bulk row and its figures (the ratio; `NAME_cpu`: proxy CPU µs
+/// per MB; `NAME_ceiling`: the ratio the machine's CPU allows when the
+/// direct transfer kept every core busy); (direct MB/s, ratio) when measured.
+fn report_bulk(label: &str, name: &str, measured: Result<Bulk, String>) -> Option<(f64, f64)> {
     let label = format!("{label} MB/s ({})", bulk_label());
     match measured {
-        Ok((direct, proxied, cpu)) => {
+        Ok(Bulk { direct, proxied, cpu_direct, cpu_proxied }) => {
+            let cpu = cpu_proxied.cpu_us[2];
             row(&label, direct, proxied, &format!("proxy CPU µs/MB {cpu:.0}"));
+            let ([g, o, _], [pg, po, pp]) = (cpu_direct.cpu_us, cpu_proxied.cpu_us);
+            let ceiling = cpu_ceiling(&cpu_direct, &cpu_proxied);
+            println!(
+                "  CPU µs/MB, direct: generator {g:.0}, origins {o:.0}; via proxy: generator {pg:.0}, origins {po:.0}, proxy {pp:.0}; \
+                 cores busy (of {}) {:.2} / {:.2}{}",
+                cores(),
+                cpu_direct.busy_cores,
+                cpu_proxied.busy_cores,
+                ceiling.map_or(String::new(), |c| format!("; CPU-bound, ceiling {c:.2}"))
+            );
+            let ([g, o, _], [pg, po, pp]) = (cpu_direct.switches, cpu_proxied.switches);
+            println!("  context switches/MB, direct: generator {g:.1}, origins {o:.1}; via proxy: generator {pg:.1}, origins {po:.1}, proxy {pp:.1}");
             figure(name, Some(proxied / direct));
             figure(&format!("{name}_cpu"), Some(cpu));
+            figure(&format!("{name}_ceiling"), ceiling);
             Some((direct, proxied / direct))
         }
         Err(why) => {
             println!("{label:<44} n/a: {why}");
             figure(name, None);
             figure(&format!("{name}_cpu"), None);
+            figure(&format!("{name}_ceiling"), None);
             None
         }
     }
@@ -358,24 +397,31 @@ fn report_bulk(label: &str, name: &str, measured: Result<(f64, f64, f64), String
 
 /// A bulk transfer `PORTCULLIS_LOAD_BULK_REPEAT` times (default 3) direct
 /// and through the proxy `p`, alternating: one transfer of half a second
-/// is at the mercy of a shared machine. (Median MB/s direct, median MB/s
-/// proxied, proxy CPU µs per MB proxied), or why a transfer failed.
-async fn bulk_pairs<F, T>(pids: Pids, p: SocketAddr, transfer: F) -> Result<(f64, f64, f64), String>
+/// is at the mercy of a shared machine. Median rates, and what each
+/// process used per MB over all transfers of each kind; or why a transfer
+/// failed.
+async fn bulk_pairs<F, T>(pids: Pids, p: SocketAddr, transfer: F) -> Result<Bulk, String>
 where
     F: Fn(Option<SocketAddr>) -> T,
     T: std::future::Future<Output = Result<(f64, f64), String>>,
 {
     let repeat = setting("PORTCULLIS_LOAD_BULK_REPEAT", 3usize).max(1);
-    let (mut direct, mut proxied, mut cpu_secs_proxied, mut mb) = (Vec::new(), Vec::new(), 0.0, 0.0);
+    let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+    let (mut used_direct, mut used_proxied) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
-        direct.push(transfer(None).await?.0);
-        let before = cpu_secs(pids[2]);
-        let (rate, moved) = transfer(Some(p)).await?;
-        cpu_secs_proxied += cpu_secs(pids[2]) - before;
-        mb += moved;
-        proxied.push(rate);
+        for (proxy, rates, used) in [(None, &mut direct, &mut used_direct), (Some(p), &mut proxied, &mut used_proxied)] {
+            let before = Reading::now(pids);
+            let (rate, moved) = transfer(proxy).await?;
+            used.push((Reading::now(pids).since(&before, moved), moved));
+            rates.push(rate);
+        }
     }
-    Ok((median(direct), median(proxied), cpu_secs_proxied * 1e6 / f64::max(mb, 1.0)))
+    Ok(Bulk {
+        direct: median(direct),
+        proxied: median(proxied),
+        cpu_direct: Usage::weighted(&used_direct),
+        cpu_proxied: Usage::weighted(&used_proxied),
+    })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -470,39 +516,6 @@ fn hard_nofile() -> u64 {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default();
     line.split_whitespace().nth(4).and_then(|v| v.parse().ok()).unwrap_or(1024)
-}
-
-/// Microseconds of CPU each process spent per unit (request, MB) between
-/// two readings of [`cpu_secs`].
-fn cpu_us_per(from: [f64; 3], to: [f64; 3], units: f64) -> [f64; 3] {
-    [0, 1, 2].map(|i| (to[i] - from[i]) * 1e6 / units.max(1.0))
-}
-
-/// User + system CPU seconds used so far by process `pid` (0 once gone).
-fn cpu_secs(pid: u32) -> f64 {
-    // Fields 14 and 15 of the line (utime, stime): 0-based 11 and 12 after the name.
-    stat_ticks(pid, &[11, 12]) / 100.0
-}
-
-/// The sum of the given fields of `/proc/pid/stat` (0-based, counted after
-/// the command name, which may hold spaces); 0 once the process is gone.
-/// Times are in clock ticks of USER_HZ, which is 100 on Linux.
-fn stat_ticks(pid: u32, fields: &[usize]) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let field = |i: usize| after_name.split_whitespace().nth(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    fields.iter().map(|&i| field(i)).sum()
-}
-
-/// A size field (`VmRSS:`, `VmHWM:`) of `/proc/pid/status` in KiB; 0 once the process is gone.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn row(name: &str, direct: f64, proxied: f64, note: &str) {
