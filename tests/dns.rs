@@ -7,6 +7,8 @@
 mod common;
 #[path = "dns/ech.rs"]
 mod ech;
+#[path = "dns/forwarder.rs"]
+mod forwarder;
 #[path = "dns/hello.rs"]
 mod hello;
 #[path = "common/hostile.rs"]

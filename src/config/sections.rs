@@ -306,8 +306,9 @@ pub struct DnsListenerLimits {
     /// Largest DNS message read or written (queries over it are dropped;
     /// answers over it are refused with SERVFAIL). 512 to 65535.
     pub max_message_bytes: u16,
-    /// Queries answered at once, in total: each holds one upstream socket,
-    /// so this also bounds the listener's file descriptors.
+    /// Queries answered at once, in total: each holds at most one upstream
+    /// socket (UDP queries share theirs), so this also bounds the
+    /// listener's file descriptors.
     pub max_in_flight: usize,
     /// Queries answered at once for one client address.
     pub max_in_flight_per_client: usize,

@@ -6,19 +6,27 @@
 //! source address as on the transparent listener, and decided before
 //! anything leaves ([`decide`]): names denied before resolution, names the
 //! role's rules do not admit, and types not answered are refused (REFUSED)
-//! without a query upstream. An admitted question is asked upstream by
-//! [`upstream`], built from the checked question alone; the answer is judged
-//! like a dial decision ([`answer`]) before the client sees it. Every query
-//! gets one decision line and is counted ([`record`]).
+//! without a query upstream. An admitted question is asked upstream, built
+//! from the checked question alone ([`upstream_query`]); the answer is
+//! judged like a dial decision ([`answer`]) before the client sees it.
+//! Every query gets one decision line and is counted ([`record`]).
+//!
+//! Over UDP one forwarder loop does all of it inline ([`forwarder`], with
+//! its upstream sockets and queries in flight in [`inflight`]); over TCP
+//! each query is a task that asks through a pool of sockets
+//! ([`upstream`]). Both share [`receive`] and [`complete`].
 
 pub mod answer;
 pub mod decide;
+mod forwarder;
+mod inflight;
 mod limits;
 pub mod message;
 pub mod record;
 pub mod rules;
 mod serve;
 mod upstream;
+mod upstream_query;
 
 use std::future::Future;
 use std::io;
@@ -31,11 +39,12 @@ use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 use crate::metrics::Metrics;
 use crate::policy::{Policy, RoleId};
-use crate::snapshot::SnapshotHandle;
+use crate::snapshot::{Snapshot, SnapshotHandle};
 use answer::Judged;
 use decide::{AdmittedBy, DnsReason, Question, Verdict};
 use message::BadQuery;
 use record::{DnsMetrics, DnsOutcome, DnsRecord};
+pub use inflight::UPSTREAM_SOCKET_USES;
 pub use rules::DnsRules;
 
 /// Decides `question` for `role`, and when it is admitted asks upstream and
@@ -63,13 +72,19 @@ async fn ask_via(
         Verdict::Forward(admission) => admission,
         Verdict::Refuse(reason) => return Err(reason),
     };
+    let upstream = forward_timed(&admission, rules, sockets, metrics).await?;
+    let judged = answer::judge(policy, &admission, &upstream, rules.max_ttl)?;
+    Ok((admission.by(), judged))
+}
+
+/// Asks upstream for an admitted question, timing it into `metrics`.
+async fn forward_timed(admission: &decide::Admission, rules: &DnsRules, sockets: &upstream::Sockets, metrics: Option<&DnsMetrics>) -> Result<Message, DnsReason> {
     let started = Instant::now();
-    let upstream = upstream::forward(&admission, rules, sockets).await;
+    let upstream = upstream::forward(admission, rules, sockets).await;
     if let Some(metrics) = metrics {
         metrics.upstream.observe(started.elapsed().as_secs_f64());
     }
-    let judged = answer::judge(policy, &admission, &upstream?, rules.max_ttl)?;
-    Ok((admission.by(), judged))
+    upstream
 }
 
 /// State shared by both sockets of the listener.
@@ -112,7 +127,7 @@ impl DnsListener {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let udp = Arc::new(self.udp);
         tokio::select! {
-            () = serve::udp(udp, self.shared.clone()) => {}
+            () = forwarder::udp(udp, self.shared.clone()) => {}
             () = serve::tcp(self.tcp, self.shared.clone()) => {}
             () = shutdown => {}
         }
@@ -141,16 +156,38 @@ async fn bind_both(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     Err(last.unwrap_or_else(|| io::Error::other("no port free for both UDP and TCP")))
 }
 
-/// Answers one query from `client`; `None` drops it (not even a header).
-async fn handle(shared: &Shared, client: SocketAddr, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
-    let snapshot = shared.snapshot.load_full();
+/// A client's query after parsing and the decision, before anything is
+/// asked upstream.
+// Made once per query and taken apart at once: boxing the large variant
+// would only add an allocation per query.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Received {
+    /// Not even a query header: dropped without an answer.
+    Dropped,
+    /// Answered at once (malformed, or refused before anything left): the
+    /// encoded reply.
+    Answered(Vec<u8>),
+    /// Admitted: to be asked upstream, then finished by [`complete`].
+    Forward(Forward),
+}
+
+/// An admitted query waiting for its upstream answer.
+pub(crate) struct Forward {
+    pub(crate) query: message::Query,
+    pub(crate) admission: decide::Admission,
+    record: DnsRecord,
+}
+
+/// Parses `bytes` from `client`, finds its role and decides the question
+/// with `snapshot`; refusals and malformed queries are answered at once.
+fn receive(shared: &Shared, snapshot: &Snapshot, client: SocketAddr, bytes: &[u8], tcp: bool) -> Received {
     let max = snapshot.dns.limits.max_message_bytes;
     let mut record = DnsRecord::new(client, tcp);
     let query = match message::parse_query(bytes) {
         Ok(query) => query,
         Err(BadQuery::Unanswerable) => {
             shared.metrics.dropped.with_label_values(&["unanswerable"]).inc();
-            return None;
+            return Received::Dropped;
         }
         Err(BadQuery::Answerable { id, reason, parsed }) => {
             record.outcome = DnsOutcome::Deny(reason);
@@ -162,31 +199,61 @@ async fn handle(shared: &Shared, client: SocketAddr, bytes: &[u8], tcp: bool) ->
                 }
                 None => message::bare_response(id, message::rcode_of(reason)),
             };
-            return Some(finish(shared, record, &reply, parsed.as_deref(), max));
+            return Received::Answered(finish(shared, record, &reply, parsed.as_deref(), max));
         }
     };
     record.name = query.question.name.to_string();
     record.qtype = Some(query.question.qtype);
-    let asked = match snapshot.identities.identify_source(&snapshot.policy, client.ip()) {
+    let verdict = match snapshot.identities.identify_source(&snapshot.policy, client.ip()) {
         Ok((role, source)) => {
             record.role = snapshot.policy.role(role).name().to_string();
             record.identity = source.as_str();
-            ask_via(&shared.sockets, &snapshot.policy, &snapshot.dns, role, &query.question, Some(&shared.metrics)).await
+            decide::decide(&snapshot.policy, &snapshot.dns, role, &query.question)
         }
-        Err(reason) => Err(DnsReason::Policy(reason)),
+        Err(reason) => Verdict::Refuse(DnsReason::Policy(reason)),
     };
-    let reply = match asked {
-        Ok((by, judged)) => {
-            record.outcome = DnsOutcome::Allow(by);
+    match verdict {
+        Verdict::Forward(admission) => Received::Forward(Forward { query, admission, record }),
+        Verdict::Refuse(reason) => Received::Answered(refuse(shared, record, &query.message, reason, max)),
+    }
+}
+
+/// Finishes an admitted query with its upstream answer (or why there is
+/// none), judged with the snapshot it was decided with.
+fn complete(shared: &Shared, snapshot: &Snapshot, forward: Forward, upstream: Result<Message, DnsReason>) -> Vec<u8> {
+    let Forward { query, admission, mut record } = forward;
+    let max = snapshot.dns.limits.max_message_bytes;
+    match upstream.and_then(|answer| answer::judge(&snapshot.policy, &admission, &answer, snapshot.dns.max_ttl)) {
+        Ok(judged) => {
+            record.outcome = DnsOutcome::Allow(admission.by());
             record.answers = judged.answers.len();
-            message::response(&query.message, judged.rcode, judged.answers, judged.authority, max)
+            let reply = message::response(&query.message, judged.rcode, judged.answers, judged.authority, max);
+            finish(shared, record, &reply, Some(&query.message), max)
         }
-        Err(reason) => {
-            record.outcome = DnsOutcome::Deny(reason);
-            message::response(&query.message, message::rcode_of(reason), Vec::new(), Vec::new(), max)
+        Err(reason) => refuse(shared, record, &query.message, reason, max),
+    }
+}
+
+/// Answers `query` with the code for `reason`, no records.
+fn refuse(shared: &Shared, mut record: DnsRecord, query: &Message, reason: DnsReason, max: u16) -> Vec<u8> {
+    record.outcome = DnsOutcome::Deny(reason);
+    let reply = message::response(query, message::rcode_of(reason), Vec::new(), Vec::new(), max);
+    finish(shared, record, &reply, Some(query), max)
+}
+
+/// Answers one query from `client` (the TCP listener's path): decided,
+/// forwarded through the pooled sockets when admitted, judged. `None`
+/// drops it (not even a header).
+async fn handle(shared: &Shared, client: SocketAddr, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    let snapshot = shared.snapshot.load_full();
+    match receive(shared, &snapshot, client, bytes, tcp) {
+        Received::Dropped => None,
+        Received::Answered(reply) => Some(reply),
+        Received::Forward(forward) => {
+            let upstream = forward_timed(&forward.admission, &snapshot.dns, &shared.sockets, Some(&shared.metrics)).await;
+            Some(complete(shared, &snapshot, forward, upstream))
         }
-    };
-    Some(finish(shared, record, &reply, Some(&query.message), max))
+    }
 }
 
 /// Encodes `reply` within the client's size limit (SERVFAIL when it cannot

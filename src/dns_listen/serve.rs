@@ -1,4 +1,4 @@
-//! The listener's two transports. UDP: one datagram, one query, one task.
+//! The listener's TCP transport (the UDP one is [`super::forwarder`]).
 //! TCP (RFC 7766): length-prefixed messages, answered as they finish (out
 //! of order), at most `max_tcp_pipeline` at a time per connection; a bad
 //! frame closes the connection, a bad message gets its FORMERR.
@@ -8,44 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{handle, Shared};
-
-/// Serves datagrams until the socket fails for good.
-pub(super) async fn udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
-    // One byte more than the largest message, to tell an oversize datagram.
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let (n, client) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
-                // ICMP errors from earlier sends surface here; keep serving.
-                tracing::debug!(error = %e, "DNS listener: UDP receive failed");
-                continue;
-            }
-        };
-        let limits = shared.snapshot.load().dns.limits.clone();
-        if n > usize::from(limits.max_message_bytes) {
-            shared.metrics.dropped.with_label_values(&["too-large"]).inc();
-            continue;
-        }
-        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
-        let Some(slot) = shared.limits.admit(client.ip(), &limits, Instant::now()) else {
-            shared.metrics.dropped.with_label_values(&["over-limit"]).inc();
-            continue;
-        };
-        let query = buf[..n].to_vec();
-        let (socket, shared) = (socket.clone(), shared.clone());
-        tokio::spawn(async move {
-            if let Some(reply) = handle(&shared, client, &query, false).await {
-                let _ = socket.send_to(&reply, client).await;
-            }
-            drop(slot);
-        });
-    }
-}
 
 /// Accepts TCP connections within `max_tcp_connections`.
 pub(super) async fn tcp(listener: TcpListener, shared: Arc<Shared>) {

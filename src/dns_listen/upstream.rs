@@ -1,33 +1,36 @@
-//! The forwarder: asks the configured resolvers an admitted question, over
-//! UDP with a fresh random id per query from a small pool of connected
-//! sockets ([`Sockets`]), and over TCP when the answer comes back truncated.
+//! Asking upstream one query at a time, for queries that came in over TCP
+//! and for `portcullis check dns:` (the UDP listener has its own loop,
+//! [`super::forwarder`]): over UDP under a fresh random id from a small pool
+//! of connected sockets ([`Sockets`]), and over TCP when the answer comes
+//! back truncated.
 //!
-//! It takes an [`Admission`] and builds the query from the checked question
-//! alone: no byte of the client's message is sent, so nothing the policy did
-//! not admit can leave this way.
+//! It takes an [`Admission`] and sends the query built from the checked
+//! question alone ([`UpstreamQuery`]): no byte of the client's message is
+//! sent, so nothing the policy did not admit can leave this way.
 
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
-use hickory_proto::rr::Name;
+use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use super::decide::{Admission, DnsReason};
 use super::rules::DnsRules;
+use super::upstream_query::{UpstreamQuery, UPSTREAM_PAYLOAD};
 
-/// The EDNS size advertised upstream (the DNS flag day 2020 default, which
-/// avoids IP fragmentation).
-const UPSTREAM_PAYLOAD: u16 = 1232;
 
 /// Asks the upstreams in order, each within `rules.timeout`, until one
 /// answers the question; the answer's id, flags and question are checked.
 pub async fn forward(admission: &Admission, rules: &DnsRules, sockets: &Sockets) -> Result<Message, DnsReason> {
-    let query = build_query(admission)?;
-    let mut last = DnsReason::UpstreamFailed;
-    for server in rules.upstreams.iter() {
+    forward_from(admission, rules, 0, DnsReason::UpstreamFailed, sockets).await
+}
+
+/// [`forward`], from the `first`th upstream on; `last` is the reason when
+/// none is left to ask.
+pub(super) async fn forward_from(admission: &Admission, rules: &DnsRules, first: usize, mut last: DnsReason, sockets: &Sockets) -> Result<Message, DnsReason> {
+    let query = UpstreamQuery::new(admission)?;
+    for server in rules.upstreams.iter().skip(first) {
         let max = usize::from(rules.limits.max_message_bytes);
         match tokio::time::timeout(rules.timeout, exchange(sockets, *server, &query, max)).await {
             Ok(Ok(answer)) => return Ok(answer),
@@ -41,37 +44,9 @@ pub async fn forward(admission: &Admission, rules: &DnsRules, sockets: &Sockets)
     Err(last)
 }
 
-/// The query for an admitted question: a fresh random id, recursion
-/// desired, EDNS without the DO bit (answers are rewritten, so signatures
-/// could not be passed on anyway).
-fn build_query(admission: &Admission) -> Result<Message, DnsReason> {
-    let question = admission.question();
-    let name = Name::from_ascii(format!("{}.", question.name)).map_err(|_| DnsReason::UpstreamFailed)?;
-    let mut message = Message::new();
-    message
-        .set_id(random_id())
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true);
-    message.add_query(Query::query(name, question.qtype));
-    let mut edns = Edns::new();
-    edns.set_max_payload(UPSTREAM_PAYLOAD);
-    message.set_edns(edns);
-    Ok(message)
-}
-
-/// A query id no one off-path can predict: SipHash under the process's
-/// random keys, over a counter.
-fn random_id() -> u16 {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    hasher.finish() as u16
-}
-
 /// Why one exchange with one server failed.
 #[derive(Debug, thiserror::Error)]
-enum ExchangeError {
+pub(super) enum ExchangeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("answer over {0} bytes")]
@@ -83,8 +58,9 @@ enum ExchangeError {
 /// Queries a socket answers before it is closed and replaced by one on a
 /// fresh random port, so that no source port serves for long.
 const MAX_USES: u32 = 64;
-/// Idle sockets kept for the next queries (counted in the descriptor budget).
-const MAX_IDLE: usize = crate::config::DnsListenerLimits::IDLE_UPSTREAM_SOCKETS;
+/// Idle sockets kept for the next queries (counted in the descriptor
+/// budget, with the UDP forwarder's idle ones).
+const MAX_IDLE: usize = crate::config::DnsListenerLimits::IDLE_UPSTREAM_SOCKETS - super::inflight::MAX_IDLE;
 
 /// Connected UDP sockets to the upstream resolvers, each bound to a port
 /// the kernel picked at random. A query takes one for itself (never two
@@ -138,18 +114,19 @@ impl Sockets {
 }
 
 /// One exchange with `server`: UDP, then TCP if the answer is truncated.
-async fn exchange(sockets: &Sockets, server: SocketAddr, query: &Message, max: usize) -> Result<Message, ExchangeError> {
-    let bytes = query.to_vec().map_err(|_| ExchangeError::Malformed)?;
+async fn exchange(sockets: &Sockets, server: SocketAddr, query: &UpstreamQuery, max: usize) -> Result<Message, ExchangeError> {
     let pooled = sockets.take(server).await?;
-    pooled.socket.send(&bytes).await?;
+    pooled.socket.send(query.bytes()).await?;
     let mut buf = vec![0u8; max.max(usize::from(UPSTREAM_PAYLOAD))];
     let answer = loop {
         let n = pooled.socket.recv(&mut buf).await?;
         // Anything that is not the answer to this query is ignored: a
         // duplicate of an earlier answer on this socket carries an earlier
         // id, and a forged one must guess both the port and the id.
-        if let Some(answer) = Message::from_vec(&buf[..n]).ok().filter(|a| answers(query, a)) {
-            break answer;
+        if query.is_answered_by(&buf[..n]) {
+            if let Ok(answer) = Message::from_vec(&buf[..n]) {
+                break answer;
+            }
         }
     };
     // Only reached with the answer read: a socket dropped by an error or
@@ -158,10 +135,12 @@ async fn exchange(sockets: &Sockets, server: SocketAddr, query: &Message, max: u
     if !answer.truncated() {
         return Ok(answer);
     }
-    exchange_tcp(server, &bytes, query, max).await
+    exchange_tcp(server, query, max).await
 }
 
-async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: usize) -> Result<Message, ExchangeError> {
+/// Asks `query` over TCP (after a truncated answer over UDP).
+pub(super) async fn exchange_tcp(server: SocketAddr, query: &UpstreamQuery, max: usize) -> Result<Message, ExchangeError> {
+    let bytes = query.bytes();
     let mut stream = TcpStream::connect(server).await?;
     let mut framed = Vec::with_capacity(bytes.len() + 2);
     framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
@@ -173,19 +152,10 @@ async fn exchange_tcp(server: SocketAddr, bytes: &[u8], query: &Message, max: us
     }
     let mut buf = vec![0u8; len];
     stream.read_exact(&mut buf).await?;
-    Message::from_vec(&buf).ok().filter(|a| answers(query, a)).ok_or(ExchangeError::Malformed)
-}
-
-/// True when `answer` is a response to `query`: same id, QR set, opcode
-/// QUERY, and the same single question.
-fn answers(query: &Message, answer: &Message) -> bool {
-    answer.id() == query.id()
-        && answer.message_type() == MessageType::Response
-        && answer.op_code() == OpCode::Query
-        && answer.queries().len() == 1
-        && answer.queries().first().zip(query.queries().first()).is_some_and(|(a, q)| {
-            a.name() == q.name() && a.query_type() == q.query_type() && a.query_class() == q.query_class()
-        })
+    if !query.is_answered_by(&buf) {
+        return Err(ExchangeError::Malformed);
+    }
+    Message::from_vec(&buf).map_err(|_| ExchangeError::Malformed)
 }
 
 #[cfg(test)]

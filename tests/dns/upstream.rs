@@ -2,7 +2,8 @@
 //! answers from a table and records every question it is asked, so a test
 //! can prove that a refused name never reached it. Names under `tcp-only.`
 //! are answered over UDP truncated (TC, no records), forcing TCP; names
-//! under `silent.` are recorded and never answered (a query held in flight).
+//! under `silent.` are recorded and never answered (a query held in flight);
+//! a name `ip-11-0-X-Y.` followed by anything is answered A 11.0.X.Y.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +32,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Every question received: (lower-case name without the trailing dot, type).
     seen: Arc<Mutex<Vec<(String, String)>>>,
+    /// The source port of every UDP query received, in order.
+    ports: Arc<Mutex<Vec<u16>>>,
 }
 
 impl Upstream {
@@ -43,6 +46,11 @@ impl Upstream {
     pub fn saw_any_under(&self, name: &str) -> bool {
         let suffix = format!(".{name}");
         self.seen().iter().any(|(n, _)| n == name || n.ends_with(&suffix))
+    }
+
+    /// The source port of every UDP query received, in order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.lock().unwrap().clone()
     }
 
     /// How many questions for `name` of type `rtype` were received.
@@ -70,10 +78,13 @@ pub async fn start_on(bind: SocketAddr, records: &[(&'static str, Rr)]) -> Upstr
     let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let (t, s) = (table.clone(), seen.clone());
     let tcp_seen = seen.clone();
+    let ports: Arc<Mutex<Vec<u16>>> = Arc::default();
+    let udp_ports = ports.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_535];
         loop {
             let Ok((n, peer)) = udp.recv_from(&mut buf).await else { return };
+            udp_ports.lock().unwrap().push(peer.port());
             if let Some(reply) = answer(&buf[..n], &t, &s, true) {
                 let _ = udp.send_to(&reply, peer).await;
             }
@@ -98,7 +109,7 @@ pub async fn start_on(bind: SocketAddr, records: &[(&'static str, Rr)]) -> Upstr
             });
         }
     });
-    Upstream { addr, seen }
+    Upstream { addr, seen, ports }
 }
 
 async fn bind_both(bind: SocketAddr) -> (UdpSocket, TcpListener) {
@@ -128,6 +139,10 @@ fn answer(query: &[u8], table: &Table, seen: &Mutex<Vec<(String, String)>>, udp:
     reply.add_query(q.clone());
     if udp && name.starts_with("tcp-only.") {
         reply.set_truncated(true);
+        return reply.to_vec().ok();
+    }
+    if let Some(addr) = echoed_address(&name).filter(|_| q.query_type() == RecordType::A) {
+        reply.add_answer(Record::from_rdata(q.name().clone(), 300, RData::A(rdata::A(addr))));
         return reply.to_vec().ok();
     }
     if !table.contains_key(&name) {
@@ -162,6 +177,13 @@ fn answer(query: &[u8], table: &Table, seen: &Mutex<Vec<(String, String)>>, udp:
         }
     }
     reply.to_vec().ok()
+}
+
+/// 11.0.X.Y for a name starting `ip-11-0-X-Y.`.
+fn echoed_address(name: &str) -> Option<std::net::Ipv4Addr> {
+    let label = name.split('.').next()?.strip_prefix("ip-")?;
+    let octets: Vec<u8> = label.split('-').map(|o| o.parse().ok()).collect::<Option<_>>()?;
+    <[u8; 4]>::try_from(octets).ok().filter(|o| o[..2] == [11, 0]).map(std::net::Ipv4Addr::from)
 }
 
 fn https_record(hint: &str) -> SVCB {
