@@ -147,6 +147,16 @@ async fn run() {
         println!("  CPU µs/query, direct:     generator {g:.1}, upstream {u:.1}, proxy {x:.1}");
         let [g, u, x] = per(t1, t2, proxied);
         println!("  CPU µs/query, dns_listen: generator {g:.1}, upstream {u:.1}, proxy {x:.1}");
+        // Cores kept busy by the three processes; when the direct phase kept
+        // them all busy, the CPU it spends per query over what the proxied
+        // phase spends is the most any forwarder with this cost could reach
+        // on this machine (the ceiling).
+        let total = |from: [f64; 3], to: [f64; 3]| (0..3).map(|i| to[i] - from[i]).sum::<f64>();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let (busy_direct, busy_proxied) = (total(t0, t1) / secs, total(t1, t2) / secs);
+        let ceiling = (total(t0, t1) / direct.max(1) as f64) / (total(t1, t2) / proxied.max(1) as f64);
+        let bound = if busy_direct >= 0.9 * cores { format!("; CPU-bound, ceiling {ceiling:.2}") } else { String::new() };
+        println!("  cores busy (of {cores}): direct {busy_direct:.2}, dns_listen {busy_proxied:.2}{bound}");
     }
     let _ = proxy.kill();
     let _ = proxy.wait();
