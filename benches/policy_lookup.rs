@@ -134,7 +134,7 @@ fn v6_queries(prefixes: &[Ipv6Net], hit: bool) -> Vec<Ipv6Addr> {
 fn linear_v4(prefixes: &[(Ipv4Net, u32)], addr: Ipv4Addr) -> Option<u32> {
     let mut best: Option<(u8, u32)> = None;
     for (net, v) in prefixes {
-        if net.contains(&addr) && best.map_or(true, |(len, _)| net.prefix_len() >= len) {
+        if net.contains(&addr) && best.is_none_or(|(len, _)| net.prefix_len() >= len) {
             best = Some((net.prefix_len(), *v));
         }
     }
@@ -144,7 +144,7 @@ fn linear_v4(prefixes: &[(Ipv4Net, u32)], addr: Ipv4Addr) -> Option<u32> {
 fn linear_v6(prefixes: &[(Ipv6Net, u32)], addr: Ipv6Addr) -> Option<u32> {
     let mut best: Option<(u8, u32)> = None;
     for (net, v) in prefixes {
-        if net.contains(&addr) && best.map_or(true, |(len, _)| net.prefix_len() >= len) {
+        if net.contains(&addr) && best.is_none_or(|(len, _)| net.prefix_len() >= len) {
             best = Some((net.prefix_len(), *v));
         }
     }
@@ -338,7 +338,7 @@ fn concurrent_reads(iters: u64, readers: usize, swap: Option<Duration>) -> Durat
         std::thread::spawn(move || {
             let mut swaps = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                handle.store(if swaps % 2 == 0 { b.clone() } else { a.clone() });
+                handle.store(if swaps.is_multiple_of(2) { b.clone() } else { a.clone() });
                 swaps += 1;
                 if !pause.is_zero() {
                     std::thread::sleep(pause);

@@ -353,7 +353,7 @@ impl PolicyUnderTest {
             let crate::policy::PreResolution::Resolve(name) = self.policy.pre_resolution(role, case.kind, &case.target) else { continue };
             let expects_failure = case.reason.as_deref() == Some("resolve-failed");
             let answered = file.resolve.contains_key(name.as_str()) || self.pinned.contains_key(name.as_str());
-            let parent_resolves = self.parent.as_ref().is_some_and(|p| p.resolves(self.policy.role(role).name(), case.kind, &name));
+            let parent_resolves = self.parent.as_ref().is_some_and(|p| p.resolves(self.policy.role(role).name(), case.kind, name));
             if !answered && !parent_resolves && !expects_failure {
                 return Err(invalid(format!(
                     "{name} must be resolved to be decided, and the file's resolve: map has no entry for it \

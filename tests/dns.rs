@@ -290,7 +290,7 @@ async fn ech_client_hello_is_refused_on_connect_unless_the_role_allows_it() {
         }
         if relayed {
             let deadline = std::time::Instant::now() + STEP;
-            while !received.lock().unwrap().iter().any(|g| *g == hello) {
+            while !received.lock().unwrap().contains(&hello) {
                 assert!(std::time::Instant::now() < deadline, "the origin never got the hello");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

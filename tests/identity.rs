@@ -158,7 +158,7 @@ fn compile(yaml: &str, file: &str) -> Result<Snapshot, ConfigError> {
 #[test]
 fn challenge_mode_needs_credentials_to_answer_with() {
     let yaml = "identity:\n  challenge_unauthenticated: true\nroles:\n  default: {}\n";
-    let err = compile(yaml, "c.yaml").err().expect("refused without credentials");
+    let err = compile(yaml, "c.yaml").expect_err("refused without credentials");
     assert!(err.to_string().contains("identity.challenge_unauthenticated"), "{err}");
 }
 

@@ -112,7 +112,7 @@ impl Netns {
         let pid = holder.id();
         let mine = std::fs::read_link("/proc/self/ns/net").expect("own netns");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().map_or(true, |ns| ns == mine) {
+        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().is_none_or(|ns| ns == mine) {
             assert!(Instant::now() < deadline, "namespace did not appear");
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -62,7 +62,7 @@ pub fn scenario() {
         let refused = "portcullis_requests_total{decision=\"deny\",kind=\"transparent-tls\",reason=\"ech-refused\",role=\"default\"} 1";
         if allow_ech {
             let deadline = Instant::now() + STEP;
-            while !received.lock().unwrap().iter().any(|g| *g == ech_hello) {
+            while !received.lock().unwrap().contains(&ech_hello) {
                 assert!(Instant::now() < deadline, "the origin never got the ClientHello: {metrics}");
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -78,7 +78,7 @@ fn check_host(version: Version, headers: &HeaderMap) -> Result<(), Refusal> {
 /// The http crate accepts any digits as a port (and then reports none).
 fn valid_port(authority: &http::uri::Authority) -> bool {
     let port = authority.as_str().rsplit_once(':').map(|(_, port)| port).filter(|port| !port.contains(']'));
-    port.map_or(true, |port| port.is_empty() || authority.port_u16().is_some())
+    port.is_none_or(|port| port.is_empty() || authority.port_u16().is_some())
 }
 
 /// hyper has validated Content-Length by now (one value, digits only) and
