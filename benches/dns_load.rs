@@ -22,6 +22,13 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
+// The /proc readings and the CPU ceiling of the load bench; this bench
+// uses only part of them.
+#[allow(dead_code)]
+#[path = "proxy_load/procs.rs"]
+mod procs;
+use procs::{cores, cpu_ceiling, Reading};
+
 const CLIENTS: [usize; 2] = [1, 32];
 /// The question every client asks: `allowed.test` A, recursion desired.
 const NAME: &[u8] = b"\x07allowed\x04test\x00";
@@ -130,33 +137,32 @@ async fn run() {
     let (mut upstream, upstream_addr) = spawn_upstream();
     let (mut proxy, dns, dir) = start_proxy(upstream_addr);
     let pids = [std::process::id(), upstream.id(), proxy.id()];
-    println!("machine: {} cores; phase {:?}", std::thread::available_parallelism().map_or(0, |n| n.get()), phase());
+    println!("machine: {} cores; phase {:?}", cores(), phase());
     println!("{:<36} {:>12} {:>12} {:>7}", "measurement", "direct", "dns_listen", "ratio");
     for clients in CLIENTS {
-        let t0 = pids.map(cpu_secs);
+        let t0 = Reading::now(pids);
         let (direct, direct_lost) = load(upstream_addr, clients).await;
-        let t1 = pids.map(cpu_secs);
+        let t1 = Reading::now(pids);
         let (proxied, proxied_lost) = load(dns, clients).await;
-        let t2 = pids.map(cpu_secs);
+        let t2 = Reading::now(pids);
         let secs = phase().as_secs_f64();
         let (d, p) = (direct as f64 / secs, proxied as f64 / secs);
         println!("{:<36} {d:>12.0} {p:>12.0} {:>7.2}", format!("queries/s, {clients} clients"), p / d);
         println!("  lost (no answer in 1 s): direct {direct_lost}, dns_listen {proxied_lost}");
-        let per = |from: [f64; 3], to: [f64; 3], n: u64| [0, 1, 2].map(|i| (to[i] - from[i]) * 1e6 / n.max(1) as f64);
-        let [g, u, x] = per(t0, t1, direct);
+        let (used_direct, used_proxied) = (t1.since(&t0, direct as f64), t2.since(&t1, proxied as f64));
+        let [g, u, x] = used_direct.cpu_us;
         println!("  CPU µs/query, direct:     generator {g:.1}, upstream {u:.1}, proxy {x:.1}");
-        let [g, u, x] = per(t1, t2, proxied);
+        let [g, u, x] = used_proxied.cpu_us;
         println!("  CPU µs/query, dns_listen: generator {g:.1}, upstream {u:.1}, proxy {x:.1}");
-        // Cores kept busy by the three processes; when the direct phase kept
-        // them all busy, the CPU it spends per query over what the proxied
-        // phase spends is the most any forwarder with this cost could reach
-        // on this machine (the ceiling).
-        let total = |from: [f64; 3], to: [f64; 3]| (0..3).map(|i| to[i] - from[i]).sum::<f64>();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let (busy_direct, busy_proxied) = (total(t0, t1) / secs, total(t1, t2) / secs);
-        let ceiling = (total(t0, t1) / direct.max(1) as f64) / (total(t1, t2) / proxied.max(1) as f64);
-        let bound = if busy_direct >= 0.9 * cores { format!("; CPU-bound, ceiling {ceiling:.2}") } else { String::new() };
-        println!("  cores busy (of {cores}): direct {busy_direct:.2}, dns_listen {busy_proxied:.2}{bound}");
+        // When the direct phase kept every core busy, the ceiling is the
+        // most any forwarder with this cost could reach on this machine.
+        let bound = cpu_ceiling(&used_direct, &used_proxied).map_or(String::new(), |c| format!("; CPU-bound, ceiling {c:.2}"));
+        println!(
+            "  cores busy (of {}): direct {:.2}, dns_listen {:.2}{bound}",
+            cores(),
+            used_direct.busy_cores,
+            used_proxied.busy_cores
+        );
     }
     let _ = proxy.kill();
     let _ = proxy.wait();
@@ -216,12 +222,4 @@ fn start_proxy(upstream: SocketAddr) -> (Child, SocketAddr, PathBuf) {
         }
     }
     (child, dns, dir)
-}
-
-/// User + system CPU seconds used so far by process `pid` (0 once gone).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let field = |i: usize| after_name.split_whitespace().nth(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (field(11) + field(12)) / 100.0
 }

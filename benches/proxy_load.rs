@@ -71,8 +71,8 @@ use std::time::Duration;
 
 use client::{http_load, http_notes, is_200, new_connections, open, HttpResult};
 use origins::Origins;
-use procs::{cpu_ceiling, Reading, Usage};
-pub use procs::{cpu_secs, cpu_us_per, stat_ticks, status_kib};
+use procs::{cpu_ceiling, Pids, Reading, Usage};
+pub use procs::{cores, cpu_secs, cpu_us_per, stat_ticks, status_kib};
 use proxy::{Ports, Proxy};
 use tunnels::{bulk, bursts, http_bulk, idle_after_get, idle_tunnels, Way};
 
@@ -218,9 +218,6 @@ fn set_up_interception() -> bool {
     true
 }
 
-/// The processes whose CPU the bench reads: the load generator (this one),
-/// the origins and the proxy.
-type Pids = [u32; 3];
 
 /// Runs `phase`; its result and what `pids` used per unit of work that
 /// `units` reads from the result.
@@ -505,10 +502,6 @@ async fn idle_after_get_phase(label: &str, name: &str, origin: SocketAddr, ports
     figure(name, (opened * 10 >= n * 9).then_some(per_tunnel));
     drop(held);
     proxy.stop();
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// The hard open-file limit of this process (`/proc/self/limits`).

@@ -4,10 +4,18 @@
 //! and was woken for it, which is what bounds latency at one client on a
 //! machine where every wake-up is expensive. The cores kept busy tell
 //! whether a figure was bound by the machine's CPU rather than by latency.
+//! Shared by `proxy_load` and `dns_load`.
 
 use std::time::Instant;
 
-use super::{cores, Pids};
+/// The processes a bench reads: the load generator (the bench itself), the
+/// server behind the proxy (origins, upstream resolver) and the proxy.
+pub type Pids = [u32; 3];
+
+/// The cores this machine gives the bench.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
 
 /// A reading of the three processes at one moment.
 #[derive(Clone, Copy)]
