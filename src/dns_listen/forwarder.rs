@@ -136,25 +136,40 @@ impl Forwarder {
     fn read_queries(&mut self) {
         let limits = self.shared.snapshot.load().dns.limits.clone();
         let size = self.buffer_size();
+        let on_query = |forwarder: &mut Self, bytes: &[u8], from: Option<SocketAddr>| {
+            if let Some(from) = from {
+                forwarder.on_query(bytes, from, &limits);
+            }
+        };
+        if let Err(e) = self.drain(size, |forwarder| Some(&*forwarder.client), on_query) {
+            // ICMP errors from earlier sends surface here; keep serving.
+            tracing::debug!(error = %e, "DNS listener: UDP receive failed");
+        }
+    }
+
+    /// Reads up to [`ROUNDS`] batches of `size`-byte datagrams from the
+    /// socket `socket` picks (none once it is gone), handing each one and
+    /// its sender to `on`; stops early once a batch drained the queue. The
+    /// error is the socket's.
+    fn drain(
+        &mut self,
+        size: usize,
+        socket: impl for<'a> Fn(&'a Self) -> Option<&'a UdpSocket>,
+        mut on: impl FnMut(&mut Self, &[u8], Option<SocketAddr>),
+    ) -> io::Result<()> {
         for _ in 0..ROUNDS {
-            let more = read_batch(&self.client, &mut self.bufs, size, &mut self.received);
-            let (bufs, received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
+            let (mut bufs, mut received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
+            received.clear();
+            let more = socket(self).map_or(Ok(false), |socket| read_batch(socket, &mut bufs, size, &mut received));
             for (buf, &(n, from)) in bufs.iter().zip(&received) {
-                if let Some(from) = from {
-                    self.on_query(&buf[..n], from, &limits);
-                }
+                on(self, &buf[..n], from);
             }
             (self.bufs, self.received) = (bufs, received);
-            match more {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here; keep serving.
-                    tracing::debug!(error = %e, "DNS listener: UDP receive failed");
-                    return;
-                }
+            if !more? {
+                break;
             }
         }
+        Ok(())
     }
 
     /// One client datagram: bounded, decided, answered or sent upstream.
@@ -235,25 +250,16 @@ impl Forwarder {
         serials.clear();
         serials.extend(self.table.sockets().iter().map(|s| s.serial));
         for &serial in &serials {
-            for _ in 0..ROUNDS {
-                let Some(upstream) = self.table.socket(serial) else { break };
-                let more = read_batch(&upstream.socket, &mut self.bufs, size, &mut self.received);
-                let (bufs, received) = (std::mem::take(&mut self.bufs), std::mem::take(&mut self.received));
-                for (buf, &(n, _)) in bufs.iter().zip(&received) {
-                    self.on_answer(serial, &buf[..n]);
-                }
-                (self.bufs, self.received) = (bufs, received);
-                match more {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        // An ICMP error (port unreachable): the nameserver
-                        // is not there; its queries go to the next one.
-                        tracing::debug!(error = %e, "upstream DNS socket failed");
-                        self.fail_over(serial);
-                        break;
-                    }
-                }
+            let drained = self.drain(
+                size,
+                |forwarder| forwarder.table.socket(serial).map(|upstream| &upstream.socket),
+                |forwarder, bytes, _| forwarder.on_answer(serial, bytes),
+            );
+            if let Err(e) = drained {
+                // An ICMP error (port unreachable): the nameserver is not
+                // there; its queries go to the next one.
+                tracing::debug!(error = %e, "upstream DNS socket failed");
+                self.fail_over(serial);
             }
         }
         self.serials = serials;
