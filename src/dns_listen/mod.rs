@@ -190,16 +190,18 @@ fn receive(shared: &Shared, snapshot: &Snapshot, client: SocketAddr, bytes: &[u8
             return Received::Dropped;
         }
         Err(BadQuery::Answerable { id, reason, parsed }) => {
-            record.outcome = DnsOutcome::Deny(reason);
             let reply = match parsed.as_deref() {
                 Some(query) => {
                     record.name = query.queries().first().map(|q| q.name().to_ascii()).unwrap_or_default();
                     record.qtype = query.queries().first().map(|q| q.query_type());
-                    message::response(query, message::rcode_of(reason), Vec::new(), Vec::new(), max)
+                    refuse(shared, record, query, reason, max)
                 }
-                None => message::bare_response(id, message::rcode_of(reason)),
+                None => {
+                    record.outcome = DnsOutcome::Deny(reason);
+                    finish(shared, record, &message::bare_response(id, message::rcode_of(reason)), None, max)
+                }
             };
-            return Received::Answered(finish(shared, record, &reply, parsed.as_deref(), max));
+            return Received::Answered(reply);
         }
     };
     record.name = query.question.name.to_string();
